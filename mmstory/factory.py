@@ -1,0 +1,103 @@
+"""Named model configurations and where pretrained models are found, in the manner of open_clip and timm."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from mmstory.config import BridgeConfig, CaptionDecoderConfig, ModelConfig, PartConfig
+
+PRETRAINED_ROOT = Path(__file__).parent / "pretrained"
+_REGISTRY: dict[str, Callable[[], ModelConfig]] = {}
+
+
+def register(name: str) -> Callable[[Callable[[], ModelConfig]], Callable[[], ModelConfig]]:
+    def wrap(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+@register("mmstory-small")
+def mmstory_small() -> ModelConfig:
+    """The offline default: EfficientNet-Lite0 + all-MiniLM-L6-v2 + SmolLM2-135M-Instruct, all from PyPI packages."""
+    return ModelConfig(
+        name="mmstory-small",
+        vision=PartConfig("packaged:efficientnet-lite0"),
+        text=PartConfig("packaged:all-minilm-l6-v2"),
+        decoder=PartConfig("packaged:smollm2-135m-instruct"),
+        bridge=BridgeConfig(kind="resampler", num_queries=16, width=384, depth=2, heads=6),
+        caption_decoder=CaptionDecoderConfig(enabled=True, width=384, depth=3, heads=6, max_length=40),
+        embed_dim=256,
+    )
+
+
+@register("tiny")
+def tiny() -> ModelConfig:
+    """Random parts built from code in seconds: for tests and for trying the training loop."""
+    return ModelConfig(
+        name="tiny",
+        vision=PartConfig("timm:test_efficientnet", pretrained=False),
+        text=PartConfig("tiny:bert"),
+        decoder=PartConfig("tiny:llama"),
+        bridge=BridgeConfig(kind="resampler", num_queries=4, width=32, depth=1, heads=2),
+        caption_decoder=CaptionDecoderConfig(enabled=True, width=32, depth=1, heads=2, max_length=40, dropout=0.0),
+        embed_dim=32,
+        max_caption_tokens=40,
+    )
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_model_config(name: str) -> ModelConfig:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model config {name!r}; known: {', '.join(list_models())}")
+    return _REGISTRY[name]()
+
+
+def create_model(name_or_config: str | ModelConfig, **overrides):
+    """Build an untrained StoryModel from a registered name or a ModelConfig (pretrained parts load from specs)."""
+    from mmstory.model import StoryModel
+
+    config = get_model_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise AttributeError(f"ModelConfig has no field {key!r}")
+        setattr(config, key, value)
+    return StoryModel(config)
+
+
+def resolve_pretrained(name_or_path: str | Path) -> Path:
+    """A packaged name, a local directory, or a Hugging Face hub id (downloaded; needs network)."""
+    if isinstance(name_or_path, str) and (PRETRAINED_ROOT / name_or_path / "config.json").is_file():
+        return PRETRAINED_ROOT / name_or_path
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json; is it a directory written by save_pretrained()?")
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file; from_pretrained expects a directory written by save_pretrained()")
+    name = str(name_or_path)
+    if name in _REGISTRY:
+        raise FileNotFoundError(f"no trained weights are shipped for {name!r} in {PRETRAINED_ROOT}; train one with "
+                                "`mmstory train` or use create_model() for an untrained model")
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise FileNotFoundError(f"{name!r} is neither a packaged model ({', '.join(packaged_models())}), "
+                                "a local directory, nor a hub id of the form 'owner/name'")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=name, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as err:  # noqa: BLE001 - offline, missing repo, auth: all end in the same advice
+        raise FileNotFoundError(f"could not download {name!r} from the Hugging Face hub ({type(err).__name__}). "
+                                "Offline, pass a local directory written by save_pretrained().") from err
+
+
+def packaged_models() -> list[str]:
+    if not PRETRAINED_ROOT.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_ROOT.iterdir() if (p / "config.json").is_file())

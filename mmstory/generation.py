@@ -1,0 +1,443 @@
+"""StoryTeller: the one inference entry point behind the Python API, the CLI, the demo and the HTTP API.
+
+Describe first, then narrate: each image is captioned from its own features, then the decoder writes the story from
+the images' visual prefixes plus those captions. Several candidates are sampled in one batch and reranked by how well
+they agree with the images under the model's own contrastive head.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from mmstory.images import ImageInput, ImageProcessor, load_image
+from mmstory.model import IMAGE_PLACEHOLDER, StoryModel
+from mmstory.safety import ContentFilter
+
+STYLES = {
+    "adventure": "an adventure story, with a journey, a challenge and a brave choice",
+    "fairy tale": "a fairy tale, beginning with 'Once upon a time'",
+    "humor": "a funny story with a light, playful voice",
+    "sci-fi": "a science-fiction story",
+    "mystery": "a mystery story with a puzzle and a reveal",
+    "suspense": "a suspenseful story",
+    "bedtime": "a calm, gentle bedtime story",
+    "slice of life": "a warm, realistic slice-of-life story",
+    "poem": "a short story told as a poem",
+}
+TONES = {"positive": "hopeful and warm", "neutral": "even and observant", "negative": "dark and melancholy"}
+AUDIENCES = {"children": "young children, with simple words", "adults": "adult readers"}
+LENGTHS = {"short": 80, "medium": 200, "long": 350}
+MAX_PROMPT_CHARS = 2000
+MAX_IMAGES = 8
+MAX_WORDS = 1000
+TOKENS_PER_WORD = 1.45  # SmolLM2's tokenizer on English prose, measured on its own stories
+STORY_SYSTEM = "You are a gifted storyteller who writes vivid, coherent stories grounded in the pictures you are shown."
+
+
+class StoryInputError(ValueError):
+    """A request that cannot be served as given; the message names the problem."""
+
+
+@dataclass
+class Decoding:
+    """Decoding settings; `transformers.generate` names where one exists."""
+
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.92
+    repetition_penalty: float = 1.15
+    no_repeat_ngram_size: int = 4
+    num_beams: int = 1
+    num_candidates: int = 3
+    seed: int | None = 0
+    max_new_tokens: int | None = None  # default: from the word budget
+    do_sample: bool = True
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise StoryInputError("temperature must be > 0 (use do_sample=False for greedy decoding)")
+        if not 0 < self.top_p <= 1:
+            raise StoryInputError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise StoryInputError("top_k must be >= 0")
+        if self.repetition_penalty <= 0:
+            raise StoryInputError("repetition_penalty must be > 0")
+        if self.num_candidates < 1 or self.num_candidates > 8:
+            raise StoryInputError("num_candidates must be between 1 and 8")
+        if self.num_beams < 1:
+            raise StoryInputError("num_beams must be >= 1")
+        if self.num_beams > 1 and self.num_candidates > self.num_beams:
+            raise StoryInputError(f"num_candidates ({self.num_candidates}) cannot exceed num_beams "
+                                  f"({self.num_beams}) in beam search")
+        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= 2048:
+            raise StoryInputError("max_new_tokens must be between 1 and 2048")
+
+
+@dataclass
+class SentenceScore:
+    text: str
+    grounding: float  # cosine agreement of this sentence with its best-matching image, in [-1, 1]
+    image: int  # index of that image
+
+
+@dataclass
+class StoryResult:
+    story: str
+    captions: list[str]
+    sentences: list[SentenceScore]
+    score: float  # the reranking score of the chosen candidate
+    settings: dict
+    timings: dict = field(default_factory=dict)
+    candidates: list[str] = field(default_factory=list)
+    filtered: bool = False
+    notice: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return self.story
+
+
+class StoryTeller:
+    """Load once per process, then caption images and write stories about them."""
+
+    def __init__(self, model: StoryModel, dtype: str = "bfloat16", quantize: str | None = None,
+                 content_filter: ContentFilter | None = None):
+        self.model = model.eval()
+        if dtype not in ("bfloat16", "float32"):
+            raise ValueError("dtype must be 'bfloat16' or 'float32'")
+        self.dtype = dtype
+        if quantize not in (None, "int8"):
+            raise ValueError("quantize must be None or 'int8'")
+        if quantize == "int8":
+            self.model.decoder.float()
+            self.model.decoder = torch.ao.quantization.quantize_dynamic(
+                self.model.decoder, {torch.nn.Linear}, dtype=torch.qint8)
+        elif dtype == "bfloat16":
+            self.model.decoder.to(torch.bfloat16)
+        self.quantize = quantize
+        self.processor = ImageProcessor(model.vision.image_size, model.vision.mean, model.vision.std)
+        self.filter = content_filter if content_filter is not None else ContentFilter()
+        self._lock = threading.Lock()  # one generation at a time per model: torch threads are already shared
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path = "mmstory-small", **kwargs) -> StoryTeller:
+        return cls(StoryModel.from_pretrained(name_or_path), **kwargs)
+
+    # --- images and captions ---------------------------------------------------------------------------------------
+    def _load_images(self, images: ImageInput | Sequence[ImageInput]) -> list:
+        if images is None:
+            raise StoryInputError("no image given: pass one image or a list of images")
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise StoryInputError("no image given: pass one image or a list of images")
+        if len(items) > MAX_IMAGES:
+            raise StoryInputError(f"too many images ({len(items)}); at most {MAX_IMAGES} per story")
+        try:
+            return [load_image(item) for item in items]
+        except ValueError as err:
+            raise StoryInputError(str(err)) from err
+
+    @torch.no_grad()
+    def _encode(self, pil_images: list) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_image(self.processor.batch(pil_images))
+
+    @torch.no_grad()
+    def caption(self, images: ImageInput | Sequence[ImageInput], num_beams: int = 3, max_new_tokens: int | None = None,
+                repetition_penalty: float = 1.2, captioner: str | None = None) -> list[str]:
+        """One caption per image, batched."""
+        tokens, pooled = self._encode(self._load_images(images))
+        return self.model.generate_captions(image_tokens=tokens, image_pooled=pooled, num_beams=num_beams,
+                                            max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                                            captioner=captioner)
+
+    # --- stories ---------------------------------------------------------------------------------------------------
+    def generate_story(self, images: ImageInput | Sequence[ImageInput], prompt: str | None = None, *,
+                       style: str | None = None, tone: str | None = None, audience: str | None = None,
+                       length: str | int = "medium", previous: str | None = None, **decoding) -> StoryResult:
+        """Write a story about one image or an ordered album; see `Decoding` for the decoding keywords."""
+        result = None
+        for event in self._run(images, prompt, style, tone, audience, length, previous, decoding, stream=False):
+            result = event
+        return result
+
+    def stream_story(self, images: ImageInput | Sequence[ImageInput], prompt: str | None = None, *,
+                     style: str | None = None, tone: str | None = None, audience: str | None = None,
+                     length: str | int = "medium", previous: str | None = None, **decoding) -> Iterator[str]:
+        """Yield the story in chunks as it is written (one candidate); the chunks join to the final story."""
+        decoding.setdefault("num_candidates", 1)
+        for event in self._run(images, prompt, style, tone, audience, length, previous, decoding, stream=True):
+            if isinstance(event, str):
+                yield event
+
+    def stream_result(self, images, prompt=None, **kwargs) -> Iterator[str | StoryResult]:
+        """Like stream_story, but ends with the StoryResult (captions, grounding): for the demo."""
+        kwargs.setdefault("num_candidates", 1)
+        keys = ("style", "tone", "audience", "length", "previous")
+        named = {k: kwargs.pop(k) for k in keys if k in kwargs}
+        yield from self._run(images, prompt, named.get("style"), named.get("tone"), named.get("audience"),
+                             named.get("length", "medium"), named.get("previous"), kwargs, stream=True)
+
+    def _run(self, images, prompt, style, tone, audience, length, previous, decoding: dict, stream: bool):
+        start = time.perf_counter()
+        unknown = set(decoding) - set(Decoding.__dataclass_fields__)
+        if unknown:
+            raise StoryInputError(f"unknown decoding setting(s): {sorted(unknown)}; "
+                                  f"known: {sorted(Decoding.__dataclass_fields__)}")
+        settings = Decoding(**decoding)
+        settings.validate()
+        if stream and settings.num_candidates != 1:
+            raise StoryInputError("streaming writes one candidate; set num_candidates=1")
+        prompt = _check_text(prompt, "prompt")
+        previous = _check_text(previous, "previous story", limit=20000)
+        budget = word_budget(length)
+        style_text = _choose(style, STYLES, "style", free_prefix="custom:")
+        tone_text = _choose(tone, TONES, "tone")
+        audience_text = _choose(audience, AUDIENCES, "audience")
+        if prompt:
+            verdict = self.filter.check(prompt)
+            if verdict.blocked:
+                raise StoryInputError(verdict.message)
+        pil_images = self._load_images(images)
+        timings = {}
+        with self._lock:
+            t = time.perf_counter()
+            tokens, pooled = self._encode(pil_images)
+            captions = self.model.generate_captions(image_tokens=tokens, image_pooled=pooled, num_beams=3,
+                                                    repetition_penalty=1.2)
+            timings["caption_s"] = time.perf_counter() - t
+            instruction = build_instruction(captions, prompt, style_text, tone_text, audience_text, budget, previous)
+            text_prompt = self.model.format_prompt(instruction, system=STORY_SYSTEM)
+            prefixes = self.model.visual_prefix(tokens, pooled)
+            embeds = self.model.prompt_embeddings(text_prompt, list(prefixes))[None]
+            max_new = settings.max_new_tokens or int(budget * TOKENS_PER_WORD * 1.3) + 16
+            min_new = min(int(budget * 0.8 * TOKENS_PER_WORD), max_new - 1)
+            stopper = WordBudget(self.model.tokenizer, budget)  # generate() passes only new tokens
+            gen_kwargs = dict(
+                inputs_embeds=embeds.expand(settings.num_candidates if settings.num_beams == 1 else 1, -1, -1),
+                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long).expand(
+                    settings.num_candidates if settings.num_beams == 1 else 1, -1),
+                max_new_tokens=max_new, min_new_tokens=max(0, min_new),
+                do_sample=settings.do_sample and settings.num_beams == 1,
+                temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                repetition_penalty=settings.repetition_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                num_beams=settings.num_beams,
+                num_return_sequences=settings.num_candidates if settings.num_beams > 1 else 1,
+                pad_token_id=self.model.tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([stopper]),
+            )
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            t = time.perf_counter()
+            if stream:
+                streamer = TextIteratorStreamer(self.model.tokenizer, skip_special_tokens=True)
+                errors: list[BaseException] = []
+
+                def work():
+                    try:
+                        with torch.no_grad():
+                            self.model.decoder.generate(**gen_kwargs, streamer=streamer)
+                    except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+                        errors.append(err)
+                        streamer.end()
+
+                worker = threading.Thread(target=work, daemon=True)
+                worker.start()
+                pieces: list[str] = []
+                emitted = ""
+                for piece in streamer:
+                    if "first_token_s" not in timings and piece:
+                        timings["first_token_s"] = time.perf_counter() - start
+                    pieces.append(piece)
+                    safe = _emittable("".join(pieces), budget)
+                    if len(safe) > len(emitted):
+                        chunk, emitted = safe[len(emitted):], safe
+                        yield chunk
+                worker.join()
+                if errors:
+                    raise errors[0]
+                texts = ["".join(pieces)]
+            else:
+                with torch.no_grad():
+                    out = self.model.decoder.generate(**gen_kwargs)
+                texts = self.model.tokenizer.batch_decode(out, skip_special_tokens=True)
+            timings["generate_s"] = time.perf_counter() - t
+            candidates = [finish_story(text, budget) for text in texts]
+            t = time.perf_counter()
+            image_embeds = self.model.image_embedding(pooled)
+            scores = [self._agreement(c, image_embeds) for c in candidates]
+            timings["rerank_s"] = time.perf_counter() - t
+        best = max(range(len(candidates)), key=lambda i: scores[i])
+        story = candidates[best]
+        if stream and story.startswith(emitted) and len(story) > len(emitted):
+            yield story[len(emitted):]
+        verdict = self.filter.check(story)
+        notice = None
+        if verdict.blocked:
+            story, notice = self.filter.redact(story), verdict.message
+        sentences = self._sentence_scores(story, image_embeds)
+        timings["total_s"] = time.perf_counter() - start
+        yield StoryResult(
+            story=story, captions=captions, sentences=sentences, score=scores[best],
+            settings={**asdict(settings), "style": style, "tone": tone, "audience": audience, "length": length,
+                      "word_budget": budget, "prompt": prompt, "dtype": self.dtype, "quantize": self.quantize},
+            timings=timings, candidates=candidates, filtered=verdict.blocked, notice=notice,
+        )
+
+    @torch.no_grad()
+    def _agreement(self, text: str, image_embeds: torch.Tensor) -> float:
+        """Mean cosine agreement of the story with the images (the reranking score)."""
+        if not text.strip():
+            return -1.0
+        text_embed = self.model.text_embedding([text])
+        return float((image_embeds @ text_embed.T).mean())
+
+    @torch.no_grad()
+    def _sentence_scores(self, story: str, image_embeds: torch.Tensor) -> list[SentenceScore]:
+        sentences = split_sentences(story)
+        if not sentences:
+            return []
+        sims = self.model.text_embedding(sentences) @ image_embeds.T  # [S, I]
+        best, index = sims.max(dim=1)
+        return [SentenceScore(s, round(float(b), 4), int(i)) for s, b, i in zip(sentences, best, index)]
+
+    def grounding(self, text: str, images: ImageInput | Sequence[ImageInput]) -> float:
+        """Image-text agreement of any text with the given images under the contrastive head."""
+        _, pooled = self._encode(self._load_images(images))
+        return self._agreement(text, self.model.image_embedding(pooled))
+
+
+# --- prompt building and text utilities --------------------------------------------------------------------------------
+def word_budget(length: str | int) -> int:
+    if isinstance(length, bool):
+        raise StoryInputError("length must be 'short', 'medium', 'long' or a number of words")
+    if isinstance(length, int):
+        if not 20 <= length <= MAX_WORDS:
+            raise StoryInputError(f"a word budget must be between 20 and {MAX_WORDS}, got {length}")
+        return length
+    if isinstance(length, str) and length.strip().isdigit():
+        return word_budget(int(length.strip()))
+    if length not in LENGTHS:
+        raise StoryInputError(f"unknown length {length!r}; use one of {sorted(LENGTHS)} or a number of words")
+    return LENGTHS[length]
+
+
+def build_instruction(captions: list[str], prompt: str | None, style: str | None, tone: str | None,
+                      audience: str | None, budget: int, previous: str | None) -> str:
+    """The user message: each picture's visual prefix and caption in order, then what to write."""
+    lines = []
+    if len(captions) == 1:
+        lines.append(f"Picture: {IMAGE_PLACEHOLDER} It shows {_sentence(captions[0])}")
+    else:
+        lines.append(f"Here are {len(captions)} pictures, in order:")
+        lines += [f"Picture {i + 1}: {IMAGE_PLACEHOLDER} It shows {_sentence(c)}" for i, c in enumerate(captions)]
+    kind = style or "a short story"
+    task = f"Write {kind} of about {budget} words based on {'this picture' if len(captions) == 1 else 'these pictures'}"
+    if len(captions) > 1:
+        task += ", with one part for each picture in order and the same characters throughout"
+    if audience:
+        task += f", for {audience}"
+    if tone:
+        task += f", in a {tone} tone"
+    lines.append(task + ".")
+    if prompt:
+        lines.append(f"The reader asks for: {prompt}")
+    if previous:
+        lines.append(f"The story so far:\n{previous}\nContinue the story from where it stops; do not repeat it.")
+    lines.append("Write only the story.")
+    return "\n".join(lines)
+
+
+def _sentence(caption: str) -> str:
+    caption = caption.strip().rstrip(".")
+    if not caption:
+        return "something the model could not describe."
+    return caption[0].lower() + caption[1:] + "."
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
+
+
+def finish_story(text: str, budget: int) -> str:
+    """Clean the raw generation and cut it to whole sentences within ~115% of the word budget."""
+    text = re.sub(r"\s+\n", "\n", text.replace("\r", "")).strip()
+    text = re.sub(r"^(title:.*\n|#+.*\n)", "", text, flags=re.IGNORECASE).strip()
+    kept, words = [], 0
+    for sentence in split_sentences(text):
+        n = len(sentence.split())
+        if kept and words + n > budget * 1.15:
+            break
+        kept.append(sentence)
+        words += n
+    story = " ".join(kept).strip()
+    if story and story[-1] not in ".!?\"'”’)":
+        cut = max(story.rfind(ch) for ch in ".!?")
+        story = story[: cut + 1] if cut > len(story) // 2 else story + "."
+    return story
+
+
+def _emittable(text: str, budget: int) -> str:
+    """The part of a growing stream that is final: whole sentences, within the budget's hard limit."""
+    finished = finish_story(text, budget)
+    last_end = max(text.rfind(". "), text.rfind("! "), text.rfind("? "), text.rfind(".\n"))
+    if last_end < 0:
+        return ""
+    settled = finish_story(text[: last_end + 1], budget)
+    return settled if finished.startswith(settled) else ""
+
+
+class WordBudget(StoppingCriteria):
+    """Stop a sequence once it has met its word budget at a sentence end, or run past 115% of it."""
+
+    def __init__(self, tokenizer, budget: int):
+        self.tokenizer, self.budget = tokenizer, budget
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        done = []
+        for text in texts:
+            words = len(text.split())
+            stripped = text.rstrip()
+            at_end = bool(stripped) and stripped[-1] in ".!?\"”" and text.endswith(stripped)
+            done.append(words >= self.budget * 1.15 or (words >= self.budget * 0.95 and at_end))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _check_text(text: str | None, what: str, limit: int = MAX_PROMPT_CHARS) -> str | None:
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise StoryInputError(f"{what} must be text, got {type(text).__name__}")
+    text = text.strip()
+    if len(text) > limit:
+        raise StoryInputError(f"{what} is too long ({len(text):,} characters; the limit is {limit:,})")
+    return text or None
+
+
+def _choose(value: str | None, options: dict[str, str], what: str, free_prefix: str | None = None) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise StoryInputError(f"{what} must be text, got {type(value).__name__}")
+    key = value.strip().lower()
+    if key in options:
+        return options[key]
+    if free_prefix and key.startswith(free_prefix):
+        custom = value.strip()[len(free_prefix):].strip()
+        if not custom or len(custom) > 100:
+            raise StoryInputError(f"a custom {what} needs 1-100 characters after '{free_prefix}'")
+        return custom
+    hint = f", or describe your own as '{free_prefix} ...'" if free_prefix else ""
+    raise StoryInputError(f"unknown {what} {value!r}; choose one of: {', '.join(options)}{hint}")

@@ -1,0 +1,301 @@
+"""StoryModel: the CoCa-style image-text model, readable top to bottom.
+
+    image -> VisionEncoder -> tokens [B,N,Dv], pooled [B,Dp]
+        pooled -> image_projection -> shared space <- text_projection <- TextEncoder <- caption   (InfoNCE)
+        tokens -> bridge -> visual prefix [B,K,Dd] -> causal LM over [prefix, prompt, caption]    (caption CE)
+        tokens -> caption_decoder (optional, CoCa's own small multimodal decoder)                 (caption CE)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmstory.components import CaptionDecoder, MLPBridge, ResamplerBridge, TextEncoder, VisionEncoder
+from mmstory.config import ModelConfig, PartConfig
+from mmstory.losses import IGNORE_INDEX, caption_loss, contrastive_loss
+from mmstory.specs import is_reproducible, load_decoder, load_text_encoder, load_vision
+
+IMAGE_PLACEHOLDER = "<image>"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CAPTION_SYSTEM = "You describe photographs accurately in one short sentence."
+
+
+@dataclass
+class StoryModelOutput:
+    loss: torch.Tensor
+    contrastive_loss: torch.Tensor | None = None
+    caption_loss: torch.Tensor | None = None
+    caption_decoder_loss: torch.Tensor | None = None
+
+
+class StoryModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionEncoder(*load_vision(config.vision.spec, config.vision.pretrained))
+        text_model, self.text_tokenizer = load_text_encoder(config.text.spec, config.text.pretrained)
+        self.text = TextEncoder(text_model)
+        self.decoder, self.tokenizer = load_decoder(config.decoder.spec, config.decoder.pretrained)
+        self.tokenizer.padding_side = "right"
+        hidden = self.decoder.config.hidden_size
+
+        self.image_projection = nn.Linear(self.vision.pooled_dim, config.embed_dim, bias=False)
+        self.text_projection = nn.Linear(self.text.dim, config.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        b = config.bridge
+        if b.kind == "resampler":
+            self.bridge = ResamplerBridge(self.vision.token_dim, self.vision.num_tokens, hidden, b.num_queries,
+                                          b.width, b.depth, b.heads, b.dropout)
+        else:
+            self.bridge = MLPBridge(self.vision.pooled_dim, hidden, b.num_queries, b.width)
+        self.caption_decoder = None
+        if config.caption_decoder.enabled:
+            c, tok = config.caption_decoder, self.tokenizer
+            bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+            self.caption_decoder = CaptionDecoder(len(tok), self.vision.token_dim, c.width, c.depth, c.heads,
+                                                  c.max_length, c.dropout, bos, tok.eos_token_id, tok.pad_token_id)
+        for part in ("vision", "text", "decoder"):
+            self._set_train_mode(part, getattr(config, part))
+
+    # --- freezing / LoRA -------------------------------------------------------------------------------------------
+    def _backbone(self, part: str) -> nn.Module:
+        return self.decoder if part == "decoder" else getattr(self, part).model
+
+    def _set_train_mode(self, part: str, cfg: PartConfig) -> None:
+        module = self._backbone(part)
+        if cfg.train == "full":
+            module.requires_grad_(True)
+            return
+        module.requires_grad_(False)
+        if cfg.train == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            targets = cfg.lora_targets or _default_lora_targets(module)
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=targets)
+            inject_adapter_in_model(lora, module)
+            for name, param in module.named_parameters():
+                param.requires_grad_("lora_" in name)
+
+    def train(self, mode: bool = True) -> StoryModel:
+        """Frozen backbones stay in eval mode (fixed batch-norm statistics, no dropout) while the rest trains."""
+        super().train(mode)
+        for part in ("vision", "text", "decoder"):
+            if getattr(self.config, part).train == "frozen":
+                self._backbone(part).eval()
+        return self
+
+    # --- encoders --------------------------------------------------------------------------------------------------
+    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spatial tokens and pooled vector; no graph through a frozen encoder."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.vision.train != "frozen"):
+            return self.vision(pixel_values)
+
+    def image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_projection(pooled.float()), dim=-1)
+
+    def text_embedding(self, texts: list[str]) -> torch.Tensor:
+        device = self.text_projection.weight.device
+        batch = self.text_tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.text.train != "frozen"):
+            pooled = self.text(batch.input_ids.to(device), batch.attention_mask.to(device))
+        return F.normalize(self.text_projection(pooled.float()), dim=-1)
+
+    def visual_prefix(self, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return self.bridge(tokens, pooled).to(self.decoder.dtype)
+
+    # --- prompts ---------------------------------------------------------------------------------------------------
+    def format_prompt(self, user_text: str, system: str | None = None) -> str:
+        """Wrap a user message in the decoder's chat template (when it has one), ready for the answer."""
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": user_text}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return (f"{system}\n" if system else "") + f"{user_text}\n"
+
+    def prompt_embeddings(self, prompt: str, prefixes: list[torch.Tensor]) -> torch.Tensor:
+        """Embed a prompt whose IMAGE_PLACEHOLDERs are replaced, in order, by visual prefixes [K, D]: -> [L, D]."""
+        pieces = prompt.split(IMAGE_PLACEHOLDER)
+        if len(pieces) - 1 != len(prefixes):
+            raise ValueError(f"prompt has {len(pieces) - 1} image placeholders but {len(prefixes)} images were given")
+        embed = self.decoder.get_input_embeddings()
+        device = embed.weight.device
+        parts = []
+        for i, piece in enumerate(pieces):
+            if piece:
+                ids = self.tokenizer(piece, add_special_tokens=False, return_tensors="pt").input_ids[0].to(device)
+                parts.append(embed(ids))
+            if i < len(prefixes):
+                parts.append(prefixes[i].to(embed.weight.dtype))
+        return torch.cat(parts, dim=0)
+
+    def caption_prompt(self) -> str:
+        return self.format_prompt(f"{IMAGE_PLACEHOLDER}\n{self.config.caption_prompt}", system=CAPTION_SYSTEM)
+
+    # --- training --------------------------------------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor | None = None, captions: list[str] | None = None, *,
+                image_tokens: torch.Tensor | None = None, image_pooled: torch.Tensor | None = None) -> StoryModelOutput:
+        """Losses for a batch of (image, caption) pairs; pass pixels or cached encoder features."""
+        if captions is None:
+            raise ValueError("captions are required to compute the training losses")
+        if image_tokens is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or cached image_tokens/image_pooled")
+            image_tokens, image_pooled = self.encode_image(pixel_values)
+        cfg = self.config
+        zero = self.logit_scale.new_zeros(())
+        out = StoryModelOutput(loss=zero)
+        if cfg.contrastive_weight > 0:
+            scale = self.logit_scale.clamp(max=math.log(100)).exp()
+            out.contrastive_loss = contrastive_loss(self.image_embedding(image_pooled), self.text_embedding(captions),
+                                                    scale)
+            out.loss = out.loss + cfg.contrastive_weight * out.contrastive_loss
+        if cfg.caption_weight > 0:
+            embeds, mask, labels = self._caption_batch(self.visual_prefix(image_tokens, image_pooled), captions)
+            logits = self.decoder(inputs_embeds=embeds, attention_mask=mask).logits
+            out.caption_loss = caption_loss(logits, labels)
+            out.loss = out.loss + cfg.caption_weight * out.caption_loss
+        if self.caption_decoder is not None and cfg.caption_decoder_weight > 0:
+            ids, padding = self._caption_decoder_batch(captions, image_tokens.device)
+            logits = self.caption_decoder(ids, image_tokens.float(), padding)
+            labels = ids.masked_fill(padding, IGNORE_INDEX)
+            labels[:, 0] = IGNORE_INDEX  # BOS is given, never predicted
+            out.caption_decoder_loss = caption_loss(logits, labels)
+            out.loss = out.loss + cfg.caption_decoder_weight * out.caption_decoder_loss
+        return out
+
+    def _caption_ids(self, captions: list[str], max_tokens: int) -> list[list[int]]:
+        clean = [normalize_caption(c) for c in captions]
+        ids = self.tokenizer(clean, add_special_tokens=False).input_ids
+        return [row[:max_tokens] + [self.tokenizer.eos_token_id] for row in ids]
+
+    def _caption_batch(self, prefix: torch.Tensor, captions: list[str]):
+        """[prefix inside the chat prompt][caption][EOS][pad]; only caption and EOS are labelled."""
+        device, embed = prefix.device, self.decoder.get_input_embeddings()
+        before, after = self.caption_prompt().split(IMAGE_PLACEHOLDER)
+        before_ids = self.tokenizer(before, add_special_tokens=False).input_ids
+        after_ids = self.tokenizer(after, add_special_tokens=False).input_ids
+        targets = self._caption_ids(captions, self.config.max_caption_tokens)
+        width = max(len(t) for t in targets)
+        rows = [after_ids + t + [self.tokenizer.pad_token_id] * (width - len(t)) for t in targets]
+        after_tensor = torch.tensor(rows, device=device)
+        batch = prefix.shape[0]
+        before_tensor = torch.tensor([before_ids] * batch, device=device, dtype=torch.long)
+        embeds = torch.cat([embed(before_tensor), prefix, embed(after_tensor)], dim=1)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
+        labels = torch.full(embeds.shape[:2], IGNORE_INDEX, dtype=torch.long, device=device)
+        start = len(before_ids) + prefix.shape[1] + len(after_ids)
+        for i, t in enumerate(targets):
+            labels[i, start: start + len(t)] = torch.tensor(t, device=device)
+            mask[i, start + len(t):] = 0
+        return embeds, mask, labels
+
+    def _caption_decoder_batch(self, captions: list[str], device: torch.device):
+        dec = self.caption_decoder
+        targets = self._caption_ids(captions, dec.max_length - 1)
+        width = max(len(t) for t in targets) + 1
+        ids = torch.full((len(targets), width), dec.pad_id, dtype=torch.long, device=device)
+        padding = torch.ones(len(targets), width, dtype=torch.bool, device=device)
+        for i, t in enumerate(targets):
+            ids[i, : len(t) + 1] = torch.tensor([dec.bos_id] + t, device=device)
+            padding[i, : len(t) + 1] = False
+        return ids, padding
+
+    # --- captioning ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_captions(self, pixel_values: torch.Tensor | None = None, *, image_tokens: torch.Tensor | None = None,
+                          image_pooled: torch.Tensor | None = None, max_new_tokens: int | None = None,
+                          num_beams: int = 1, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
+                          captioner: str | None = None) -> list[str]:
+        """One caption per image, batched, from the configured captioning path."""
+        if image_tokens is None:
+            image_tokens, image_pooled = self.encode_image(pixel_values)
+        captioner = captioner or self.config.captioner
+        max_new_tokens = max_new_tokens or self.config.max_caption_tokens
+        if captioner == "caption_decoder":
+            if self.caption_decoder is None:
+                raise ValueError("this model has no caption decoder; use captioner='decoder'")
+            ids = self.caption_decoder.generate(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
+                                                repetition_penalty)
+        else:
+            prefix = self.visual_prefix(image_tokens, image_pooled)
+            prompt = self.caption_prompt()
+            embeds = torch.stack([self.prompt_embeddings(prompt, [p]) for p in prefix])
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            out = self.decoder.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                        num_beams=num_beams, do_sample=False, repetition_penalty=repetition_penalty,
+                                        length_penalty=length_penalty, pad_token_id=self.tokenizer.pad_token_id)
+            ids = out.tolist()
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    # --- save / load -----------------------------------------------------------------------------------------------
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors a spec cannot rebuild: bridge, projections, caption decoder, LoRA and fully trained parts."""
+        keep = {}
+        for name, tensor in self.state_dict().items():
+            part = name.split(".", 1)[0]
+            if part in ("vision", "text", "decoder"):
+                cfg = getattr(self.config, part)
+                if not (cfg.train == "full" or not is_reproducible(cfg.spec, cfg.pretrained)
+                        or (cfg.train == "lora" and "lora_" in name)):
+                    continue
+            keep[name] = tensor.detach().to("cpu").clone().contiguous()  # clone: tied weights share storage
+        return keep
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save_json(directory / CONFIG_NAME)
+        save_file(self.trained_state_dict(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        return directory
+
+    def load_trained_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load saved tensors; every saved tensor must find its place (shape and name)."""
+        own = self.state_dict()
+        unexpected = sorted(set(tensors) - set(own))
+        if unexpected:
+            raise ValueError(f"saved weights do not fit this model: unexpected tensors {unexpected[:5]}")
+        mismatched = [k for k, v in tensors.items() if own[k].shape != v.shape]
+        if mismatched:
+            raise ValueError(f"saved weights do not fit this model: shape mismatch for {mismatched[:5]}")
+        self.load_state_dict(tensors, strict=False)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path) -> StoryModel:
+        """Load from a packaged name (e.g. 'mmstory-small'), a local directory, or a hub id (needs network)."""
+        from mmstory.factory import resolve_pretrained
+
+        directory = resolve_pretrained(name_or_path)
+        config = ModelConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        model = cls(config)
+        weights = directory / WEIGHTS_NAME
+        if weights.is_file():
+            model.load_trained_state(load_file(str(weights)))
+        model.eval()
+        return model
+
+
+def normalize_caption(text: str) -> str:
+    """Crowd captions arrive as 'A dog runs .': collapse spaces, drop the detached final period, keep the case."""
+    text = re.sub(r"\s+", " ", str(text)).strip()
+    text = re.sub(r"\s+([.,!?;:])", r"\1", text)
+    return text
+
+
+def _default_lora_targets(module: nn.Module) -> list[str]:
+    names = {name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    for group in (["q_proj", "v_proj"], ["query", "value"], ["c_attn"], ["qkv"]):
+        if all(n in names for n in group):
+            return group
+    raise ValueError(f"cannot guess LoRA target modules for {type(module).__name__}; set lora_targets")
