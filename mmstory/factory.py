@@ -42,9 +42,9 @@ def tiny() -> ModelConfig:
         text=PartConfig("tiny:bert"),
         decoder=PartConfig("tiny:llama"),
         bridge=BridgeConfig(kind="resampler", num_queries=4, width=32, depth=1, heads=2),
-        caption_decoder=CaptionDecoderConfig(enabled=True, width=32, depth=1, heads=2, max_length=40, dropout=0.0),
+        caption_decoder=CaptionDecoderConfig(enabled=True, width=32, depth=1, heads=2, max_length=64, dropout=0.0),
         embed_dim=32,
-        max_caption_tokens=40,
+        max_caption_tokens=64,  # byte-level tokens: one per character
     )
 
 

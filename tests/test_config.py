@@ -1,0 +1,29 @@
+import pytest
+
+from mmstory.config import ModelConfig, from_dict, load_yaml, save_yaml
+from mmstory.factory import get_model_config, list_models
+
+
+def test_yaml_and_json_round_trip(tmp_path):
+    config = get_model_config("mmstory-small")
+    save_yaml(config, tmp_path / "c.yaml")
+    assert load_yaml(ModelConfig, tmp_path / "c.yaml") == config
+    config.save_json(tmp_path / "c.json")
+    assert ModelConfig.load_json(tmp_path / "c.json") == config
+
+
+def test_unknown_keys_and_bad_values_fail_loudly():
+    data = get_model_config("tiny").to_dict()
+    data["bridge"]["num_querys"] = 3
+    with pytest.raises(ValueError, match="num_querys"):
+        from_dict(ModelConfig, data)
+    data = get_model_config("tiny").to_dict()
+    data["decoder"]["train"] = "sometimes"
+    with pytest.raises(ValueError, match="train must be one of"):
+        from_dict(ModelConfig, data)
+
+
+def test_registry_lists_models():
+    assert {"tiny", "mmstory-small"} <= set(list_models())
+    with pytest.raises(KeyError, match="unknown model config"):
+        get_model_config("nope")
