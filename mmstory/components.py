@@ -178,7 +178,9 @@ class CaptionDecoder(nn.Module):
                     next_scores.append(score)
                 if len(next_rows) == beams:
                     break
-            if len(finished) >= beams and max(f[0] for f in finished) > max(next_scores) / ((step + 2) ** length_penalty):
+            best_finished = max((f[0] for f in finished), default=float("-inf"))
+            best_open = max(next_scores, default=float("-inf")) / ((step + 2) ** length_penalty)
+            if not next_rows or (len(finished) >= beams and best_finished > best_open):
                 break
             ids = torch.tensor([[self.bos_id] + row for row in next_rows], device=ids.device)
             scores = torch.tensor(next_scores, device=ids.device)

@@ -315,7 +315,7 @@ class StoryTeller:
         return self._agreement(text, self.model.image_embedding(pooled))
 
 
-# --- prompt building and text utilities --------------------------------------------------------------------------------
+# --- prompt building and text utilities ---------------------------------------------------------------------------
 def word_budget(length: str | int) -> int:
     if isinstance(length, bool):
         raise StoryInputError("length must be 'short', 'medium', 'long' or a number of words")

@@ -10,14 +10,13 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo passes; a 20000x20000 bomb does not
-ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
 class ImageError(ValueError):

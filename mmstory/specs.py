@@ -95,8 +95,8 @@ def is_reproducible(spec: str, pretrained: bool) -> bool:
 
 def cache_dir() -> Path:
     """User cache for converted weights; override with $MMSTORY_CACHE."""
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "mmstory")
-    path = Path(root)
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmstory"
+    path = Path(os.environ.get(CACHE_ENV) or default)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
