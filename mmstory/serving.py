@@ -1,0 +1,411 @@
+"""The Gradio demo and the HTTP API: a thin layer over StoryTeller, loaded once per process.
+
+`mmstory demo` serves the Gradio page (and its API, usable from `gradio_client`); `mmstory serve` adds the plain JSON
+endpoint `POST /api/story` on the same server. Both answer `GET /health`. Uploads are decoded only from the bytes sent;
+client-given file names and paths are never used, so nothing outside the upload is ever read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any, get_type_hints
+
+import gradio as gr
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mmstory.examples import EXAMPLES, example_image
+from mmstory.generation import (
+    AUDIENCES,
+    LENGTHS,
+    MAX_IMAGES,
+    MAX_PROMPT_CHARS,
+    STYLES,
+    TONES,
+    Decoding,
+    StoryInputError,
+    StoryResult,
+    StoryTeller,
+)
+from mmstory.images import MAX_PIXELS, ImageError, load_image
+
+ANY = "any"  # the demo's "no preference" choice for style, tone and audience
+INT64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]  # JSON integers beyond 64 bits are a client error, not a crash
+
+
+# --- the plain JSON API -----------------------------------------------------------------------------------------------
+class ApiError(Exception):
+    """A request the JSON API refuses; becomes `{"detail": message, "code": code}` with this HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+class StoryOptions(BaseModel):
+    """The story settings of the Python API; the decoding fields are added from `Decoding` below."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    prompt: str | None = None
+    style: str | None = None
+    tone: str | None = None
+    audience: str | None = None
+    length: int | str | None = None
+    previous: str | None = None
+
+
+def _optional(hint: Any) -> Any:
+    return INT64 | None if hint in (int, int | None) else hint | None
+
+
+# Every `Decoding` keyword, optional (unset = the Python API's default), so the API follows the Python API as it grows.
+StoryRequest = create_model("StoryRequest", __base__=StoryOptions,
+                            **{name: (_optional(hint), None) for name, hint in get_type_hints(Decoding).items()})
+
+
+class Admission:
+    """Bounds the JSON API's stories waiting or running; beyond the bound the client is told to retry (503).
+
+    Only touched from the event loop's thread, between awaits, so a plain counter is enough.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.active = limit, 0
+
+    def enter(self) -> None:
+        if self.active >= self.limit:
+            raise ApiError(503, "busy", f"server busy: {self.active} stories are already waiting or being written "
+                                        f"(the queue holds {self.limit}); retry in a few seconds",
+                           headers={"Retry-After": "5"})
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+
+
+class BodyTooLarge(Exception):
+    """Raised from `receive` when a request body outgrows the limit, even one sent without a Content-Length."""
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over `limit` bytes on the JSON API before they are stored."""
+
+    def __init__(self, app: ASGIApp, limit: int, prefix: str = "/api/"):
+        self.app, self.limit, self.prefix = app, limit, prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await _too_large(self.limit)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise BodyTooLarge
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return _error_response(ApiError(413, "too_large", f"request body too large; the limit is {limit / 2**20:g} MB"))
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse({"detail": err.message, "code": err.code}, status_code=err.status, headers=err.headers)
+
+
+def _decode_base64(text: Any, index: int) -> bytes:
+    if not isinstance(text, str):
+        raise ApiError(400, "bad_input", f"image {index}: expected a base64 string, got {type(text).__name__}")
+    if text.startswith("data:"):  # a data URL: data:image/png;base64,....
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ApiError(400, "bad_input", f"image {index}: not valid base64 ({err})") from err
+
+
+async def _read_request(request: Request, upload_limit: int) -> tuple[list[bytes], dict[str, Any]]:
+    """Image bytes and raw settings from a multipart form (image files) or a JSON body (base64 images)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        try:
+            async with request.form(max_files=MAX_IMAGES, max_fields=64, max_part_size=upload_limit) as form:
+                images, fields = [], {}
+                for key, value in form.multi_items():
+                    if key in ("image", "images"):
+                        if not isinstance(value, UploadFile):
+                            raise ApiError(400, "bad_input", f"'{key}' must be an uploaded file")
+                        images.append(await value.read())  # the bytes only: the client's file name is ignored
+                    elif isinstance(value, UploadFile):
+                        raise ApiError(400, "bad_input", f"unexpected file field {key!r}; send images as 'image'")
+                    else:
+                        fields[key] = value
+        except HTTPException as err:  # starlette's multipart limits (too many files or fields, oversized part)
+            raise ApiError(400, "bad_input", f"bad multipart form: {err.detail}") from err
+        return images, fields
+    if content_type.startswith("application/json"):
+        body = await request.body()
+        if not body:
+            raise ApiError(400, "bad_input", "empty request body: send JSON with 'images' (base64) or a multipart form")
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError) as err:
+            raise ApiError(400, "bad_input", f"the body is not valid JSON ({err})") from err
+        if not isinstance(payload, dict):
+            raise ApiError(400, "bad_input", "the JSON body must be an object")
+        raw = payload.pop("images", None)
+        if "image" in payload:
+            raw = [payload.pop("image")] if raw is None else raw
+        if not isinstance(raw, list):
+            raw = [] if raw is None else [raw]
+        return [_decode_base64(item, i + 1) for i, item in enumerate(raw)], payload
+    raise ApiError(415, "unsupported_media_type", "send multipart/form-data with image file(s) "
+                                                  "or application/json with base64 'images'")
+
+
+def _settings(fields: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return StoryRequest.model_validate(fields).model_dump(exclude_unset=True)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
+        raise ApiError(400, "bad_input", f"invalid settings: {problems}") from err
+
+
+def _decode_images(images: list[bytes], max_pixels: int) -> list:
+    if not images:
+        raise ApiError(400, "bad_input", "no image given: send one or more image files (or base64 'images')")
+    if len(images) > MAX_IMAGES:
+        raise ApiError(400, "bad_input", f"too many images ({len(images)}); at most {MAX_IMAGES} per story")
+    try:
+        return [load_image(data, max_pixels=max_pixels, name=f"image {i + 1}") for i, data in enumerate(images)]
+    except ImageError as err:
+        raise ApiError(400, "bad_image", str(err)) from err
+
+
+def add_json_api(app: FastAPI, teller: StoryTeller, queue_size: int, upload_limit: int, max_pixels: int) -> None:
+    """`POST /api/story`: the Python API's `generate_story` over HTTP, bounded and validated."""
+    admission = Admission(queue_size)
+    app.state.admission = admission
+    app.add_middleware(BodyLimit, limit=upload_limit)
+    app.add_exception_handler(ApiError, lambda request, err: _error_response(err))
+    app.add_exception_handler(BodyTooLarge, lambda request, err: _too_large(upload_limit))
+
+    def tell(images: list[bytes], settings: dict[str, Any]) -> StoryResult:
+        return teller.generate_story(_decode_images(images, max_pixels), **settings)
+
+    @app.post("/api/story", summary="Write a story about one or more images")
+    async def story(request: Request) -> JSONResponse:
+        """Multipart: image file(s) in `image` plus settings as form fields. JSON: `{"images": [base64, ...], ...}`.
+
+        Settings are those of `StoryTeller.generate_story` (prompt, style, tone, audience, length, previous and the
+        decoding keywords). Answers the StoryResult as JSON; 4xx with `detail` for bad input, 503 when busy.
+        """
+        admission.enter()
+        try:
+            images, fields = await _read_request(request, upload_limit)
+            settings = _settings(fields)
+            result = await run_in_threadpool(tell, images, settings)
+        except StoryInputError as err:
+            raise ApiError(400, "bad_input", str(err)) from err
+        finally:
+            admission.leave()
+        return JSONResponse(result.to_dict())
+
+
+# --- the Gradio demo --------------------------------------------------------------------------------------------------
+def _choice(value: str | None) -> str | None:
+    return None if value in (None, "", ANY) else value
+
+
+def _story_views(result: StoryResult, shown: str) -> tuple:
+    """The demo's outputs for a finished story: text, grounding highlights, captions table, status, full JSON."""
+    grounding = [(s.text + " ", s.grounding) for s in result.sentences]
+    captions = [[i + 1, caption] for i, caption in enumerate(result.captions)]
+    timing = result.timings
+    status = (f"Done in {timing.get('total_s', 0):.1f} s (first words after {timing['first_token_s']:.1f} s)"
+              if "first_token_s" in timing else f"Done in {timing.get('total_s', 0):.1f} s")
+    status += f" · seed {result.settings.get('seed')} · image-text agreement {result.score:+.3f}"
+    if result.notice:
+        status = f"**{result.notice}**  \n{status}"
+    return shown, grounding, captions, status, result.to_dict()
+
+
+def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
+    """The Gradio Blocks page; its main event is exposed to `gradio_client` as `/story`."""
+
+    def write(pictures: list | None, prompt: str, style: str, tone: str, audience: str, length: str,
+              temperature: float, top_k: int, top_p: float, repetition_penalty: float, no_repeat_ngram_size: int,
+              num_candidates: int, num_beams: int, seed: int | None, max_new_tokens: int, do_sample: bool,
+              previous: str = "") -> Iterator[tuple]:
+        """Stream the story (one candidate, no beams) or, with several candidates or beams, show the reranked best."""
+        try:
+            images = [load_image(path, max_pixels=max_pixels, name=f"picture {i + 1}")
+                      for i, (path, _caption) in enumerate(pictures or [])]
+            settings = dict(prompt=prompt or None, style=_choice(style), tone=_choice(tone),
+                            audience=_choice(audience), length=length or "medium", previous=previous or None,
+                            temperature=temperature, top_k=int(top_k), top_p=top_p,
+                            repetition_penalty=repetition_penalty, no_repeat_ngram_size=int(no_repeat_ngram_size),
+                            num_candidates=int(num_candidates), num_beams=int(num_beams),
+                            seed=None if seed is None else int(seed),
+                            max_new_tokens=int(max_new_tokens) if max_new_tokens else None, do_sample=do_sample)
+            head = previous.rstrip() + "\n\n" if previous and previous.strip() else ""
+            yield head, None, None, "Reading the pictures…", gr.skip()
+            if num_candidates == 1 and num_beams == 1:
+                events = teller.stream_result(images or None, **settings)
+            else:
+                events = iter([teller.generate_story(images or None, **settings)])
+            text = head
+            for event in events:
+                if isinstance(event, str):
+                    text += event
+                    yield text, gr.skip(), gr.skip(), "Writing…", gr.skip()
+                else:
+                    yield _story_views(event, head + event.story)
+        except (StoryInputError, ImageError) as err:
+            raise gr.Error(str(err), title="Cannot write this story") from err
+
+    with gr.Blocks(title="mmstory: stories from pictures") as demo:
+        gr.Markdown("# mmstory\nUpload one picture or several (in story order), or pick an example, then press "
+                    "**Write the story**. The captions and how well each sentence agrees with the pictures appear "
+                    "under the story.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                pictures = gr.Gallery(label="Pictures, in story order", type="filepath", file_types=["image"],
+                                      interactive=True, columns=4, height=260, elem_id="pictures")
+                gr.Examples(examples=[[[example_image(name)]] for name in EXAMPLES], inputs=[pictures],
+                            example_labels=list(EXAMPLES), label="Examples (click one)")
+                prompt = gr.Textbox("", label="Prompt (optional)", lines=2, max_length=MAX_PROMPT_CHARS,
+                                    placeholder="what the story should be about, or a question about the pictures")
+                with gr.Row():
+                    style = gr.Dropdown([ANY, *STYLES], value=ANY, label="Style", allow_custom_value=True,
+                                        info="or type 'custom: your own'")
+                    tone = gr.Dropdown([ANY, *TONES], value=ANY, label="Tone")
+                    audience = gr.Dropdown([ANY, *AUDIENCES], value=ANY, label="Audience")
+                    length = gr.Dropdown(list(LENGTHS), value="medium", label="Length", allow_custom_value=True,
+                                         info="or a number of words")
+                defaults = Decoding()
+                with gr.Accordion("Advanced decoding", open=False):
+                    temperature = gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label="Temperature")
+                    top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k (0 = off)")
+                    top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="Top-p")
+                    repetition_penalty = gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.05,
+                                                   label="Repetition penalty")
+                    no_repeat = gr.Slider(0, 8, value=defaults.no_repeat_ngram_size, step=1,
+                                          label="No-repeat n-gram size (0 = off)")
+                    num_candidates = gr.Slider(1, 8, value=1, step=1, label="Candidates",
+                                               info="more than 1: rerank by image-text agreement (no streaming)")
+                    num_beams = gr.Slider(1, 8, value=1, step=1, label="Beams", info="more than 1: no streaming")
+                    seed = gr.Number(value=defaults.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
+                    max_new_tokens = gr.Number(value=0, precision=0, minimum=0, maximum=2048,
+                                               label="Max new tokens (0: from the length)")
+                    do_sample = gr.Checkbox(value=defaults.do_sample, label="Sample (off: greedy)")
+                with gr.Row():
+                    generate = gr.Button("Write the story", variant="primary", elem_id="generate")
+                    new_version = gr.Button("New version", elem_id="new-version")
+                    continue_button = gr.Button("Continue the story", elem_id="continue")
+            with gr.Column(scale=1):
+                story = gr.Textbox("", label="Story", lines=14, interactive=True, buttons=["copy"], elem_id="story")
+                status = gr.Markdown(label="Status", elem_id="status")
+                grounding = gr.HighlightedText(label="Grounding: agreement of each sentence with its best picture",
+                                               show_legend=True, elem_id="grounding")
+                captions = gr.Dataframe(headers=["picture", "caption"], datatype=["number", "str"],
+                                        interactive=False, wrap=True, label="Captions", elem_id="captions")
+                with gr.Accordion("Full result (JSON)", open=False):
+                    details = gr.JSON(label="StoryResult")
+
+        inputs = [pictures, prompt, style, tone, audience, length, temperature, top_k, top_p, repetition_penalty,
+                  no_repeat, num_candidates, num_beams, seed, max_new_tokens, do_sample]
+        outputs = [story, grounding, captions, status, details]
+        generate.click(write, inputs, outputs, api_name="story")
+        continue_button.click(write, [*inputs, story], outputs, api_name="continue_story")
+        new_version.click(lambda: random.randrange(2**32), None, seed, queue=False, api_visibility="private").then(
+            write, inputs, outputs, api_visibility="private")
+    return demo
+
+
+# --- the server -------------------------------------------------------------------------------------------------------
+def build_app(teller: StoryTeller, *, model_name: str, json_api: bool = True, queue_size: int = 8,
+              max_upload_mb: float = 20, max_pixels: int = MAX_PIXELS) -> FastAPI:
+    """One FastAPI app: `/health`, optionally `POST /api/story`, and the Gradio page mounted at `/`."""
+    upload_limit = int(max_upload_mb * 2**20)
+    app = FastAPI(title="mmstory", summary="Stories from pictures", docs_url="/api/docs", redoc_url=None)
+    started = time.time()
+    if json_api:
+        add_json_api(app, teller, queue_size, upload_limit, max_pixels)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Liveness and load: the model served and how many JSON API stories are waiting or running."""
+        admission = getattr(app.state, "admission", None)
+        return {"status": "ok", "model": model_name, "dtype": teller.dtype, "quantize": teller.quantize,
+                "json_api": json_api, "busy": admission.active if admission else 0, "queue_size": queue_size,
+                "uptime_s": round(time.time() - started, 1)}
+
+    demo = build_demo(teller, max_pixels=max_pixels).queue(max_size=queue_size, default_concurrency_limit=1)
+    # Gradio checks that file paths in a request were uploaded only once `has_launched` is set, which `launch()` does
+    # and `mount_gradio_app` does not: without this, a client could name any server file as a picture.
+    demo.has_launched = True
+    return gr.mount_gradio_app(app, demo, path="/", max_file_size=upload_limit, footer_links=["api"],
+                               theme=gr.themes.Soft())
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    command = argv[0] if argv and argv[0] in ("demo", "serve") else "serve"
+    rest = argv[1:] if argv and argv[0] in ("demo", "serve") else argv
+    parser = argparse.ArgumentParser(
+        prog=f"mmstory {command}",
+        description="Launch the Gradio demo" + (" plus the JSON API (POST /api/story)" if command == "serve" else ""))
+    parser.add_argument("--model", default="mmstory-small", help="packaged name or a save_pretrained directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the decoder")
+    parser.add_argument("--queue-size", type=int, default=8,
+                        help="stories waiting or running per API before clients are told the server is busy")
+    parser.add_argument("--max-upload-mb", type=float, default=20, help="largest upload (request body) accepted")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help=f"largest image accepted, in pixels (at most {MAX_PIXELS:,})")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    args = parser.parse_args(rest)
+    if not 1 <= args.max_pixels <= MAX_PIXELS:
+        parser.error(f"--max-pixels must be between 1 and {MAX_PIXELS:,}")
+    if args.queue_size < 1 or args.max_upload_mb <= 0:
+        parser.error("--queue-size and --max-upload-mb must be positive")
+    args.command = command
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mmstory demo|serve [options]`: load the model once, then serve until interrupted."""
+    args = parse_args(list(argv or []))
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    teller = StoryTeller.from_pretrained(args.model, dtype=args.dtype, quantize="int8" if args.int8 else None)
+    app = build_app(teller, model_name=str(args.model), json_api=args.command == "serve", queue_size=args.queue_size,
+                    max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels)
+    print(f"mmstory {args.command}: http://{args.host}:{args.port}/"
+          + (f"  (JSON API: POST http://{args.host}:{args.port}/api/story)" if args.command == "serve" else ""),
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
