@@ -105,14 +105,25 @@ class MLPBridge(nn.Module):
 class CaptionDecoder(nn.Module):
     """CoCa's multimodal text decoder: a small causal Transformer that cross-attends to image tokens.
 
-    Trained from scratch; far cheaper than running the pretrained LM, so it can learn to caption on a CPU.
+    Trained from scratch; far cheaper than running the pretrained LM, so it can learn to caption on a CPU. It works
+    in a compact vocabulary (PAD, BOS, EOS, UNK, then the decoder tokenizer's ids that the training captions use), so
+    its output layer is a few thousand rows instead of the LM's full vocabulary.
     """
 
-    def __init__(self, vocab_size: int, token_dim: int, width: int, depth: int, heads: int, max_length: int,
-                 dropout: float, bos_id: int, eos_id: int, pad_id: int):
+    PAD, BOS, EOS, UNK = 0, 1, 2, 3
+    SPECIALS = 4
+
+    def __init__(self, tokenizer_size: int, vocab_size: int | None, token_dim: int, width: int, depth: int,
+                 heads: int, max_length: int, dropout: float):
         super().__init__()
-        self.bos_id, self.eos_id, self.pad_id, self.max_length = bos_id, eos_id, pad_id, max_length
-        self.embed = nn.Embedding(vocab_size, width)
+        self.max_length = max_length
+        size = self.SPECIALS + (vocab_size or tokenizer_size)
+        # compact id -> tokenizer id; the identity over the whole tokenizer until fit_vocabulary() picks a subset
+        token_ids = torch.full((size,), -1, dtype=torch.long)
+        token_ids[self.SPECIALS:] = torch.arange(size - self.SPECIALS) if vocab_size is None else -1
+        self.register_buffer("token_ids", token_ids)
+        self.tokenizer_size = tokenizer_size
+        self.embed = nn.Embedding(size, width)
         self.position = nn.Parameter(torch.zeros(1, max_length + 1, width))
         self.image_proj = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, width))
         layer = nn.TransformerDecoderLayer(width, heads, 4 * width, dropout, activation="gelu", batch_first=True,
@@ -120,6 +131,28 @@ class CaptionDecoder(nn.Module):
         self.layers = nn.TransformerDecoder(layer, depth)
         self.norm = nn.LayerNorm(width)
         nn.init.normal_(self.embed.weight, std=0.02)
+
+    @property
+    def needs_vocabulary(self) -> bool:
+        return bool((self.token_ids[self.SPECIALS:] < 0).all())
+
+    def fit_vocabulary(self, token_id_lists: list[list[int]]) -> None:
+        """Keep the most frequent tokenizer ids of the training captions (ties broken by id, so it is deterministic)."""
+        counts = torch.bincount(torch.tensor([t for ids in token_id_lists for t in ids] or [0], dtype=torch.long),
+                                minlength=self.tokenizer_size)
+        room = self.token_ids.numel() - self.SPECIALS
+        order = sorted(range(counts.numel()), key=lambda i: (-int(counts[i]), i))
+        chosen = [i for i in order[:room] if counts[i] > 0]
+        self.token_ids[self.SPECIALS:] = -1
+        self.token_ids[self.SPECIALS: self.SPECIALS + len(chosen)] = torch.tensor(chosen, dtype=torch.long)
+
+    def to_compact(self, token_id_lists: list[list[int]]) -> list[list[int]]:
+        lookup = {int(t): i for i, t in enumerate(self.token_ids.tolist()) if t >= 0}
+        return [[lookup.get(t, self.UNK) for t in ids] for ids in token_id_lists]
+
+    def to_tokenizer(self, compact_lists: list[list[int]]) -> list[list[int]]:
+        table = self.token_ids.tolist()
+        return [[table[c] for c in ids if c >= self.SPECIALS and table[c] >= 0] for ids in compact_lists]
 
     def forward(self, input_ids: torch.Tensor, image_tokens: torch.Tensor,
                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,12 +164,20 @@ class CaptionDecoder(nn.Module):
         memory = self.image_proj(image_tokens)
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
         x = self.layers(x, memory, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=padding_mask)
-        return F.linear(self.norm(x), self.embed.weight)  # output head tied to the input embedding
+        logits = F.linear(self.norm(x), self.embed.weight)  # output head tied to the input embedding
+        return logits.masked_fill(self._unusable, float("-inf")) if not self.training else logits
+
+    @property
+    def _unusable(self) -> torch.Tensor:
+        """Ids never to generate: PAD, BOS, UNK and unused slots of the compact vocabulary."""
+        mask = self.token_ids < 0
+        mask[self.EOS] = False
+        return mask
 
     @torch.no_grad()
     def generate(self, image_tokens: torch.Tensor, max_new_tokens: int | None = None, num_beams: int = 1,
                  length_penalty: float = 1.0, repetition_penalty: float = 1.0) -> list[list[int]]:
-        """Greedy (num_beams=1) or beam search; returns token ids without BOS/EOS, one list per image."""
+        """Greedy (num_beams=1) or beam search; returns compact ids without BOS/EOS, one list per image."""
         steps = min(max_new_tokens or self.max_length, self.max_length)
         return [self._beam_search(image_tokens[i: i + 1], steps, num_beams, length_penalty, repetition_penalty)
                 for i in range(image_tokens.shape[0])] if num_beams > 1 else \
@@ -144,21 +185,21 @@ class CaptionDecoder(nn.Module):
 
     def _greedy(self, image_tokens: torch.Tensor, steps: int, repetition_penalty: float) -> list[list[int]]:
         batch = image_tokens.shape[0]
-        ids = torch.full((batch, 1), self.bos_id, dtype=torch.long, device=image_tokens.device)
+        ids = torch.full((batch, 1), self.BOS, dtype=torch.long, device=image_tokens.device)
         done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
         for _ in range(steps):
             logits = self(ids, image_tokens)[:, -1].float()
             logits = _penalise_repeats(logits, ids[:, 1:], repetition_penalty)
-            next_ids = logits.argmax(-1).masked_fill(done, self.pad_id)
+            next_ids = logits.argmax(-1).masked_fill(done, self.PAD)
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
-            done |= next_ids == self.eos_id
+            done |= next_ids == self.EOS
             if done.all():
                 break
-        return [_strip(row.tolist(), self.eos_id, self.pad_id) for row in ids[:, 1:]]
+        return [_strip(row.tolist(), self.EOS, self.PAD) for row in ids[:, 1:]]
 
     def _beam_search(self, image_tokens: torch.Tensor, steps: int, beams: int, length_penalty: float,
                      repetition_penalty: float) -> list[int]:
-        ids = torch.full((1, 1), self.bos_id, dtype=torch.long, device=image_tokens.device)
+        ids = torch.full((1, 1), self.BOS, dtype=torch.long, device=image_tokens.device)
         scores = torch.zeros(1, device=ids.device)
         finished: list[tuple[float, list[int]]] = []
         for step in range(steps):
@@ -171,7 +212,7 @@ class CaptionDecoder(nn.Module):
             for score, index in zip(top_scores.tolist(), top_index.tolist()):
                 row, token = divmod(index, vocab)
                 sequence = ids[row, 1:].tolist() + [token]
-                if token == self.eos_id:
+                if token == self.EOS:
                     finished.append((score / (len(sequence) ** length_penalty), sequence[:-1]))
                 else:
                     next_rows.append(sequence)
@@ -182,7 +223,7 @@ class CaptionDecoder(nn.Module):
             best_open = max(next_scores, default=float("-inf")) / ((step + 2) ** length_penalty)
             if not next_rows or (len(finished) >= beams and best_finished > best_open):
                 break
-            ids = torch.tensor([[self.bos_id] + row for row in next_rows], device=ids.device)
+            ids = torch.tensor([[self.BOS] + row for row in next_rows], device=ids.device)
             scores = torch.tensor(next_scores, device=ids.device)
         if not finished:
             finished = [(s / (len(r) ** length_penalty), r) for s, r in zip(scores.tolist(), ids[:, 1:].tolist())]

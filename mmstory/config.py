@@ -61,6 +61,7 @@ class CaptionDecoderConfig:
     """CoCa's own small multimodal decoder: cross-attends to image tokens, trained from scratch."""
 
     enabled: bool = False
+    vocab_size: int | None = None  # compact vocabulary fitted to the training captions; None: the whole tokenizer
     width: int = 256
     depth: int = 3
     heads: int = 4

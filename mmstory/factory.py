@@ -28,7 +28,7 @@ def mmstory_small() -> ModelConfig:
         text=PartConfig("packaged:all-minilm-l6-v2"),
         decoder=PartConfig("packaged:smollm2-135m-instruct"),
         bridge=BridgeConfig(kind="resampler", num_queries=16, width=384, depth=2, heads=6),
-        caption_decoder=CaptionDecoderConfig(enabled=True, width=384, depth=3, heads=6, max_length=40),
+        caption_decoder=CaptionDecoderConfig(enabled=True, vocab_size=6144, width=384, depth=3, heads=6, max_length=40),
         embed_dim=256,
     )
 

@@ -60,10 +60,9 @@ class StoryModel(nn.Module):
             self.bridge = MLPBridge(self.vision.pooled_dim, hidden, b.num_queries, b.width)
         self.caption_decoder = None
         if config.caption_decoder.enabled:
-            c, tok = config.caption_decoder, self.tokenizer
-            bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-            self.caption_decoder = CaptionDecoder(len(tok), self.vision.token_dim, c.width, c.depth, c.heads,
-                                                  c.max_length, c.dropout, bos, tok.eos_token_id, tok.pad_token_id)
+            c = config.caption_decoder
+            self.caption_decoder = CaptionDecoder(len(self.tokenizer), c.vocab_size, self.vision.token_dim, c.width,
+                                                  c.depth, c.heads, c.max_length, c.dropout)
         for part in ("vision", "text", "decoder"):
             self._set_train_mode(part, getattr(config, part))
 
@@ -104,11 +103,16 @@ class StoryModel(nn.Module):
     def image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_projection(pooled.float()), dim=-1)
 
-    def text_embedding(self, texts: list[str]) -> torch.Tensor:
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Pooled text-encoder features [B, Dt] (before projection); no graph through a frozen encoder."""
         device = self.text_projection.weight.device
         batch = self.text_tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.text.train != "frozen"):
-            pooled = self.text(batch.input_ids.to(device), batch.attention_mask.to(device))
+            return self.text(batch.input_ids.to(device), batch.attention_mask.to(device))
+
+    def text_embedding(self, texts: list[str] | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised text embeddings in the shared space, from texts or cached pooled features."""
+        pooled = self.encode_text(texts) if pooled is None else pooled
         return F.normalize(self.text_projection(pooled.float()), dim=-1)
 
     def visual_prefix(self, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -144,8 +148,9 @@ class StoryModel(nn.Module):
 
     # --- training --------------------------------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor | None = None, captions: list[str] | None = None, *,
-                image_tokens: torch.Tensor | None = None, image_pooled: torch.Tensor | None = None) -> StoryModelOutput:
-        """Losses for a batch of (image, caption) pairs; pass pixels or cached encoder features."""
+                image_tokens: torch.Tensor | None = None, image_pooled: torch.Tensor | None = None,
+                text_pooled: torch.Tensor | None = None) -> StoryModelOutput:
+        """Losses for a batch of (image, caption) pairs; pass pixels or cached encoder features (image and text)."""
         if captions is None:
             raise ValueError("captions are required to compute the training losses")
         if image_tokens is None:
@@ -157,8 +162,8 @@ class StoryModel(nn.Module):
         out = StoryModelOutput(loss=zero)
         if cfg.contrastive_weight > 0:
             scale = self.logit_scale.clamp(max=math.log(100)).exp()
-            out.contrastive_loss = contrastive_loss(self.image_embedding(image_pooled), self.text_embedding(captions),
-                                                    scale)
+            text = self.text_embedding(captions, pooled=text_pooled)
+            out.contrastive_loss = contrastive_loss(self.image_embedding(image_pooled), text, scale)
             out.loss = out.loss + cfg.contrastive_weight * out.contrastive_loss
         if cfg.caption_weight > 0:
             embeds, mask, labels = self._caption_batch(self.visual_prefix(image_tokens, image_pooled), captions)
@@ -174,10 +179,18 @@ class StoryModel(nn.Module):
             out.loss = out.loss + cfg.caption_decoder_weight * out.caption_decoder_loss
         return out
 
-    def _caption_ids(self, captions: list[str], max_tokens: int) -> list[list[int]]:
-        clean = [normalize_caption(c) for c in captions]
-        ids = self.tokenizer(clean, add_special_tokens=False).input_ids
-        return [row[:max_tokens] + [self.tokenizer.eos_token_id] for row in ids]
+    def _caption_ids(self, captions: list[str], max_tokens: int, eos: int | None = None) -> list[list[int]]:
+        ids = self.tokenize_captions(captions)
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        return [row[:max_tokens] + [eos] for row in ids]
+
+    def tokenize_captions(self, captions: list[str]) -> list[list[int]]:
+        return self.tokenizer([normalize_caption(c) for c in captions], add_special_tokens=False).input_ids
+
+    def fit_caption_vocabulary(self, captions: list[str]) -> None:
+        """Give the caption decoder its compact vocabulary from the training captions (once, before training)."""
+        if self.caption_decoder is not None:
+            self.caption_decoder.fit_vocabulary(self.tokenize_captions(captions))
 
     def _caption_batch(self, prefix: torch.Tensor, captions: list[str]):
         """[prefix inside the chat prompt][caption][EOS][pad]; only caption and EOS are labelled."""
@@ -202,12 +215,16 @@ class StoryModel(nn.Module):
 
     def _caption_decoder_batch(self, captions: list[str], device: torch.device):
         dec = self.caption_decoder
-        targets = self._caption_ids(captions, dec.max_length - 1)
+        if dec.needs_vocabulary:
+            raise RuntimeError("the caption decoder has no vocabulary yet: call model.fit_caption_vocabulary(captions) "
+                               "with the training captions before training")
+        targets = [row + [dec.EOS] for row in dec.to_compact(self.tokenize_captions(captions))]
+        targets = [t[: dec.max_length - 1] if len(t) > dec.max_length - 1 else t for t in targets]
         width = max(len(t) for t in targets) + 1
-        ids = torch.full((len(targets), width), dec.pad_id, dtype=torch.long, device=device)
+        ids = torch.full((len(targets), width), dec.PAD, dtype=torch.long, device=device)
         padding = torch.ones(len(targets), width, dtype=torch.bool, device=device)
         for i, t in enumerate(targets):
-            ids[i, : len(t) + 1] = torch.tensor([dec.bos_id] + t, device=device)
+            ids[i, : len(t) + 1] = torch.tensor([dec.BOS] + t, device=device)
             padding[i, : len(t) + 1] = False
         return ids, padding
 
@@ -225,8 +242,9 @@ class StoryModel(nn.Module):
         if captioner == "caption_decoder":
             if self.caption_decoder is None:
                 raise ValueError("this model has no caption decoder; use captioner='decoder'")
-            ids = self.caption_decoder.generate(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
-                                                repetition_penalty)
+            compact = self.caption_decoder.generate(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
+                                                    repetition_penalty)
+            ids = self.caption_decoder.to_tokenizer(compact)
         else:
             prefix = self.visual_prefix(image_tokens, image_pooled)
             prompt = self.caption_prompt()

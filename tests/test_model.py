@@ -140,3 +140,22 @@ def test_caption_decoder_beam_search_returns_one_caption_per_image(tiny_model):
     beams = tiny_model.generate_captions(pixels, max_new_tokens=5, captioner="caption_decoder", num_beams=3)
     lm = tiny_model.generate_captions(pixels, max_new_tokens=5, captioner="decoder")
     assert len(greedy) == len(beams) == len(lm) == 2
+
+
+def test_caption_decoder_compact_vocabulary():
+    config = get_model_config("tiny")
+    config.caption_decoder.vocab_size = 12
+    model = create_model(config)
+    with pytest.raises(RuntimeError, match="fit_caption_vocabulary"):
+        model(_pixels(model), CAPTIONS)
+    model.fit_caption_vocabulary(["aaa bbb", "aab"])  # byte tokens: a x5, b x4, space x1
+    dec = model.caption_decoder
+    ids = model.tokenize_captions(["ab z"])
+    compact = dec.to_compact(ids)[0]
+    assert compact[-1] == dec.UNK  # 'z' never occurred in training
+    assert dec.to_tokenizer([compact])[0] == ids[0][:-1]
+    out = model(_pixels(model), CAPTIONS)
+    assert torch.isfinite(out.caption_decoder_loss)
+    model.eval()
+    captions = model.generate_captions(_pixels(model), max_new_tokens=4, captioner="caption_decoder")
+    assert all(set(c) <= set("ab ") for c in captions)  # only fitted tokens are ever generated
