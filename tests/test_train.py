@@ -1,0 +1,306 @@
+"""The trainer: config I/O, optimiser groups and schedule, real training runs (feature cache, bad data, early stopping),
+a SIGKILLed run resumed to the same weights, and a real 2-process distributed run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import FLICKR8K, ROOT, make_photo
+from PIL import Image
+from safetensors.torch import load_file
+
+from mmstory import StoryModel, create_model
+from mmstory.config import to_yaml
+from mmstory.train import (
+    DEFAULT_LR,
+    TrainConfig,
+    Trainer,
+    freeze_unused_heads,
+    lr_factor,
+    main,
+    param_groups,
+    train,
+)
+
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def write_dataset(folder: Path, count: int) -> Path:
+    """`count` generated photos with two captions each, as images/ + captions.csv."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = ["image,caption"]
+    for i in range(count):
+        make_photo(i, size=(48, 36)).save(folder / "images" / f"p{i}.jpg")
+        rows += [f"p{i}.jpg,a photo with stripes number {i % 4}", f"p{i}.jpg,stripes and noise {i % 4}"]
+    (folder / "captions.csv").write_text("\n".join(rows) + "\n")
+    return folder / "captions.csv"
+
+
+def tiny_config(csv: Path, output_dir: Path, *overrides: str) -> TrainConfig:
+    return TrainConfig.load(TINY, [f"data.train.path={csv}", f"output_dir={output_dir}", "progress=false",
+                                   *overrides])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configuration, optimiser, schedule
+# --------------------------------------------------------------------------------------------------------------------
+def test_config_yaml_round_trip_and_overrides(tmp_path: Path):
+    config = TrainConfig.load(TINY, ["optim.lr.bridge=0.01", "data.dev.path=dev.csv", "model.overrides.embed_dim=16"])
+    assert config.model.name == "tiny" and config.optim.lr["bridge"] == 0.01
+    assert config.optim.lr["decoder"] == DEFAULT_LR["decoder"]  # parts not named keep their default rate
+    assert config.data.dev.path == "dev.csv" and config.data.dev.split is None
+    (tmp_path / "saved.yaml").write_text(to_yaml(config))
+    assert TrainConfig.load(tmp_path / "saved.yaml") == config
+    with pytest.raises(ValueError, match="unknown DataConfig field"):
+        TrainConfig.load(TINY, ["data.shuffle=true"])
+    with pytest.raises(ValueError, match="unknown part"):
+        TrainConfig.load(TINY, ["optim.lr.bridges=0.1"])
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig.load(TINY, ["mixed_precision=fp8"])
+
+
+def test_flickr8k_config_points_at_the_shared_data():
+    config = TrainConfig.load(ROOT / "configs" / "flickr8k.yaml")
+    assert config.model.name == "mmstory-small" and config.data.use_feature_cache
+    assert config.mixed_precision == "bf16"
+    if not (FLICKR8K / "captions.csv").is_file():
+        pytest.skip("../shared/data/flickr8k is not present on this machine")
+    for source in (config.data.train, config.data.dev):
+        for path in (source.path, source.split):
+            assert (ROOT / path).resolve().is_file(), path  # relative to the repository root, where it is run
+
+
+def test_lr_schedule_warmup_then_decay():
+    cosine = [lr_factor(s, 4, 20, "cosine", 0.1) for s in range(21)]
+    assert cosine[0] == pytest.approx(1 / 5) and cosine[3] == pytest.approx(4 / 5) and cosine[4] == 1.0
+    assert all(a >= b for a, b in zip(cosine[4:], cosine[5:])) and cosine[20] == pytest.approx(0.1)
+    assert cosine[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    linear = [lr_factor(s, 0, 10, "linear", 0.0) for s in range(11)]
+    assert linear[5] == pytest.approx(0.5) and linear[10] == 0.0
+    assert lr_factor(50, 2, 10, "constant", 0.0) == 1.0
+
+
+def test_param_groups_per_part(tiny_model):
+    lrs = {**DEFAULT_LR, "bridge": 1.0, "caption_decoder": 2.0, "projections": 3.0}
+    groups = {g["name"]: g for g in param_groups(tiny_model, lrs, weight_decay=0.1)}
+    assert set(groups) == {"bridge", "bridge/no_decay", "caption_decoder", "caption_decoder/no_decay", "projections",
+                           "projections/no_decay"}  # frozen vision/text/decoder have no group
+    assert groups["bridge"]["lr"] == 1.0 and groups["caption_decoder/no_decay"]["lr"] == 2.0
+    assert groups["projections/no_decay"]["params"] == [tiny_model.logit_scale]
+    assert groups["projections"]["weight_decay"] == 0.1 and groups["bridge/no_decay"]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in groups.values()) == sum(p.requires_grad for p in tiny_model.parameters())
+
+    torch.manual_seed(0)
+    lora = create_model("tiny", caption_weight=0.0)
+    lora.config.decoder.train = "full"
+    lora._set_train_mode("decoder", lora.config.decoder)
+    freeze_unused_heads(lora)
+    names = {g["name"] for g in param_groups(lora, DEFAULT_LR, 0.0)}
+    assert "decoder" in names and not any(n.startswith("bridge") for n in names)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training runs
+# --------------------------------------------------------------------------------------------------------------------
+def test_train_from_feature_cache(tmp_path: Path):
+    csv = write_dataset(tmp_path / "data", 8)
+    out = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(TINY.read_text())
+    argv = ["--config", str(config), "--output-dir", str(out), "--max-steps", "4", "--no-progress",
+            "--set", f"data.train.path={csv}", "--set", f"data.dev.path={csv}", "--set", "data.use_feature_cache=true",
+            "--set", f"data.feature_cache_dir={tmp_path / 'cache'}", "--set", "eval_every=2",
+            "--set", "model.overrides.max_caption_tokens=8"]
+    assert main(argv) == 0
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "completed" and report["steps"] == 4 and report["world_size"] == 1
+    assert report["feature_cache"]["train"]["encoded"] == 8 and report["feature_cache"]["dev"]["reused"] == 8
+    assert report["bad_items"] == [] and report["samples_per_second"] > 0
+    assert report["best"]["dev_loss"] == min(r["loss"] for r in read_jsonl(out / "metrics.jsonl")
+                                             if r["split"] == "dev")
+    metrics = read_jsonl(out / "metrics.jsonl")
+    train_rows = [r for r in metrics if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4] and [r["step"] for r in metrics if r["split"] == "dev"] == [
+        2, 4]
+    assert {"loss", "contrastive_loss", "caption_loss", "caption_decoder_loss", "lr/bridge", "grad_norm",
+            "samples_per_second"} <= set(train_rows[0])
+    samples = read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 4 and {"step", "image", "caption", "reference"} <= set(samples[0])
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["max_steps"] == 4
+
+    best = StoryModel.from_pretrained(out / "best")  # a normal model directory
+    final = StoryModel.from_pretrained(out / "checkpoint-4")
+    assert best.config.max_caption_tokens == 8
+    assert (out / "latest").read_text().strip() == "checkpoint-4"
+    assert set(final.trained_state_dict()) == set(load_file(str(out / "checkpoint-4" / "model.safetensors")))
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(TrainConfig.load(config, [f"data.train.path={csv}", f"output_dir={out}"]))
+
+
+def _bad_dataset(folder: Path) -> tuple[Path, dict[str, str]]:
+    """Good images in every odd mode, and each kind of bad item; returns the CSV and {item: expected reason part}."""
+    images = folder / "images"
+    images.mkdir(parents=True)
+    photo = make_photo(1, size=(40, 30))
+    photo.convert("CMYK").save(images / "cmyk.jpg")
+    photo.convert("L").save(images / "gray.png")
+    photo.convert("RGBA").save(images / "alpha.png")
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    palette.save(images / "palette.png", transparency=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    photo.save(images / "rotated.jpg", exif=exif.tobytes())
+    for i in range(5):
+        make_photo(10 + i, size=(40, 30)).save(images / f"good{i}.jpg")
+    make_photo(2, size=(40, 30)).save(images / "whitespace.jpg")
+    (images / "empty.jpg").write_bytes(b"")
+    full = images / "good0.jpg"
+    (images / "truncated.jpg").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    (images / "text.jpg").write_text("this is a text file, not a picture\n")
+    (images / "bomb.png").write_bytes(_png_header(20000, 20000))
+    good = ["cmyk.jpg", "gray.png", "alpha.png", "palette.png", "rotated.jpg"] + [f"good{i}.jpg" for i in range(5)]
+    bad = ["missing.jpg", "empty.jpg", "truncated.jpg", "text.jpg", "bomb.png"]
+    rows = ["image,caption"] + [f"{name},a picture called {name}" for name in good + bad]
+    rows += ["good1.jpg,   ", "whitespace.jpg,  ", "whitespace.jpg,"]
+    (folder / "captions.csv").write_text("\n".join(rows) + "\n")
+    expected = {"missing.jpg": "no such file", "empty.jpg": "empty", "truncated.jpg": "truncated",
+                "text.jpg": "not a readable image", "bomb.png": "too large", "whitespace.jpg": "no non-empty caption",
+                "whitespace.jpg caption #0": "empty caption", "whitespace.jpg caption #1": "empty caption",
+                "good1.jpg caption #1": "empty caption"}
+    return folder / "captions.csv", {str(images / k): v for k, v in expected.items()}
+
+
+def _png_header(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("use_cache", [False, True], ids=["pixels", "feature-cache"])
+def test_bad_data_is_skipped_and_reported(tmp_path: Path, use_cache: bool):
+    csv, expected = _bad_dataset(tmp_path / "data")
+    config = tiny_config(csv, tmp_path / "run", f"data.dev.path={csv}", "max_steps=2", "batch_size=4",
+                         f"data.use_feature_cache={use_cache}", f"data.feature_cache_dir={tmp_path / 'cache'}",
+                         "data.num_workers=1", "num_sample_captions=0")
+    report = train(config)  # the dev pass visits every image, so every bad one is met
+    assert report["status"] == "completed"
+    reasons = {item["item"]: item["reason"] for item in report["bad_items"]}
+    assert set(reasons) == set(expected) and report["num_bad_items"] == len(expected)
+    for item, part in expected.items():
+        assert part in reasons[item], (item, reasons[item])
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["bad_items"] == report["bad_items"]
+
+
+def test_early_stopping_on_dev_loss(tmp_path: Path):
+    csv = write_dataset(tmp_path / "data", 8)
+    config = tiny_config(csv, tmp_path / "run", f"data.dev.path={csv}", "data.use_feature_cache=true",
+                         f"data.feature_cache_dir={tmp_path / 'cache'}", "max_steps=20", "eval_every=1",
+                         "early_stopping_patience=2", "num_sample_captions=0",
+                         "optim.lr={bridge: 0.0, caption_decoder: 0.0, projections: 0.0}")
+    report = train(config)  # no learning: the dev loss never improves after the first evaluation
+    assert report["status"] == "early_stopped" and report["steps"] == 3 and report["best"]["step"] == 1
+    assert (tmp_path / "run" / "checkpoint-3").is_dir()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resume after SIGKILL
+# --------------------------------------------------------------------------------------------------------------------
+def _wait_for_checkpoint(process: subprocess.Popen, out: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (out / "latest").is_file():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"no checkpoint before the run ended: {process.communicate()[0][-3000:]}")
+        time.sleep(0.02)
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path: Path):
+    csv = write_dataset(tmp_path / "data", 12)
+    # dropout makes the result depend on the restored RNG; accumulation and 4 epochs on the data position
+    config = tiny_config(csv, tmp_path / "reference", f"data.dev.path={csv}", "max_steps=12", "save_every=2",
+                         "batch_size=2", "grad_accum_steps=2", "eval_every=5", "num_sample_captions=0",
+                         "model.overrides={bridge: {dropout: 0.1}, caption_decoder: {dropout: 0.1}}")
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(config))
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "mmstory.cli", "train", "--config", str(path), "--output-dir", str(out)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_checkpoint(process, out)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "report.json").exists(), "the run finished before it could be killed"
+    killed_at = int((out / "latest").read_text().split("-")[1])
+    assert 2 <= killed_at < 12
+
+    reference = train(config)  # uninterrupted, same seed, in this process
+    resumed = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {out / f'checkpoint-{killed_at}'}" in resumed.stdout + resumed.stderr
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == reference["steps"] == 12
+    for name in ("checkpoint-12", "best"):
+        ours = load_file(str(out / name / "model.safetensors"))
+        theirs = load_file(str(tmp_path / "reference" / name / "model.safetensors"))
+        assert set(ours) == set(theirs)
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+    assert report["best"]["step"] == reference["best"]["step"]
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == list(range(1, 13))  # what the killed run logged after its checkpoint was dropped
+    ours = [r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
+    theirs = [r["loss"] for r in read_jsonl(tmp_path / "reference" / "metrics.jsonl") if r["split"] == "train"]
+    assert ours == pytest.approx(theirs, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Distributed: two real processes on the CPU (gloo)
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_process_distributed_run(tmp_path: Path):
+    csv = write_dataset(tmp_path / "data", 16)
+    config = tiny_config(csv, tmp_path / "run", f"data.dev.path={csv}", "data.use_feature_cache=true",
+                         f"data.feature_cache_dir={tmp_path / 'cache'}", "max_steps=8", "batch_size=2",
+                         "eval_every=4", "save_every=4", "num_sample_captions=1",
+                         "optim.lr={bridge: 0.005, caption_decoder: 0.005, projections: 0.005}")
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(config))
+    # torchrun (--standalone: a free port, so parallel test runs do not collide); the trainer picks gloo on a CPU
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mmstory.train", "--config", str(path)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 8 and report["samples"] == 8 * 2 * 2
+    digests = report["weights_sha256_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # both ranks hold identical weights
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert len(losses) == 8 and sum(losses[-2:]) < sum(losses[:2])
+    dev = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "dev"]
+    assert len(dev) == 2 and dev[1] < dev[0]
+    assert report["feature_cache"]["train"]["encoded"] == 16  # encoded once, by the main process
