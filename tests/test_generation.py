@@ -1,0 +1,159 @@
+"""StoryTeller plumbing on the tiny random model: inputs, controls, reranking, filtering, streaming."""
+
+import io
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from mmstory.generation import (
+    StoryInputError,
+    StoryTeller,
+    WordBudget,
+    build_instruction,
+    finish_story,
+    split_sentences,
+    word_budget,
+)
+from mmstory.safety import ContentFilter
+from tests.conftest import make_photo
+
+FAST = dict(length=20, max_new_tokens=24, num_candidates=2)
+
+
+def test_same_seed_same_story_and_different_seed_differs(tiny_teller):
+    image = make_photo(1)
+    a = tiny_teller.generate_story(image, seed=7, **FAST)
+    b = tiny_teller.generate_story(image, seed=7, **FAST)
+    c = tiny_teller.generate_story(image, seed=8, **FAST)
+    assert a.story == b.story and a.candidates == b.candidates
+    assert a.candidates != c.candidates
+
+
+def test_reranking_picks_the_best_scoring_candidate(tiny_teller):
+    images = [make_photo(2), make_photo(3)]
+    result = tiny_teller.generate_story(images, seed=1, length=20, max_new_tokens=24, num_candidates=4)
+    _, pooled = tiny_teller._encode(tiny_teller._load_images(images))
+    image_embeds = tiny_teller.model.image_embedding(pooled)
+    scores = [tiny_teller._agreement(c, image_embeds) for c in result.candidates]
+    assert len(result.candidates) == 4
+    assert result.story == result.candidates[int(np.argmax(scores))]
+    assert result.score == pytest.approx(max(scores))
+
+
+def test_result_carries_captions_settings_timings_and_serialises(tiny_teller):
+    result = tiny_teller.generate_story([make_photo(4), make_photo(5)], style="mystery", tone="negative", **FAST)
+    assert len(result.captions) == 2
+    data = result.to_dict()
+    assert data["settings"]["style"] == "mystery" and data["settings"]["word_budget"] == 20
+    assert {"caption_s", "generate_s", "total_s"} <= set(data["timings"])
+    import json
+
+    json.dumps(data)
+
+
+def test_streaming_chunks_join_to_the_story(tiny_teller):
+    events = list(tiny_teller.stream_result(make_photo(6), seed=3, length=20, max_new_tokens=24))
+    *chunks, result = events
+    assert all(isinstance(c, str) for c in chunks)
+    assert "".join(chunks) == result.story
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(images=None), "no image given"),
+    (dict(images=[]), "no image given"),
+    (dict(images=b""), "empty"),
+    (dict(images=b"this is not an image"), "not a readable image"),
+    (dict(images="/no/such/file.jpg"), "no such file"),
+    (dict(images=12345), "expected an image"),
+    (dict(prompt="x" * 5000), "too long"),
+    (dict(prompt=42), "must be text"),
+    (dict(style="interpretive dance"), "unknown style"),
+    (dict(style="custom: "), "custom style"),
+    (dict(tone="furious"), "unknown tone"),
+    (dict(length="epic"), "unknown length"),
+    (dict(length=5), "between 20"),
+    (dict(temperature=0), "temperature"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(num_candidates=3, num_beams=2, do_sample=False), "cannot exceed num_beams"),
+    (dict(num_candidates=0), "num_candidates"),
+    (dict(warp_speed=9), "unknown decoding setting"),
+])
+def test_bad_input_gets_a_clear_error(tiny_teller, kwargs, message):
+    kwargs = {"images": make_photo(0), **kwargs}
+    with pytest.raises(StoryInputError, match=message):
+        tiny_teller.generate_story(**kwargs)
+
+
+def test_truncated_and_oversized_images_are_refused(tiny_teller):
+    buffer = io.BytesIO()
+    make_photo(0, size=(200, 150)).save(buffer, format="JPEG")
+    with pytest.raises(StoryInputError, match="truncated|not a readable"):
+        tiny_teller.generate_story(buffer.getvalue()[:300], **FAST)
+    from PIL import Image
+
+    big = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(big, format="PNG")  # small file, 400 megapixels
+    with pytest.raises(StoryInputError, match="too large"):
+        tiny_teller.generate_story(big.getvalue(), **FAST)
+    with pytest.raises(StoryInputError, match="too many images"):
+        tiny_teller.generate_story([make_photo(0)] * 9, **FAST)
+
+
+def test_content_filter_blocks_prompts_and_redacts_outputs(tiny_model):
+    teller = StoryTeller(tiny_model, dtype="float32", content_filter=ContentFilter(extra=["dragonfruit"]))
+    with pytest.raises(StoryInputError, match="content filter blocked.*dragonfruit"):
+        teller.generate_story(make_photo(0), prompt="a story about a Dragonfruit", **FAST)
+    flt = ContentFilter(blocklist=["wolf"])
+    assert flt.check("The wolf ran.").blocked and not flt.check("The wolfram lamp.").blocked
+    assert flt.redact("The sun rose. The wolf ran. Birds sang.") == "The sun rose. Birds sang."
+    assert not ContentFilter(enabled=False).check("torture").blocked
+
+
+def test_output_filter_acts_on_the_generated_story(tiny_model):
+    # the tiny model writes random bytes; block every word it wrote and check the result says so
+    teller = StoryTeller(tiny_model, dtype="float32")
+    story = teller.generate_story(make_photo(0), seed=5, **FAST).story
+    words = set(re.findall(r"\w+", story))
+    assert words, story
+    strict = StoryTeller(tiny_model, dtype="float32", content_filter=ContentFilter(blocklist=sorted(words)))
+    result = strict.generate_story(make_photo(0), seed=5, **FAST)
+    assert result.filtered and "content filter" in result.notice
+
+
+def test_length_helpers():
+    assert word_budget("short") == 80 and word_budget(120) == 120 and word_budget("150") == 150
+    text = "One two three. Four five six seven! Eight nine ten eleven twelve? Thirteen fourteen"
+    assert split_sentences(text)[:3] == ["One two three.", "Four five six seven!", "Eight nine ten eleven twelve?"]
+    cut = finish_story(text, budget=7)
+    assert cut == "One two three. Four five six seven!"
+    assert finish_story("no end in sight", 20).endswith(".")
+
+
+def test_word_budget_stopping_is_per_row(tiny_teller):
+    tok = tiny_teller.model.tokenizer
+    rows = ["a b c d e f g h i j k.", "a b c"]
+    ids = tok(rows, padding=True, return_tensors="pt").input_ids
+    done = WordBudget(tok, budget=10)(ids, None)
+    assert done.tolist() == [True, False]
+
+
+def test_instruction_mentions_every_caption_in_order():
+    text = build_instruction(["a dog on a beach", "a boy with a kite"], "friendship", "an adventure story",
+                             "hopeful and warm", "young children", 150, None)
+    assert text.index("a dog on a beach") < text.index("a boy with a kite")
+    assert text.count("<image>") == 2 and "150 words" in text and "friendship" in text
+
+
+def test_int8_decoder_generates(tiny_model):
+    teller = StoryTeller(tiny_model, quantize="int8")
+    result = teller.generate_story(make_photo(0), seed=0, **FAST)
+    assert isinstance(result.story, str)
+    assert any(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") for m in teller.model.decoder.modules())
+
+
+def test_grounding_helper_scores_text_against_images(tiny_teller):
+    score = tiny_teller.grounding("a striped picture", [make_photo(0)])
+    assert -1.0 <= score <= 1.0
+    assert torch.is_tensor(tiny_teller.model.logit_scale)
