@@ -30,9 +30,10 @@ demo: setup
 serve: setup
 	$(BIN)/mmstory serve $(ARGS)
 
-## Debian's Chromium for the browser test (skipped with a reason where it cannot be installed).
-browser-deps:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || echo "chromium not installed: the browser test will be skipped"
+## The browser test's needs: Playwright (a dev dependency, from setup) and Debian's Chromium, installed when root.
+## Playwright never downloads a browser of its own; without chromium the browser test skips with a reason.
+browser-deps: setup
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null ; } || echo "chromium not installed: the browser test will be skipped"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -13,6 +13,7 @@ import binascii
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from typing import Annotated, Any, get_type_hints
@@ -42,6 +43,7 @@ from mmstory.generation import (
 )
 from mmstory.images import MAX_PIXELS, ImageError, load_image
 
+CSS = "#grounding .textfield { word-break: normal; }"  # Gradio breaks highlighted text mid-word by default
 ANY = "any"  # the demo's "no preference" choice for style, tone and audience
 INT64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]  # JSON integers beyond 64 bits are a client error, not a crash
 
@@ -175,9 +177,9 @@ async def _read_request(request: Request, upload_limit: int) -> tuple[list[bytes
             raise ApiError(400, "bad_input", f"the body is not valid JSON ({err})") from err
         if not isinstance(payload, dict):
             raise ApiError(400, "bad_input", "the JSON body must be an object")
-        raw = payload.pop("images", None)
-        if "image" in payload:
-            raw = [payload.pop("image")] if raw is None else raw
+        if "image" in payload and "images" in payload:
+            raise ApiError(400, "bad_input", "give either 'image' (one) or 'images' (a list), not both")
+        raw = payload.pop("images", None) if "images" in payload else payload.pop("image", None)
         if not isinstance(raw, list):
             raw = [] if raw is None else [raw]
         return [_decode_base64(item, i + 1) for i, item in enumerate(raw)], payload
@@ -284,7 +286,8 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
                 else:
                     yield _story_views(event, head + event.story)
         except (StoryInputError, ImageError) as err:
-            raise gr.Error(str(err), title="Cannot write this story") from err
+            yield gr.skip(), gr.skip(), gr.skip(), f"**Cannot write this story:** {err}", gr.skip()
+            raise gr.Error(str(err)) from err
 
     with gr.Blocks(title="mmstory: stories from pictures") as demo:
         gr.Markdown("# mmstory\nUpload one picture or several (in story order), or pick an example, then press "
@@ -295,7 +298,7 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
                 pictures = gr.Gallery(label="Pictures, in story order", type="filepath", file_types=["image"],
                                       interactive=True, columns=4, height=260, elem_id="pictures")
                 gr.Examples(examples=[[[example_image(name)]] for name in EXAMPLES], inputs=[pictures],
-                            example_labels=list(EXAMPLES), label="Examples (click one)")
+                            label="Examples (click one)", elem_id="examples")
                 prompt = gr.Textbox("", label="Prompt (optional)", lines=2, max_length=MAX_PROMPT_CHARS,
                                     placeholder="what the story should be about, or a question about the pictures")
                 with gr.Row():
@@ -331,17 +334,19 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
                 grounding = gr.HighlightedText(label="Grounding: agreement of each sentence with its best picture",
                                                show_legend=True, elem_id="grounding")
                 captions = gr.Dataframe(headers=["picture", "caption"], datatype=["number", "str"],
-                                        interactive=False, wrap=True, label="Captions", elem_id="captions")
+                                        column_widths=["15%", "85%"], interactive=False, wrap=True,
+                                        label="Captions", elem_id="captions")
                 with gr.Accordion("Full result (JSON)", open=False):
                     details = gr.JSON(label="StoryResult")
 
         inputs = [pictures, prompt, style, tone, audience, length, temperature, top_k, top_p, repetition_penalty,
                   no_repeat, num_candidates, num_beams, seed, max_new_tokens, do_sample]
         outputs = [story, grounding, captions, status, details]
-        generate.click(write, inputs, outputs, api_name="story")
-        continue_button.click(write, [*inputs, story], outputs, api_name="continue_story")
+        shown = dict(show_progress_on=story)  # progress and errors on the story box, not over every output
+        generate.click(write, inputs, outputs, api_name="story", **shown)
+        continue_button.click(write, [*inputs, story], outputs, api_name="continue_story", **shown)
         new_version.click(lambda: random.randrange(2**32), None, seed, queue=False, api_visibility="private").then(
-            write, inputs, outputs, api_visibility="private")
+            write, inputs, outputs, api_visibility="private", **shown)
     return demo
 
 
@@ -368,7 +373,7 @@ def build_app(teller: StoryTeller, *, model_name: str, json_api: bool = True, qu
     # and `mount_gradio_app` does not: without this, a client could name any server file as a picture.
     demo.has_launched = True
     return gr.mount_gradio_app(app, demo, path="/", max_file_size=upload_limit, footer_links=["api"],
-                               theme=gr.themes.Soft())
+                               theme=gr.themes.Soft(), css=CSS)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -401,7 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     """`mmstory demo|serve [options]`: load the model once, then serve until interrupted."""
     args = parse_args(list(argv or []))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    teller = StoryTeller.from_pretrained(args.model, dtype=args.dtype, quantize="int8" if args.int8 else None)
+    try:
+        teller = StoryTeller.from_pretrained(args.model, dtype=args.dtype, quantize="int8" if args.int8 else None)
+    except FileNotFoundError as err:  # no such directory, or the packaged weights are not there yet
+        print(f"mmstory {args.command}: {err}", file=sys.stderr)
+        return 2
     app = build_app(teller, model_name=str(args.model), json_api=args.command == "serve", queue_size=args.queue_size,
                     max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels)
     print(f"mmstory {args.command}: http://{args.host}:{args.port}/"

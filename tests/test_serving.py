@@ -84,6 +84,18 @@ def assert_story(body: dict, n_images: int) -> None:
     assert {"caption_s", "generate_s", "total_s"} <= set(body["timings"])
 
 
+# --- the command line -------------------------------------------------------------------------------------------------
+def test_cli_refuses_bad_limits_and_missing_models(tmp_path, capsys):
+    from mmstory.serving import main, parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--max-pixels", str(MAX_PIXELS + 1)])
+    with pytest.raises(SystemExit):
+        parse_args(["demo", "--queue-size", "0"])
+    assert main(["serve", "--model", str(tmp_path / "no-such-model")]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+
+
 # --- the JSON API -----------------------------------------------------------------------------------------------------
 def test_health(http):
     body = http.get("/health").json()
@@ -195,6 +207,13 @@ BAD_REQUESTS = {
                         413, "too large"),
     "chunked-body-over-limit": (dict(content=_oversized_stream(), headers={"content-type": "application/json"}),
                                 413, "too large"),
+    "multipart-without-boundary": (dict(content=b"", headers={"content-type": "multipart/form-data"}), 400,
+                                   "bad multipart form"),
+    "garbage-multipart": (dict(content=b"junk--xyz\r\n", headers={"content-type": "multipart/form-data; boundary=xyz"}),
+                          400, "bad multipart form"),
+    "too-many-files": (dict(files=[("image", ("a.jpg", PHOTO, "image/jpeg"))] * (MAX_IMAGES + 1)), 400,
+                       "bad multipart form"),
+    "image-and-images": (dict(json={"image": b64(PHOTO), "images": [b64(PHOTO)]}), 400, "not both"),
     "path-as-filename": (dict(files=[("image", ("../../etc/passwd", b"root:x:0:0", "image/png"))]), 400,
                          "image 1: not a readable image"),
     "path-as-base64": (dict(json={"images": ["/etc/passwd"]}), 400, "base64"),
