@@ -206,6 +206,20 @@ def _decode_images(images: list[bytes], max_pixels: int) -> list:
         raise ApiError(400, "bad_image", str(err)) from err
 
 
+def _openapi_request_body() -> dict[str, Any]:
+    """The request body as OpenAPI describes it (the endpoint parses it itself, to answer every problem as JSON)."""
+    settings = StoryRequest.model_json_schema()
+
+    def with_images(name: str, item: dict[str, str], what: str) -> dict[str, Any]:
+        images = {"type": "array", "items": item, "description": f"{what}, in story order"}
+        return {**settings, "properties": {name: images, **settings["properties"]}, "required": [name]}
+
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": with_images("images", {"type": "string"}, "base64 images or data URLs")},
+        "multipart/form-data": {"schema": with_images("image", {"type": "string", "format": "binary"},
+                                                      "image files")}}}}
+
+
 def add_json_api(app: FastAPI, teller: StoryTeller, queue_size: int, upload_limit: int, max_pixels: int) -> None:
     """`POST /api/story`: the Python API's `generate_story` over HTTP, bounded and validated."""
     admission = Admission(queue_size)
@@ -217,7 +231,7 @@ def add_json_api(app: FastAPI, teller: StoryTeller, queue_size: int, upload_limi
     def tell(images: list[bytes], settings: dict[str, Any]) -> StoryResult:
         return teller.generate_story(_decode_images(images, max_pixels), **settings)
 
-    @app.post("/api/story", summary="Write a story about one or more images")
+    @app.post("/api/story", summary="Write a story about one or more images", openapi_extra=_openapi_request_body())
     async def story(request: Request) -> JSONResponse:
         """Multipart: image file(s) in `image` plus settings as form fields. JSON: `{"images": [base64, ...], ...}`.
 

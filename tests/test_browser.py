@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from live_server import live_server
@@ -44,12 +45,24 @@ def browser():
 
 @pytest.fixture
 def page(browser, demo_url):
-    """A freshly loaded demo page for each test."""
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    """A freshly loaded demo page for each test; requests leaving loopback are blocked, and none may be made."""
+    external: list[str] = []
+
+    def loopback_only(route) -> None:
+        if urlparse(route.request.url).hostname in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:
+            external.append(route.request.url)
+            route.abort()
+
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    context.route("**/*", loopback_only)
+    page = context.new_page()
     page.goto(demo_url + "/")
     page.wait_for_selector("#generate", timeout=TIMEOUT_MS)
     yield page
-    page.close()
+    context.close()
+    assert external == [], f"the page asked for resources outside the server: {external}"
 
 
 def story_box(page):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -313,7 +312,12 @@ def test_load_20_concurrent_requests(server, tmp_path):
     assert rss_after < rss_before + 400 * 2**20 and rss_after < 3 * 2**30
 
 
-def test_openapi_lists_the_json_api(http):
-    """The OpenAPI page describes the endpoint, so the JSON API is discoverable without reading the code."""
-    spec = json.loads(http.get("/openapi.json").text)
-    assert "post" in spec["paths"]["/api/story"] and "/health" in spec["paths"]
+def test_openapi_describes_the_json_api(http):
+    """The OpenAPI document lists both request forms with every setting of the Python API."""
+    spec = http.get("/openapi.json").json()
+    body = spec["paths"]["/api/story"]["post"]["requestBody"]["content"]
+    assert {"prompt", "style", "length", "temperature", "seed", "num_candidates"} <= set(
+        body["application/json"]["schema"]["properties"])
+    assert body["application/json"]["schema"]["required"] == ["images"]
+    assert body["multipart/form-data"]["schema"]["properties"]["image"]["items"]["format"] == "binary"
+    assert "/health" in spec["paths"]
