@@ -1,0 +1,430 @@
+"""`mmstory eval`: run a model over an image-caption split and report captioning, retrieval and story metrics.
+
+    mmstory eval --model mmstory-small --data ../shared/data/flickr8k --split dev
+
+One batched pass encodes every image (and captions it); retrieval embeds the first five reference captions of each
+image (the Flickr8k/Flickr30k protocol: a 1k-image split, 5 captions per image); stories are written for the first
+`--stories` images. The JSON report holds the settings, counts, timings, every metric and a few examples; PNG plots
+show recall@K curves and, given a training run directory, the metrics in its `metrics.jsonl` over training steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmstory.data import ImageCaptions, clean_records, item_name, load_records, open_image, skip_reason
+from mmstory.images import ImageError
+from mmstory.metrics import (
+    caption_scores,
+    content_word_recall,
+    distinct_caption_fraction,
+    distinct_n,
+    java_available,
+    length_stats,
+    perplexity,
+    recall_curve,
+    repeated_ngram_rate,
+    retrieval_metrics,
+    retrieval_ranks,
+)
+
+TASKS = ("captioning", "retrieval", "stories")
+CAPTIONS_PER_IMAGE = 5
+NUM_EXAMPLES = 5
+NOT_PLOTTED = frozenset({"step", "epoch", "world_size"})  # training-log bookkeeping, not metrics
+
+
+# --- data ------------------------------------------------------------------------------------------------------------
+def load_eval_records(data: str | Path, split: str | None = "dev", limit: int | None = None) -> list[ImageCaptions]:
+    """Records from a Flickr8k-layout folder (captions.csv, <split>.txt, images/) or any `data.load_records` source.
+
+    `split` names `<split>.txt` beside the captions, or is a split file (or a Karpathy split name for COCO JSON);
+    None or "all" keeps every image.
+    """
+    path = Path(data)
+    flickr_layout = path.is_dir() and (path / "captions.csv").is_file()
+    source = path / "captions.csv" if flickr_layout else path
+    if not source.exists() and "{" not in str(source):
+        raise FileNotFoundError(f"no data at {source} (expected a folder with captions.csv, or a captions file)")
+    split_arg: str | Path | None = None
+    if split not in (None, "all"):
+        beside = (path if path.is_dir() else path.parent) / f"{split}.txt"
+        split_arg = Path(split) if Path(split).is_file() else beside if beside.is_file() else split
+        if flickr_layout and split_arg == split:
+            raise FileNotFoundError(f"split file {beside} not found; pass --split all to evaluate every image")
+    return load_records(source, split=split_arg, limit=limit)
+
+
+# --- model passes ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_and_caption(model, processor, records: Sequence[ImageCaptions], batch_size: int = 32,
+                       caption_kwargs: dict | None = None,
+                       progress: bool = False) -> tuple[list[int], list[str], torch.Tensor, list[dict]]:
+    """One batched pass over the images: their contrastive embeddings and, given caption_kwargs, one caption each.
+
+    Returns (indices of the records that loaded, their captions, image embeddings [N, E], skipped images).
+    """
+    from tqdm import tqdm
+
+    kept, captions, embeddings, skipped = [], [], [], []
+    starts = range(0, len(records), batch_size)
+    for start in tqdm(starts, desc="images", unit="batch", disable=not progress):
+        images, indices = [], []
+        for index in range(start, min(start + batch_size, len(records))):
+            image = records[index].image
+            try:
+                images.append(open_image(image))
+                indices.append(index)
+            except ImageError as err:
+                skipped.append({"item": item_name(image), "reason": skip_reason(err, image)})
+        if not images:
+            continue
+        tokens, pooled = model.encode_image(processor.batch(images).to(model.image_projection.weight.device))
+        embeddings.append(model.image_embedding(pooled).cpu())
+        if caption_kwargs is not None:
+            captions += model.generate_captions(image_tokens=tokens, image_pooled=pooled, **caption_kwargs)
+        kept += indices
+    if not kept:
+        raise ValueError("none of the images could be loaded")
+    return kept, captions, torch.cat(embeddings), skipped
+
+
+@torch.no_grad()
+def text_embeddings(model, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
+    return torch.cat([model.text_embedding(list(texts[i: i + batch_size])).cpu()
+                      for i in range(0, len(texts), batch_size)])
+
+
+def retrieval_similarity(model, image_embeds: torch.Tensor, references: Sequence[Sequence[str]],
+                         captions_per_image: int = CAPTIONS_PER_IMAGE,
+                         batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarity [images, texts] of the images against the first `captions_per_image` captions of each.
+
+    Returns the matrix and, for each text, the index of its image (the input of `metrics.retrieval_metrics`).
+    """
+    texts, owner = [], []
+    for index, group in enumerate(references):
+        chosen = list(group)[:captions_per_image]
+        texts += chosen
+        owner += [index] * len(chosen)
+    sim = image_embeds.float() @ text_embeddings(model, texts, batch_size).float().T
+    return sim.numpy(), np.asarray(owner)
+
+
+@torch.no_grad()
+def story_perplexity(model, texts: Sequence[str]) -> float | None:
+    """Perplexity of the texts under the plain decoder (no image, no prompt: just BOS then the text)."""
+    tokenizer, decoder = model.tokenizer, model.decoder
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    limit = getattr(decoder.config, "max_position_embeddings", 2048) - 1
+    device = decoder.get_input_embeddings().weight.device
+    total_nll, total_tokens = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False).input_ids[:limit]
+        if not ids:
+            continue
+        ids = torch.tensor([[start_id] + ids], device=device)
+        logits = decoder(input_ids=ids).logits.float()
+        total_nll += float(F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
+        total_tokens += ids.shape[1] - 1
+    return perplexity(total_nll, total_tokens) if total_tokens else None
+
+
+def story_metrics(teller, records: Sequence[ImageCaptions], image_embeds: torch.Tensor, length: str | int = "short",
+                  candidates: int = 3, seed: int = 0, progress: bool = False) -> dict:
+    """Write one story per image and measure length, diversity, grounding and fluency."""
+    from tqdm import tqdm
+
+    from mmstory.generation import word_budget
+
+    model = teller.model
+    stories, seconds, filtered = [], [], 0
+    for record in tqdm(records, desc="stories", unit="story", disable=not progress):
+        result = teller.generate_story(open_image(record.image), length=length, num_candidates=candidates, seed=seed)
+        stories.append(result.story)
+        seconds.append(result.timings["total_s"])
+        filtered += result.filtered
+    agreement = (image_embeds.float() @ text_embeddings(model, stories).float().T).numpy()  # [images, stories]
+    matched = np.diag(agreement)
+    mismatched = agreement[~np.eye(len(stories), dtype=bool)]
+    recalls = [content_word_recall(story, record.captions) for story, record in zip(stories, records)]
+    scored = [r for r in recalls if r is not None]
+    rep4 = [repeated_ngram_rate(story, 4) for story in stories]
+    return {
+        "count": len(stories),
+        "filtered_by_content_filter": filtered,
+        "length": length_stats([len(s.split()) for s in stories], word_budget(length)),
+        **{f"distinct_{n}": distinct_n(stories, n) for n in (1, 2, 3)},
+        "repeated_4gram_rate": float(np.mean(rep4)),
+        "grounding": {
+            "agreement": float(matched.mean()),
+            "agreement_other_images": float(mismatched.mean()) if mismatched.size else None,
+            "content_word_recall": float(np.mean(scored)) if scored else None,
+            "content_word_recall_images": len(scored),
+        },
+        "perplexity": story_perplexity(model, stories),
+        "seconds_per_story": float(np.mean(seconds)),
+        "examples": [{"image": item_name(record.image), "story": story, "agreement": float(a), "content_word_recall": r}
+                     for record, story, a, r in zip(records, stories, matched, recalls)],
+    }
+
+
+# --- the whole evaluation --------------------------------------------------------------------------------------------
+def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = TASKS, num_beams: int = 3,
+             repetition_penalty: float = 1.2, max_new_tokens: int | None = None, captioner: str | None = None,
+             stories: int = 20, story_length: str | int = "short", story_candidates: int = 3, batch_size: int = 32,
+             captions_per_image: int = CAPTIONS_PER_IMAGE, use_java: bool | None = None, dtype: str = "bfloat16",
+             seed: int = 0, progress: bool = False) -> dict:
+    """Evaluate a StoryModel on (image, reference captions) records; returns the report as a dict.
+
+    The model is wrapped in a StoryTeller (which casts the decoder to `dtype`), so the numbers are those of the
+    product as served. Decoding settings default to StoryTeller.caption's (3 beams, repetition penalty 1.2).
+    """
+    from mmstory import __version__
+    from mmstory.generation import StoryTeller, word_budget
+
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
+    records, dropped = clean_records(records)
+    if not records:
+        raise ValueError("no records with a non-empty caption to evaluate")
+    if "stories" in tasks and stories > 0:
+        word_budget(story_length)  # a bad length fails now, not after the captioning pass
+    begin = time.perf_counter()
+    torch.manual_seed(seed)
+    teller = StoryTeller(model, dtype=dtype)
+    captioning = "captioning" in tasks
+    caption_kwargs = dict(num_beams=num_beams, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
+                          captioner=captioner)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    kept, captions, image_embeds, unreadable = encode_and_caption(
+        model, teller.processor, records, batch_size, caption_kwargs if captioning else None, progress)
+    timings["images_s"] = time.perf_counter() - t
+    good = [records[i] for i in kept]
+    references = [r.captions for r in good]
+    report: dict = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "mmstory_version": __version__,
+        "settings": {"tasks": list(tasks), "model_name": model.config.name, "dtype": dtype, "batch_size": batch_size,
+                     "seed": seed, "captioning": {**caption_kwargs, "captioner": captioner or model.config.captioner},
+                     "captions_per_image": captions_per_image, "stories": stories, "story_length": story_length,
+                     "story_candidates": story_candidates,
+                     "use_java": use_java, "java_on_path": java_available()},
+        "counts": {"images": len(records), "images_evaluated": len(good), "images_skipped": len(unreadable),
+                   "reference_captions": sum(len(r) for r in references), "dropped_captions": len(dropped)},
+        "skipped": unreadable + [{"item": d.item, "reason": d.reason} for d in dropped],
+    }
+    if captioning:
+        t = time.perf_counter()
+        scores, notes = caption_scores(references, captions, use_java=use_java)
+        timings["caption_metrics_s"] = time.perf_counter() - t
+        report["captioning"] = {**scores, "distinct_caption_fraction": distinct_caption_fraction(captions),
+                                "unique_captions": len(set(captions)), "notes": notes,
+                                "examples": [{"image": item_name(r.image), "caption": c, "references": r.captions}
+                                             for r, c in zip(good[:NUM_EXAMPLES], captions)]}
+    if "retrieval" in tasks:
+        t = time.perf_counter()
+        sim, owner = retrieval_similarity(model, image_embeds, references, captions_per_image)
+        image_ranks, text_ranks = retrieval_ranks(sim, owner)
+        curve_i2t, curve_t2i = recall_curve(image_ranks, len(good)), recall_curve(text_ranks, len(good))
+        report["retrieval"] = {**retrieval_metrics(sim, owner), "images": len(good), "texts": len(owner),
+                               "curve": {"k": curve_i2t["k"], "image_to_text": curve_i2t["recall"],
+                                         "text_to_image": curve_t2i["recall"]}}
+        timings["retrieval_s"] = time.perf_counter() - t
+    if "stories" in tasks and stories > 0:
+        t = time.perf_counter()
+        report["stories"] = story_metrics(teller, good[:stories], image_embeds[:stories], story_length,
+                                          story_candidates, seed, progress)
+        timings["stories_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - begin
+    timings["images_per_s"] = len(good) / timings["images_s"]
+    report["timings"] = timings
+    return report
+
+
+# --- plots -----------------------------------------------------------------------------------------------------------
+def plot_recall_curves(retrieval: dict, path: str | Path) -> Path:
+    """Recall@K against K (log scale) for both retrieval directions."""
+    from matplotlib.figure import Figure
+
+    curve = retrieval["curve"]
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot()
+    for key, label in (("image_to_text", "image → text"), ("text_to_image", "text → image")):
+        ax.plot(curve["k"], curve[key], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("K")
+    ax.set_ylabel("Recall@K (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Retrieval over {retrieval['images']} images, {retrieval['texts']} captions")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def read_training_log(path: str | Path) -> list[dict]:
+    """Rows of a trainer's metrics.jsonl (given the file or its run directory); unreadable lines are left out."""
+    path = Path(path)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no training log at {path}")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            rows.append(row)
+    return rows
+
+
+def plot_training_metrics(rows: Sequence[dict], path: str | Path) -> Path:
+    """One panel per logged metric against the training step, one line per split; `lr/<part>` keys share a panel."""
+    from matplotlib.figure import Figure
+
+    series: dict[str, dict[str, tuple[list, list]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key in NOT_PLOTTED or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            panel, _, part = key.partition("/")
+            label = " ".join(x for x in (str(row.get("split", "train")), part) if x)
+            xs, ys = series.setdefault(panel, {}).setdefault(label, ([], []))
+            xs.append(row["step"])
+            ys.append(value)
+    if not series:
+        raise ValueError("the training log has no numeric metrics")
+    labels = sorted({label for lines in series.values() for label in lines})
+    columns = min(3, len(series))
+    rows_n = -(-len(series) // columns)
+    fig = Figure(figsize=(4.5 * columns, 3.2 * rows_n), dpi=110)
+    for index, (name, lines) in enumerate(sorted(series.items())):
+        ax = fig.add_subplot(rows_n, columns, index + 1)
+        for label, (xs, ys) in sorted(lines.items()):
+            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label, color=f"C{labels.index(label) % 10}")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def write_plots(report: dict, directory: str | Path, run_dir: str | Path | None = None) -> list[str]:
+    directory = Path(directory)
+    written = []
+    if "retrieval" in report:
+        written.append(str(plot_recall_curves(report["retrieval"], directory / "recall_at_k.png")))
+    if run_dir is not None:
+        written.append(str(plot_training_metrics(read_training_log(run_dir), directory / "training_metrics.png")))
+    return written
+
+
+# --- command line ----------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmstory eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="mmstory-small", help="packaged name, directory or hub id")
+    p.add_argument("--data", required=True, help="Flickr8k-layout folder (captions.csv, <split>.txt, images/) or any "
+                                                 "source mmstory.data.load_records reads (CSV, JSONL, COCO, shards)")
+    p.add_argument("--split", default="dev", help="split name (<split>.txt beside the captions), a split file, or "
+                                                  "'all'")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--num-beams", type=int, default=3)
+    p.add_argument("--repetition-penalty", type=float, default=1.2)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--captioner", choices=["decoder", "caption_decoder"], default=None,
+                   help="captioning path (default: the model's own setting)")
+    p.add_argument("--stories", type=int, default=20, help="write stories for the first N images (0: none)")
+    p.add_argument("--story-length", default="short", help="short, medium, long, or a number of words")
+    p.add_argument("--story-candidates", type=int, default=3,
+                   help="stories sampled per image and reranked by image agreement, as StoryTeller does")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-java", action="store_true", help="skip METEOR/SPICE even where java is installed")
+    p.add_argument("--out", default="eval_report.json", help="where to write the JSON report")
+    p.add_argument("--plots", default=None, help="folder for PNG plots (default: beside the report)")
+    p.add_argument("--run-dir", default=None, help="a training run directory (or its metrics.jsonl) to plot")
+    return p
+
+
+def summary(report: dict) -> str:
+    lines = [f"{report['counts']['images_evaluated']} images ({report['counts']['images_skipped']} skipped) "
+             f"in {report['timings']['total_s']:.1f} s"]
+    if "captioning" in report:
+        c = report["captioning"]
+        names = [k for k in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D", "METEOR", "SPICE") if k in c]
+        lines.append("captioning: " + "  ".join(f"{k} {c[k]:.3f}" for k in names)
+                     + f"  distinct {c['distinct_caption_fraction']:.2f}")
+    if "retrieval" in report:
+        r = report["retrieval"]
+        for direction in ("image_to_text", "text_to_image"):
+            d = r[direction]
+            lines.append(f"{direction}: R@1 {d['R@1']:.1f}  R@5 {d['R@5']:.1f}  R@10 {d['R@10']:.1f}  "
+                         f"median rank {d['median_rank']:.0f}")
+    if "stories" in report:
+        s = report["stories"]
+        ppl = "n/a" if s["perplexity"] is None else f"{s['perplexity']:.1f}"
+        lines.append(f"stories: {s['length']['mean_words']:.0f}/{s['length']['requested_words']} words  "
+                     f"distinct-2 {s['distinct_2']:.2f}  rep-4 {s['repeated_4gram_rate']:.3f}  "
+                     f"agreement {s['grounding']['agreement']:.3f}  perplexity {ppl}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        records = load_eval_records(args.data, args.split, args.limit)
+        if args.run_dir is not None:
+            read_training_log(args.run_dir)  # fail before the slow part, not after it
+    except (FileNotFoundError, ValueError) as err:
+        print(f"mmstory eval: {err}", file=sys.stderr)
+        return 2
+    from mmstory.model import StoryModel
+
+    try:
+        model = StoryModel.from_pretrained(args.model)
+    except (OSError, ValueError) as err:
+        print(f"mmstory eval: cannot load model {args.model!r}: {err}", file=sys.stderr)
+        return 2
+    try:
+        report = evaluate(model, records, tasks=tasks, num_beams=args.num_beams,
+                          repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                          captioner=args.captioner, stories=args.stories, story_length=args.story_length,
+                          story_candidates=args.story_candidates,
+                          batch_size=args.batch_size, use_java=False if args.no_java else None, dtype=args.dtype,
+                          seed=args.seed, progress=sys.stderr.isatty())
+    except ValueError as err:
+        print(f"mmstory eval: {err}", file=sys.stderr)
+        return 2
+    report["settings"].update(model=str(args.model), data=str(args.data), split=args.split, limit=args.limit,
+                              command="mmstory eval " + " ".join(sys.argv[1:] if argv is None else argv))
+    out = Path(args.out)
+    report["plots"] = write_plots(report, Path(args.plots) if args.plots else out.parent, args.run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(summary(report))
+    print(f"report: {out}" + "".join(f"\nplot: {p}" for p in report["plots"]))
+    return 0
