@@ -5,8 +5,10 @@
 
 One process per device; `batch_size` is per process. The data order is fixed by (seed, epoch) and a checkpoint records
 the epoch and the step within it, so a resumed run continues exactly: it ends with the weights an uninterrupted run
-would have had. Relative paths in a config (data, cache, output) resolve against the current working directory; the
-shipped configs are meant to be run from the repository root.
+would have had. Tested: one process, and DDP with 2 CPU processes over gloo (GPUs go through the same Accelerate
+calls); the checkpoint code does not gather FSDP/DeepSpeed-sharded states. Relative paths in a config (data, cache,
+output) resolve against the current working directory; the shipped configs are meant to be run from the repository
+root.
 
 Outputs in `output_dir`: `checkpoint-<step>/` (the last `keep_checkpoints`, each loadable with
 `StoryModel.from_pretrained`), `best/` (lowest dev loss), `metrics.jsonl` (one JSON object per logged train step and
@@ -47,6 +49,7 @@ from mmstory.data import (
     clean_records,
     collate_pixels,
     load_records,
+    records_fingerprint,
 )
 from mmstory.factory import get_model_config
 from mmstory.features import FeatureCache, collate_features
@@ -273,6 +276,7 @@ class TrainState:
     evals_since_best: int = 0
     last_eval_step: int | None = None
     world_size: int = 1
+    data_fingerprint: str = ""  # of the training records, to notice a resumed run reading other data
     bad_items: dict[str, str] = field(default_factory=dict)
 
 
@@ -366,6 +370,7 @@ class Trainer:
         self.cache_report: dict[str, Any] = {"used": config.data.use_feature_cache}
         self.train_split = self._split(config.data.train, "train")
         self.dev_split = self._split(config.data.dev, "dev") if config.data.dev is not None else None
+        self.state.data_fingerprint = records_fingerprint(self.train_split.records)
         decoder = self.model.caption_decoder
         if decoder is not None and decoder.needs_vocabulary:  # its compact vocabulary comes from the training captions
             self.model.fit_caption_vocabulary([c for r in self.train_split.records for c in r.captions])
@@ -433,6 +438,8 @@ class Trainer:
         step = self.state.global_step
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
+            for stale in self.out.glob(".*.tmp"):  # half-written checkpoints of a killed run
+                shutil.rmtree(stale, ignore_errors=True)
             (self.out / "train_config.yaml").write_text(to_yaml(self.config))
             for name in ("metrics.jsonl", "samples.jsonl"):  # drop what a killed run logged after its checkpoint
                 path = self.out / name
@@ -456,7 +463,11 @@ class Trainer:
         self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
         saved = json.loads((directory / "state.json").read_text())
         bad = {**saved.pop("bad_items"), **self.state.bad_items}
+        fingerprint = self.state.data_fingerprint
         self.state = TrainState(**saved, bad_items=bad)
+        if self.state.data_fingerprint != fingerprint:
+            acc.print("warning: the training data differ from the checkpoint's; the data order will not match")
+            self.state.data_fingerprint = fingerprint
         if self.state.world_size != acc.num_processes:
             acc.print(f"warning: the checkpoint was written by {self.state.world_size} process(es), this run has "
                       f"{acc.num_processes}: training continues, but not in the same data order")
@@ -677,7 +688,8 @@ class Trainer:
         report = {
             "status": "early_stopped" if early_stopped else "completed",
             "steps": state.global_step, "total_steps": self.total_steps, "epoch": state.epoch,
-            "world_size": acc.num_processes, "final_train": last_train, "final_dev": self.last_dev,
+            "world_size": acc.num_processes, "mixed_precision": acc.mixed_precision,
+            "final_train": last_train, "final_dev": self.last_dev,
             "best": {"step": state.best_step, "dev_loss": state.best_loss, "path": str(self.out / "best")},
             "checkpoint": str(checkpoint),
             "samples_per_second": state.samples / max(state.train_seconds, 1e-9),
@@ -691,6 +703,7 @@ class Trainer:
             _write_json_atomic(self.out / "report.json", report)
             self._print(f"done: {state.global_step} steps, {report['samples_per_second']:.1f} samples/s, "
                         f"{len(state.bad_items)} skipped item(s); report in {self.out / 'report.json'}")
+        acc.wait_for_everyone()  # no rank tears the process group down while another still uses it
         acc.end_training()
         return report
 
