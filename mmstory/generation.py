@@ -77,6 +77,8 @@ class Decoding:
         if self.num_beams > 1 and self.num_candidates > self.num_beams:
             raise StoryInputError(f"num_candidates ({self.num_candidates}) cannot exceed num_beams "
                                   f"({self.num_beams}) in beam search")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise StoryInputError("seed must be between 0 and 2**63 - 1")
         if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= 2048:
             raise StoryInputError("max_new_tokens must be between 1 and 2048")
 
@@ -222,6 +224,7 @@ class StoryTeller:
             max_new = settings.max_new_tokens or int(budget * TOKENS_PER_WORD * 1.3) + 16
             min_new = min(int(budget * 0.8 * TOKENS_PER_WORD), max_new - 1)
             stopper = WordBudget(self.model.tokenizer, budget)  # generate() passes only new tokens
+            cancel = threading.Event()  # set when a streaming consumer goes away mid-story
             gen_kwargs = dict(
                 inputs_embeds=embeds.expand(settings.num_candidates if settings.num_beams == 1 else 1, -1, -1),
                 attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long).expand(
@@ -232,7 +235,8 @@ class StoryTeller:
                 repetition_penalty=settings.repetition_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
                 num_beams=settings.num_beams,
                 num_return_sequences=settings.num_candidates if settings.num_beams > 1 else 1,
-                pad_token_id=self.model.tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([stopper]),
+                pad_token_id=self.model.tokenizer.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([stopper, Cancelled(cancel)]),
             )
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
@@ -249,19 +253,22 @@ class StoryTeller:
                         errors.append(err)
                         streamer.end()
 
-                worker = threading.Thread(target=work, daemon=True)
+                worker = threading.Thread(target=work, daemon=True, name="mmstory-decode")
                 worker.start()
                 pieces: list[str] = []
                 emitted = ""
-                for piece in streamer:
-                    if "first_token_s" not in timings and piece:
-                        timings["first_token_s"] = time.perf_counter() - start
-                    pieces.append(piece)
-                    safe = _emittable("".join(pieces), budget)
-                    if len(safe) > len(emitted):
-                        chunk, emitted = safe[len(emitted):], safe
-                        yield chunk
-                worker.join()
+                try:
+                    for piece in streamer:
+                        if "first_token_s" not in timings and piece:
+                            timings["first_token_s"] = time.perf_counter() - start
+                        pieces.append(piece)
+                        safe = _emittable("".join(pieces), budget)
+                        if len(safe) > len(emitted):
+                            chunk, emitted = safe[len(emitted):], safe
+                            yield chunk
+                finally:  # also when the consumer stops early: stop decoding before the lock is released
+                    cancel.set()
+                    worker.join()
                 if errors:
                     raise errors[0]
                 texts = ["".join(pieces)]
@@ -413,6 +420,16 @@ class WordBudget(StoppingCriteria):
             at_end = bool(stripped) and stripped[-1] in ".!?\"”" and text.endswith(stripped)
             done.append(words >= self.budget * 1.15 or (words >= self.budget * 0.95 and at_end))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class Cancelled(StoppingCriteria):
+    """Stop every sequence once the event is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _check_text(text: str | None, what: str, limit: int = MAX_PROMPT_CHARS) -> str | None:

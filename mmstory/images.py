@@ -25,7 +25,7 @@ class ImageError(ValueError):
 
 def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
     """Decode a path, bytes, PIL image or HxWxC array into an RGB PIL image, or raise ImageError."""
-    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__)
+    label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
     if isinstance(source, Image.Image):
         image = source
         _check_size(image, max_pixels, label)
@@ -62,8 +62,11 @@ def _decode(stream: io.BytesIO, max_pixels: int, label: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageError(f"{label}: image too large ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:
-        kind = "truncated or corrupt image" if "truncated" in str(err).lower() else "not a readable image"
-        raise ImageError(f"{label}: {kind} ({err})") from err
+        detail = str(err)
+        if "cannot identify image file" in detail:
+            raise ImageError(f"{label}: not a readable image (unknown or unsupported format)") from err
+        kind = "truncated or corrupt image" if "truncated" in detail.lower() else "not a readable image"
+        raise ImageError(f"{label}: {kind} ({detail})") from err
     return ImageOps.exif_transpose(image)
 
 

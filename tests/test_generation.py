@@ -157,3 +157,23 @@ def test_grounding_helper_scores_text_against_images(tiny_teller):
     score = tiny_teller.grounding("a striped picture", [make_photo(0)])
     assert -1.0 <= score <= 1.0
     assert torch.is_tensor(tiny_teller.model.logit_scale)
+
+
+def test_abandoned_stream_stops_decoding_before_releasing_the_model(tiny_teller, monkeypatch):
+    import threading
+
+    from mmstory import generation
+
+    monkeypatch.setattr(generation, "_emittable", lambda text, budget: text)  # emit every piece at once
+    stream = tiny_teller.stream_result(make_photo(7), seed=0, length=400, max_new_tokens=2000)
+    first = next(stream)
+    assert isinstance(first, str)  # decoding is under way
+    stream.close()
+    assert not any(t.name == "mmstory-decode" and t.is_alive() for t in threading.enumerate())
+    assert tiny_teller._lock.acquire(blocking=False)
+    tiny_teller._lock.release()
+
+
+def test_seed_out_of_range_is_refused(tiny_teller):
+    with pytest.raises(StoryInputError, match="seed"):
+        tiny_teller.generate_story(make_photo(0), seed=2**70, **FAST)
