@@ -172,7 +172,8 @@ def read_webdataset(urls: str | Path | Sequence[str | Path], split: str | Path |
     `.json` (`captions` or `caption`) or else `.txt` (one caption per line).
 
     The shards are indexed once by their tar headers so images can be read at random (for a deterministic shuffle and
-    exact resume) without unpacking anything. `urls` is a directory of `*.tar`, a file, a brace pattern, or a list.
+    exact resume) without unpacking anything, so shards must be uncompressed `.tar` files. `urls` is a directory of
+    `*.tar`, a file, a brace pattern, or a list.
     An image is named by the `image` field of its `.json` when present (so the source's split lists still apply),
     else by `<key>.<ext>`.
     """

@@ -400,7 +400,7 @@ class Trainer:
         if not records:
             raise ValueError(f"the {name} data at {source.path} has no usable records")
         if not cfg.use_feature_cache:
-            vision = self.model.vision
+            vision = self.model.vision.to(memory_format=torch.channels_last)  # faster CNNs on CPU; pixels match
             dataset = ImageTextDataset(records, ImageProcessor(vision.image_size, vision.mean, vision.std),
                                        cfg.max_pixels)
             return Split(dataset, records, collate_pixels)
