@@ -54,7 +54,7 @@ from mmstory.data import (
 from mmstory.factory import get_model_config
 from mmstory.features import FeatureCache, collate_features
 from mmstory.images import MAX_PIXELS, ImageProcessor
-from mmstory.model import StoryModel
+from mmstory.model import WEIGHTS_NAME, StoryModel
 
 PARTS = ("bridge", "caption_decoder", "projections", "vision", "text", "decoder")
 PART_OF = {"bridge": "bridge", "caption_decoder": "caption_decoder", "image_projection": "projections",
@@ -86,6 +86,7 @@ class ModelSection:
     name: str | None = "tiny"  # a registered config (mmstory.factory), unless `config` is given
     config: dict[str, Any] | None = None  # a full ModelConfig mapping
     overrides: dict[str, Any] = field(default_factory=dict)  # deep-merged in, e.g. {caption_weight: 0}
+    init_from: str | None = None  # a save_pretrained() directory whose trained tensors start this run (stages)
 
 
 @dataclass
@@ -363,6 +364,8 @@ class Trainer:
                                   "choose another --output-dir")
         set_seed(config.seed)
         self.model = StoryModel(build_model_config(config.model))
+        if config.model.init_from is not None:
+            self.model.load_trained_state(load_file(str(Path(config.model.init_from) / WEIGHTS_NAME)))
         freeze_unused_heads(self.model)
         self.state = TrainState(world_size=acc.num_processes)
         self.rng_to_restore: dict | None = None

@@ -1,0 +1,51 @@
+"""Export a trained run as the packaged default model: mmstory/pretrained/<name>/{config.json, model.safetensors}.
+
+    python scripts/export_default.py runs/flickr8k_bridge/best --captioner caption_decoder
+
+Trained tensors are stored in bfloat16 (they load back into float32 parameters), which keeps the shipped file small;
+the config keeps the stage-1 loss weights so that fine-tuning from the shipped model trains every head again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmstory.config import ModelConfig
+from mmstory.factory import PRETRAINED_ROOT, get_model_config
+from mmstory.model import CONFIG_NAME, WEIGHTS_NAME
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a save_pretrained() directory, e.g. runs/flickr8k_bridge/best")
+    parser.add_argument("--name", default="mmstory-small")
+    parser.add_argument("--captioner", choices=["decoder", "caption_decoder"], default="caption_decoder",
+                        help="which path writes captions at inference (choose by dev-split metrics)")
+    parser.add_argument("--out", type=Path, default=None, help=f"default: {PRETRAINED_ROOT}/<name>")
+    args = parser.parse_args()
+
+    config = ModelConfig.load_json(args.run_dir / CONFIG_NAME)
+    reference = get_model_config(args.name)
+    config.name = args.name
+    config.captioner = args.captioner
+    config.contrastive_weight = reference.contrastive_weight
+    config.caption_weight = reference.caption_weight
+    config.caption_decoder_weight = reference.caption_decoder_weight
+    tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+               for k, v in load_file(str(args.run_dir / WEIGHTS_NAME)).items()}
+    out = args.out or PRETRAINED_ROOT / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_json(out / CONFIG_NAME)
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "source": str(args.run_dir)})
+    size = (out / WEIGHTS_NAME).stat().st_size / 2**20
+    print(json.dumps({"exported": str(out), "tensors": len(tensors), "megabytes": round(size, 2),
+                      "captioner": config.captioner}))
+
+
+if __name__ == "__main__":
+    main()
