@@ -6,7 +6,8 @@ Runs the real trainer on the first `--images` training images with the config's 
 parts, bf16 autocast), from pixels (JPEG decode + EfficientNet-Lite0 every step) and from a freshly encoded feature
 cache, for two objectives: the config as it is (the caption loss runs the frozen SmolLM2 forward and backward, which
 dominates a step), and the CPU-cheap one without it (`caption_weight: 0`: contrastive + caption decoder only), where
-the image encoder is a large share of a step. The first step of each run is left out of samples/s (lazy set-up).
+the image encoder is a large share of a step. samples/s is the batch size over the median step time (the first step,
+lazy set-up, left out): on a shared machine other processes' bursts inflate single steps, not the median.
 The cache is encoded for `--images` images only; the time for all of Flickr8k is extrapolated from that rate.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +38,9 @@ def run(args: argparse.Namespace, workdir: Path, name: str, use_cache: bool, ove
     report = train(config)
     rows = [json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()]
     seconds = [args.batch_size / r["samples_per_second"] for r in rows if r["split"] == "train"][1:]
-    return {"samples_per_second": len(seconds) * args.batch_size / sum(seconds), "cache": report["feature_cache"]}
+    median = statistics.median(seconds)
+    return {"samples_per_second": args.batch_size / median, "seconds": (min(seconds), median, max(seconds)),
+            "cache": report["feature_cache"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{config.mixed_precision}, batch {args.batch_size}, {args.images} images, {args.steps} timed steps per run")
     print(f"machine: {os.cpu_count()} CPU(s), torch {torch.__version__} with {torch.get_num_threads()} threads; "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share the CPUs)")
-    print(f"{'objective':<30}{'pixels samples/s':>18}{'cache samples/s':>18}{'speed-up':>10}")
+    print(f"{'objective':<30}{'pixels samples/s':>18}{'cache samples/s':>18}{'speed-up':>10}   "
+          "s/step min/median/max (pixels; cache)")
     for objective in OBJECTIVES:
         pixels, cached = results[objective, False], results[objective, True]
+        spread = "; ".join("/".join(f"{s:.2f}" for s in r["seconds"]) for r in (pixels, cached))
         print(f"{objective:<30}{pixels['samples_per_second']:>18.2f}{cached['samples_per_second']:>18.2f}"
-              f"{cached['samples_per_second'] / pixels['samples_per_second']:>9.2f}x")
+              f"{cached['samples_per_second'] / pixels['samples_per_second']:>9.2f}x   {spread}")
     print(f"cache encoding: {encode['encoded']} images in {encode['seconds']:.1f} s = {rate:.1f} images/s; "
           f"all {total_images} Flickr8k images (train + dev): about {total_images / rate / 60:.1f} min (extrapolated)")
     return 0
