@@ -39,7 +39,6 @@ MAX_PROMPT_CHARS = 2000
 MAX_IMAGES = 8
 MAX_WORDS = 1000
 TOKENS_PER_WORD = 1.45  # SmolLM2's tokenizer on English prose, measured on its own stories
-STORY_SYSTEM = "You are a gifted storyteller who writes vivid, coherent stories grounded in the pictures you are shown."
 
 
 class StoryInputError(ValueError):
@@ -218,7 +217,7 @@ class StoryTeller:
                                                     repetition_penalty=1.2)
             timings["caption_s"] = time.perf_counter() - t
             instruction = build_instruction(captions, prompt, style_text, tone_text, audience_text, budget, previous)
-            text_prompt = self.model.format_prompt(instruction, system=STORY_SYSTEM)
+            text_prompt = self.model.format_prompt(instruction)
             prefixes = self.model.visual_prefix(tokens, pooled)
             embeds = self.model.prompt_embeddings(text_prompt, list(prefixes))[None]
             max_new = settings.max_new_tokens or int(budget * TOKENS_PER_WORD * 1.3) + 16
@@ -339,28 +338,27 @@ def word_budget(length: str | int) -> int:
 
 def build_instruction(captions: list[str], prompt: str | None, style: str | None, tone: str | None,
                       audience: str | None, budget: int, previous: str | None) -> str:
-    """The user message: each picture's visual prefix and caption in order, then what to write."""
-    lines = []
-    if len(captions) == 1:
-        lines.append(f"Picture: {IMAGE_PLACEHOLDER} It shows {_sentence(captions[0])}")
-    else:
-        lines.append(f"Here are {len(captions)} pictures, in order:")
-        lines += [f"Picture {i + 1}: {IMAGE_PLACEHOLDER} It shows {_sentence(c)}" for i, c in enumerate(captions)]
+    """The user message: the pictures (visual prefixes) in order, then a plain request naming what each one shows.
+
+    Small instruction-tuned LMs follow one short, direct request far better than a list of rules.
+    """
     kind = style or "a short story"
-    task = f"Write {kind} of about {budget} words based on {'this picture' if len(captions) == 1 else 'these pictures'}"
-    if len(captions) > 1:
-        task += ", with one part for each picture in order and the same characters throughout"
+    single = len(captions) == 1
+    request = f"{IMAGE_PLACEHOLDER * len(captions)}\nWrite {kind} (about {budget} words)"
     if audience:
-        task += f", for {audience}"
+        request += f" for {audience}"
     if tone:
-        task += f", in a {tone} tone"
-    lines.append(task + ".")
+        request += f", {tone} in tone,"
+    if single:
+        request += f" about this scene: {_sentence(captions[0])}"
+    else:
+        request += (f" in {len(captions)} parts, one for each scene in this order, with the same characters "
+                    "throughout:\n" + "\n".join(f"Scene {i + 1}: {_sentence(c)}" for i, c in enumerate(captions)))
     if prompt:
-        lines.append(f"The reader asks for: {prompt}")
+        request += f"\nThe story should be about: {prompt}"
     if previous:
-        lines.append(f"The story so far:\n{previous}\nContinue the story from where it stops; do not repeat it.")
-    lines.append("Write only the story.")
-    return "\n".join(lines)
+        request += f"\nHere is the story so far:\n{previous}\nContinue it from where it stops, without repeating it."
+    return request
 
 
 def _sentence(caption: str) -> str:
