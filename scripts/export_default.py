@@ -1,7 +1,8 @@
-"""Export a trained run as the packaged default model: mmstory/pretrained/<name>/{config.json, model.safetensors}.
+"""Export trained runs as the packaged default model: mmstory/pretrained/<name>/{config.json, model.safetensors}.
 
-    python scripts/export_default.py runs/flickr8k_bridge/best --captioner caption_decoder
+    python scripts/export_default.py runs/flickr8k/best --bridge-from runs/flickr8k_bridge/best
 
+The bridge's tensors come from `--bridge-from` (stage 2) and everything else from the first run (stage 1).
 Trained tensors are stored in bfloat16 (they load back into float32 parameters), which keeps the shipped file small;
 the config keeps the stage-1 loss weights so that fine-tuning from the shipped model trains every head again.
 """
@@ -22,7 +23,8 @@ from mmstory.model import CONFIG_NAME, WEIGHTS_NAME
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, help="a save_pretrained() directory, e.g. runs/flickr8k_bridge/best")
+    parser.add_argument("run_dir", type=Path, help="a save_pretrained() directory, e.g. runs/flickr8k/best")
+    parser.add_argument("--bridge-from", type=Path, default=None, help="take the bridge's tensors from this run")
     parser.add_argument("--name", default="mmstory-small")
     parser.add_argument("--captioner", choices=["decoder", "caption_decoder"], default="caption_decoder",
                         help="which path writes captions at inference (choose by dev-split metrics)")
@@ -36,8 +38,13 @@ def main() -> None:
     config.contrastive_weight = reference.contrastive_weight
     config.caption_weight = reference.caption_weight
     config.caption_decoder_weight = reference.caption_decoder_weight
-    tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
-               for k, v in load_file(str(args.run_dir / WEIGHTS_NAME)).items()}
+    tensors = load_file(str(args.run_dir / WEIGHTS_NAME))
+    if args.bridge_from is not None:
+        bridge = {k: v for k, v in load_file(str(args.bridge_from / WEIGHTS_NAME)).items() if k.startswith("bridge.")}
+        if not bridge or set(bridge) != {k for k in tensors if k.startswith("bridge.")}:
+            raise SystemExit(f"{args.bridge_from} holds no bridge matching {args.run_dir}'s")
+        tensors.update(bridge)
+    tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
     out = args.out or PRETRAINED_ROOT / args.name
     out.mkdir(parents=True, exist_ok=True)
     config.save_json(out / CONFIG_NAME)

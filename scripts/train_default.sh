@@ -14,7 +14,8 @@ $BIN/mmstory train --config configs/flickr8k.yaml ${RESUME:+--resume}
 stamp "stage 1 (feature cache + caption decoder + projections)"
 $BIN/mmstory train --config configs/flickr8k_bridge.yaml ${RESUME:+--resume}
 stamp "stage 2 (bridge)"
-$BIN/python scripts/export_default.py runs/flickr8k_bridge/best --captioner caption_decoder
+$BIN/python scripts/export_default.py runs/flickr8k/best --bridge-from runs/flickr8k_bridge/best \
+    --captioner caption_decoder
 stamp "export"
 $BIN/mmstory eval --model mmstory-small --data ../shared/data/flickr8k --split dev --captioner caption_decoder \
     --stories 10 --out runs/eval-mmstory-small/report.json --plots runs/eval-mmstory-small --run-dir runs/flickr8k
