@@ -85,6 +85,7 @@ class ModelConfig:
     caption_prompt: str = "Describe the picture in one sentence."
     max_caption_tokens: int = 40
     captioner: str = "decoder"  # which path writes captions at inference: "decoder" or "caption_decoder"
+    story_prefix: bool = True  # the story writer reads the images' visual prefixes (False: captions only)
 
     def __post_init__(self) -> None:
         if self.captioner not in CAPTIONERS:

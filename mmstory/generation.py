@@ -216,10 +216,12 @@ class StoryTeller:
             captions = self.model.generate_captions(image_tokens=tokens, image_pooled=pooled, num_beams=3,
                                                     repetition_penalty=1.2)
             timings["caption_s"] = time.perf_counter() - t
-            instruction = build_instruction(captions, prompt, style_text, tone_text, audience_text, budget, previous)
+            use_prefix = self.model.config.story_prefix
+            instruction = build_instruction(captions, prompt, style_text, tone_text, audience_text, budget, previous,
+                                            with_images=use_prefix)
             text_prompt = self.model.format_prompt(instruction)
-            prefixes = self.model.visual_prefix(tokens, pooled)
-            embeds = self.model.prompt_embeddings(text_prompt, list(prefixes))[None]
+            prefixes = list(self.model.visual_prefix(tokens, pooled)) if use_prefix else []
+            embeds = self.model.prompt_embeddings(text_prompt, prefixes)[None]
             max_new = settings.max_new_tokens or int(budget * TOKENS_PER_WORD * 1.3) + 16
             min_new = min(int(budget * 0.8 * TOKENS_PER_WORD), max_new - 1)
             stopper = WordBudget(self.model.tokenizer, budget)  # generate() passes only new tokens
@@ -337,14 +339,14 @@ def word_budget(length: str | int) -> int:
 
 
 def build_instruction(captions: list[str], prompt: str | None, style: str | None, tone: str | None,
-                      audience: str | None, budget: int, previous: str | None) -> str:
+                      audience: str | None, budget: int, previous: str | None, with_images: bool = True) -> str:
     """The user message: the pictures (visual prefixes) in order, then a plain request naming what each one shows.
 
     Small instruction-tuned LMs follow one short, direct request far better than a list of rules.
     """
     kind = style or "a short story"
     single = len(captions) == 1
-    request = f"{IMAGE_PLACEHOLDER * len(captions)}\nWrite {kind} (about {budget} words)"
+    request = (f"{IMAGE_PLACEHOLDER * len(captions)}\n" if with_images else "") + f"Write {kind} (about {budget} words)"
     if audience:
         request += f" for {audience}"
     if tone:

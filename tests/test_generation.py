@@ -177,3 +177,12 @@ def test_abandoned_stream_stops_decoding_before_releasing_the_model(tiny_teller,
 def test_seed_out_of_range_is_refused(tiny_teller):
     with pytest.raises(StoryInputError, match="seed"):
         tiny_teller.generate_story(make_photo(0), seed=2**70, **FAST)
+
+
+def test_story_without_visual_prefix_writes_from_captions_only(tiny_model):
+    tiny_model.config.story_prefix = False
+    teller = StoryTeller(tiny_model, dtype="float32")
+    result = teller.generate_story([make_photo(0), make_photo(1)], seed=0, **FAST)
+    assert len(result.captions) == 2 and isinstance(result.story, str)
+    text = build_instruction(["a", "b"], None, None, None, None, 50, None, with_images=False)
+    assert "<image>" not in text

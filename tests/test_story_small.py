@@ -1,0 +1,64 @@
+"""End-to-end stories with the real packaged mmstory-small (slow: real weights, real decoding on a CPU)."""
+
+import re
+
+import pytest
+
+from mmstory.examples import example_image
+from mmstory.metrics import shared_content_words
+from tests.conftest import requires_packaged
+
+pytestmark = [pytest.mark.slow, requires_packaged]
+
+
+@pytest.fixture(scope="module")
+def teller():
+    from mmstory.factory import packaged_models
+    from mmstory.generation import StoryTeller
+
+    if "mmstory-small" not in packaged_models():
+        pytest.skip("mmstory-small weights are not shipped in this checkout")
+    return StoryTeller.from_pretrained("mmstory-small")
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def test_caption_mentions_the_cat(teller):
+    captions = teller.caption([example_image("chelsea"), example_image("coffee")])
+    assert len(captions) == 2
+    assert re.search(r"\b(cat|kitten|kitty)\b", captions[0].lower()), captions
+    assert captions[0] != captions[1]
+
+
+@pytest.mark.parametrize("length, budget", [("short", 80), (50, 50)])
+@pytest.mark.parametrize("name", ["chelsea", "astronaut"])
+def test_length_setting_is_met_with_whole_sentences(teller, name, length, budget):
+    result = teller.generate_story(example_image(name), length=length, num_candidates=2, seed=1)
+    words = _words(result.story)
+    assert 0.7 * budget <= words <= 1.2 * budget, (words, result.story)
+    assert result.story.rstrip()[-1] in ".!?\"'”’", result.story
+
+
+def test_album_story_mentions_each_picture(teller):
+    images = [example_image("chelsea"), example_image("rocket")]
+    result = teller.generate_story(images, style="adventure", length=120, num_candidates=3, seed=0)
+    story = result.story.lower()
+    for caption in result.captions:
+        content = shared_content_words([caption], min_captions=1)
+        assert any(re.search(rf"\b{re.escape(w)}", story) for w in content), (caption, result.story)
+
+
+def test_stream_yields_several_chunks_that_join_to_the_story(teller):
+    events = list(teller.stream_result(example_image("coffee"), length="short", seed=2))
+    *chunks, result = events
+    assert len(chunks) > 1
+    assert "".join(chunks) == result.story
+    assert result.timings["first_token_s"] < result.timings["total_s"]
+
+
+def test_same_seed_same_story(teller):
+    a = teller.generate_story(example_image("coffee"), length=40, num_candidates=2, seed=5).story
+    b = teller.generate_story(example_image("coffee"), length=40, num_candidates=2, seed=5).story
+    assert a == b
