@@ -164,8 +164,11 @@ class CaptionDecoder(nn.Module):
         memory = self.image_proj(image_tokens)
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
         x = self.layers(x, memory, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=padding_mask)
-        logits = F.linear(self.norm(x), self.embed.weight)  # output head tied to the input embedding
-        return logits.masked_fill(self._unusable, float("-inf")) if not self.training else logits
+        return F.linear(self.norm(x), self.embed.weight)  # output head tied to the input embedding
+
+    def _next_logits(self, ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Logits for the next token, never one of the unusable ids (the loss still sees every id)."""
+        return self(ids, image_tokens)[:, -1].float().masked_fill(self._unusable, float("-inf"))
 
     @property
     def _unusable(self) -> torch.Tensor:
@@ -188,7 +191,7 @@ class CaptionDecoder(nn.Module):
         ids = torch.full((batch, 1), self.BOS, dtype=torch.long, device=image_tokens.device)
         done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
         for _ in range(steps):
-            logits = self(ids, image_tokens)[:, -1].float()
+            logits = self._next_logits(ids, image_tokens)
             logits = _penalise_repeats(logits, ids[:, 1:], repetition_penalty)
             next_ids = logits.argmax(-1).masked_fill(done, self.PAD)
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
@@ -203,7 +206,7 @@ class CaptionDecoder(nn.Module):
         scores = torch.zeros(1, device=ids.device)
         finished: list[tuple[float, list[int]]] = []
         for step in range(steps):
-            logits = self(ids, image_tokens.expand(ids.shape[0], -1, -1))[:, -1].float()
+            logits = self._next_logits(ids, image_tokens.expand(ids.shape[0], -1, -1))
             logits = _penalise_repeats(logits, ids[:, 1:], repetition_penalty)
             logprobs = scores[:, None] + logits.log_softmax(-1)
             top_scores, top_index = logprobs.view(-1).topk(2 * beams)

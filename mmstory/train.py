@@ -566,7 +566,9 @@ class Trainer:
         split = self.dev_split
         count = min(self.config.num_sample_captions, len(split.records))
         batch = split.collate([split.dataset[(i, 0)] for i in range(count)])
-        captions = model.generate_captions(**_model_inputs(batch, self.accelerator.device))
+        # show the captioner this run trains: the LM through the bridge, or else the caption decoder
+        captioner = "decoder" if model.config.caption_weight > 0 or model.caption_decoder is None else "caption_decoder"
+        captions = model.generate_captions(**_model_inputs(batch, self.accelerator.device), captioner=captioner)
         step = self.state.global_step
         lines = []
         for name, caption, reference in zip(batch["names"], captions, batch["captions"]):
