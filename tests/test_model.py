@@ -158,6 +158,6 @@ def test_caption_decoder_compact_vocabulary():
     assert torch.isfinite(out.caption_decoder_loss)
     model.eval()
     with torch.no_grad():  # dev captions with unseen tokens (UNK) still give a finite loss in eval mode
-        assert torch.isfinite(model(_pixels(model), ["zzz qqq"]).caption_decoder_loss)
+        assert torch.isfinite(model(_pixels(model, n=1), ["zzz qqq"]).caption_decoder_loss)
     captions = model.generate_captions(_pixels(model), max_new_tokens=4, captioner="caption_decoder")
     assert all(set(c) <= set("ab ") for c in captions)  # only fitted tokens are ever generated
