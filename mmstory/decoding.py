@@ -142,7 +142,7 @@ class FastDecoder:
     Greedy decoding with `quantize=None` equals `transformers` greedy `generate` token for token.
     """
 
-    def __init__(self, model, quantize: str | None = None, compile: bool = True, max_length: int = 2048):
+    def __init__(self, model, quantize: str | None = None, compile: bool = True, max_length: int | None = None):
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
         config = model.config
@@ -159,7 +159,7 @@ class FastDecoder:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = float(config.rms_norm_eps)
-        self.max_length = min(max_length, getattr(config, "max_position_embeddings", max_length))
+        self.max_length = max_length or config.max_position_embeddings  # prompt + new tokens
         self.eos_token_id = _as_list(model.generation_config.eos_token_id)
         self.pad_token_id = model.generation_config.pad_token_id
         self._layers = []
@@ -260,7 +260,7 @@ class FastDecoder:
             [stopping_criteria] if stopping_criteria is not None else [])
         eos_ids = torch.tensor(eos, dtype=torch.long)
 
-        logits = self._prefill(inputs_embeds, attention_mask)
+        logits = self._prefill(inputs_embeds, attention_mask, prompt_len + max_new_tokens)
         positions = attention_mask.sum(dim=1)  # RoPE position of the next token in each row
         padded = not bool(attention_mask.all())
         key_mask = torch.zeros(batch, 1, 1, prompt_len + max_new_tokens, dtype=torch.bool)
@@ -326,7 +326,7 @@ class FastDecoder:
         choice = torch.multinomial(probs, num_samples=1, generator=generator)
         return (index.gather(1, choice) if index is not None else choice).squeeze(1)
 
-    def _prefill(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _prefill(self, embeds: torch.Tensor, mask: torch.Tensor, total: int) -> torch.Tensor:
         """Run the prompt through the transformers model (rows that repeat row 0 once) and fill the KV cache."""
         batch, length, _ = embeds.shape
         shared = batch > 1 and bool((mask == mask[:1]).all()) and torch.equal(embeds, embeds[:1].expand_as(embeds))
@@ -335,15 +335,18 @@ class FastDecoder:
         cache = DynamicCache()
         out = self.model(inputs_embeds=embeds[:rows].to(self.model.dtype), attention_mask=mask[:rows],
                          position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        k_caches, v_caches = self._cache(batch)
+        k_caches, v_caches = self._cache(batch, total)
         for i, layer in enumerate(cache.layers):
             k_caches[i][:, :, :length] = layer.keys
             v_caches[i][:, :, :length] = layer.values
         return out.logits[:, -1].float().expand(batch, -1).contiguous()
 
-    def _cache(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if self._caches is None or self._caches[0][0].shape[0] != batch:
-            shape = (batch, self.kv_heads, self.max_length, self.head_dim)
+    def _cache(self, batch: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The preallocated K/V caches [B, kv_heads, S, hd] per layer, S a power of two >= 1024 that fits `length`
+        (few distinct sizes: each new one costs one recompile of the step)."""
+        size = min(max(1024, 1 << (length - 1).bit_length()), self.max_length)
+        if self._caches is None or self._caches[0][0].shape[0] != batch or self._caches[0][0].shape[2] < length:
+            shape = (batch, self.kv_heads, size, self.head_dim)
             self._caches = ([torch.zeros(shape, dtype=self.dtype) for _ in self._layers],
                             [torch.zeros(shape, dtype=self.dtype) for _ in self._layers])
         return self._caches

@@ -186,6 +186,25 @@ def test_streamer_protocol_like_generate(tiny, compiled):
     assert torch.cat(ours.puts[1:]).tolist() == out[0].tolist()
 
 
+def test_text_iterator_streamer_in_a_thread(tiny, compiled):
+    """How StoryTeller streams: generate in a worker thread, text pieces read from a TextIteratorStreamer."""
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    model, tokenizer = tiny
+    embeds = prompt(model, 1, seed=30)
+    expected = compiled.generate(embeds, max_new_tokens=20, do_sample=True, seed=3)
+    streamer = TextIteratorStreamer(tokenizer, skip_special_tokens=True)
+    worker = threading.Thread(target=compiled.generate, args=(embeds,),
+                              kwargs=dict(max_new_tokens=20, do_sample=True, seed=3, streamer=streamer))
+    worker.start()
+    pieces = list(streamer)
+    worker.join()
+    assert len(pieces) > 1
+    assert "".join(pieces) == tokenizer.decode(expected[0], skip_special_tokens=True)
+
+
 def test_beam_search_is_passed_to_transformers(tiny, compiled):
     model, _ = tiny
     embeds = prompt(model, 1, seed=31)
