@@ -183,7 +183,6 @@ class FastDecoder:
             cos, sin = base.rotary_emb(torch.zeros(1, dtype=model.dtype), positions)
         self._cos, self._sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
         self._caches: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        self.compiled = compile
         options = {"emulate_precision_casts": True}  # round bf16 where eager rounds: same tokens as eager
         self._layer_fn = torch.compile(_own_copy(decode_layer), options=options) if compile else decode_layer
         self._head_fn = torch.compile(_own_copy(decode_head), options=options) if compile else decode_head
