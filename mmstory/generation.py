@@ -222,7 +222,7 @@ class StoryTeller:
             text_prompt = self.model.format_prompt(instruction)
             prefixes = list(self.model.visual_prefix(tokens, pooled)) if use_prefix else []
             embeds = self.model.prompt_embeddings(text_prompt, prefixes)[None]
-            max_new = settings.max_new_tokens or int(budget * TOKENS_PER_WORD * 1.3) + 16
+            max_new = settings.max_new_tokens or int(budget * TOKENS_PER_WORD * 1.4) + 24
             min_new = min(int(budget * 0.8 * TOKENS_PER_WORD), max_new - 1)
             stopper = WordBudget(self.model.tokenizer, budget)  # generate() passes only new tokens
             cancel = threading.Event()  # set when a streaming consumer goes away mid-story
@@ -378,13 +378,23 @@ def split_sentences(text: str) -> list[str]:
 
 
 def finish_story(text: str, budget: int) -> str:
-    """Clean the raw generation and cut it to whole sentences within ~115% of the word budget."""
+    """Clean the raw generation and cut it to whole sentences within ~115% of the word budget.
+
+    When whole sentences would leave the story well short (one long run-on sentence crossing the limit), the next
+    sentence is cut at its last clause boundary (comma, semicolon, colon) that fits, and closed with a period.
+    """
     text = re.sub(r"\s+\n", "\n", text.replace("\r", "")).strip()
     text = re.sub(r"^(title:.*\n|#+.*\n)", "", text, flags=re.IGNORECASE).strip()
+    limit = budget * 1.15
     kept, words = [], 0
-    for sentence in split_sentences(text):
+    sentences = split_sentences(text)
+    for sentence in sentences:
         n = len(sentence.split())
-        if kept and words + n > budget * 1.15:
+        if kept and words + n > limit:
+            if words < budget * 0.7:
+                clause = _clause_within(sentence, int(limit - words))
+                if clause:
+                    kept.append(clause)
             break
         kept.append(sentence)
         words += n
@@ -393,6 +403,17 @@ def finish_story(text: str, budget: int) -> str:
         cut = max(story.rfind(ch) for ch in ".!?")
         story = story[: cut + 1] if cut > len(story) // 2 else story + "."
     return story
+
+
+def _clause_within(sentence: str, max_words: int) -> str | None:
+    """The longest prefix of `sentence` ending at a clause boundary with at most `max_words` words, closed with '.'."""
+    best = None
+    for match in re.finditer(r"[,;:](?=\s)", sentence):
+        prefix = sentence[: match.start()].rstrip()
+        if len(prefix.split()) > max_words:
+            break
+        best = prefix
+    return best + "." if best and len(best.split()) >= 4 else None
 
 
 def _emittable(text: str, budget: int) -> str:
@@ -406,7 +427,7 @@ def _emittable(text: str, budget: int) -> str:
 
 
 class WordBudget(StoppingCriteria):
-    """Stop a sequence once it has met its word budget at a sentence end, or run past 115% of it."""
+    """Stop a sequence once it has met its word budget at a sentence end, or run past 130% of it (then trimmed)."""
 
     def __init__(self, tokenizer, budget: int):
         self.tokenizer, self.budget = tokenizer, budget
@@ -418,7 +439,7 @@ class WordBudget(StoppingCriteria):
             words = len(text.split())
             stripped = text.rstrip()
             at_end = bool(stripped) and stripped[-1] in ".!?\"”" and text.endswith(stripped)
-            done.append(words >= self.budget * 1.15 or (words >= self.budget * 0.95 and at_end))
+            done.append(words >= self.budget * 1.3 or (words >= self.budget * 0.95 and at_end))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 

@@ -186,3 +186,11 @@ def test_story_without_visual_prefix_writes_from_captions_only(tiny_model):
     assert len(result.captions) == 2 and isinstance(result.story, str)
     text = build_instruction(["a", "b"], None, None, None, None, 50, None, with_images=False)
     assert "<image>" not in text
+
+
+def test_run_on_sentence_is_cut_at_a_clause_not_dropped():
+    text = ("The boy stood there in the sun. " + "He walked on and on, past the old mill, past the river, "
+            "past the hills where the sheep slept, and further still into the night without stopping once")
+    story = finish_story(text, budget=20)
+    assert story.startswith("The boy stood there in the sun. He walked on and on")
+    assert story.endswith(".") and 14 <= len(story.split()) <= 23
