@@ -49,9 +49,10 @@ class _Clock:
         pass
 
 
-def _rates(start: float, times: list[float], batch: int) -> dict:
-    """Time to first token, decode rate after it (steps/s and tokens/s), and the whole run's tokens/s."""
-    steps = len(times)
+def _rates(start: float, times: list[float], batch: int, steps: int | None = None) -> dict:
+    """Time to first token, decode rate after it (steps/s and tokens/s), and the whole run's tokens/s; `times` are
+    when each step's tokens arrived (or, with `steps`, when pieces of the `steps` tokens did)."""
+    steps = steps or len(times)
     decode = (steps - 1) / (times[-1] - times[0]) if steps > 1 else float("nan")
     return {"first_token_s": times[0] - start, "steps": steps, "steps_per_s": decode, "tokens_per_s": decode * batch,
             "overall_tokens_per_s": steps * batch / (times[-1] - start)}
@@ -208,8 +209,9 @@ def run_llama_cpp(tokens: int, threads: int, chat_prompt: str) -> dict:
     start = time.perf_counter()
     for _ in llm.create_completion(chat_prompt, max_tokens=tokens, stream=True, temperature=0.8, top_k=50,
                                    top_p=0.92, repeat_penalty=1.15, logit_bias={llm.token_eos(): -1e9}):
-        times.append(time.perf_counter())  # one chunk per token
-    return {"name": f"llama.cpp (Q4_1 GGUF, {threads} threads)", **_rates(start, times, 1)}
+        times.append(time.perf_counter())  # a chunk per token, except where a character spans tokens
+    # the end token is banned, so exactly `tokens` come out
+    return {"name": f"llama.cpp (Q4_1 GGUF, {threads} threads)", **_rates(start, times, 1, steps=tokens)}
 
 
 # --- whole stories and process start -------------------------------------------------------------------------------
