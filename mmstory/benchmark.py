@@ -105,14 +105,58 @@ def story_prompt(model, image) -> torch.Tensor:
 
 # --- decoders ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def run_transformers(decoder, embeds: torch.Tensor, tokens: int, use_cache: bool = True) -> dict:
+def run_transformers(decoder, embeds: torch.Tensor, tokens: int, static: bool = False) -> dict:
+    """`generate` with its default dynamic KV cache, or (`static`) its own static cache + torch.compile path."""
+    extra = {}
+    if static:
+        from transformers import CompileConfig
+
+        config = CompileConfig(mode="default")  # "reduce-overhead" means CUDA graphs
+        config._compile_all_devices = True  # transformers compiles only on GPUs unless told so
+        extra = {"cache_implementation": "static", "compile_config": config}
     clock = _Clock()
     torch.manual_seed(0)
     start = time.perf_counter()
     decoder.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-                     max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0, use_cache=use_cache,
-                     streamer=clock, **STORY_SAMPLING)
+                     max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=0, streamer=clock, **STORY_SAMPLING,
+                     **extra)
     return _rates(start, clock.times, embeds.shape[0])
+
+
+@torch.no_grad()
+def run_transformers_without_cache(decoder, embeds: torch.Tensor, tokens: int) -> dict:
+    """The reference: every step runs the whole sequence through the model, with generate's own processors.
+
+    (`generate` itself always keeps a cache when it is given `inputs_embeds`, so it cannot be the reference here.)
+    """
+    from transformers import (
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList([
+        RepetitionPenaltyLogitsProcessor(STORY_SAMPLING["repetition_penalty"]),
+        NoRepeatNGramLogitsProcessor(STORY_SAMPLING["no_repeat_ngram_size"]),
+        MinNewTokensLengthLogitsProcessor(0, tokens, decoder.generation_config.eos_token_id),
+        TemperatureLogitsWarper(STORY_SAMPLING["temperature"]), TopKLogitsWarper(STORY_SAMPLING["top_k"]),
+        TopPLogitsWarper(STORY_SAMPLING["top_p"])])
+    embed = decoder.get_input_embeddings()
+    torch.manual_seed(0)
+    generated = torch.empty(embeds.shape[0], 0, dtype=torch.long)
+    times = []
+    start = time.perf_counter()
+    for _ in range(tokens):
+        sequence = torch.cat([embeds, embed(generated)], dim=1)
+        logits = decoder(inputs_embeds=sequence, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        probs = processors(generated, logits).softmax(dim=-1)
+        generated = torch.cat([generated, torch.multinomial(probs, 1)], dim=1)
+        times.append(time.perf_counter())
+    return _rates(start, times, embeds.shape[0])
 
 
 def run_fast(fast, embeds: torch.Tensor, tokens: int) -> dict:
@@ -128,13 +172,19 @@ def decode_table(decoder, embeds: torch.Tensor, args, bandwidth: float) -> tuple
     from mmstory.decoding import FastDecoder
 
     fast, compile_s = {}, {}
-    for name in args.formats:
+    for name in args.formats:  # (also compiles, from the on-disk cache after the first time)
         t = time.perf_counter()
         fast[name] = FastDecoder(decoder, quantize=QUANTIZE_NAMES[name])
-        fast[name].warmup(batch_sizes=(1, args.batch))  # compiles (from the on-disk cache after the first time)
+        fast[name].warmup(batch_sizes=(1, args.batch))
         compile_s[name] = time.perf_counter() - t
     runners: dict[str, Callable[[torch.Tensor, int], dict]] = {"transformers": lambda e, n: run_transformers(
         decoder, e, n)}
+    if args.hf_static:
+        for batch in (1, args.batch):  # compile outside the timed runs
+            t = time.perf_counter()
+            run_transformers(decoder, embeds.expand(batch, -1, -1), 3, static=True)
+            compile_s[f"transformers-static-b{batch}"] = time.perf_counter() - t
+        runners["transformers-static"] = lambda e, n: run_transformers(decoder, e, n, static=True)
     for name, fd in fast.items():
         runners[f"fast-{name}"] = lambda e, n, fd=fd: run_fast(fd, e, n)
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -144,8 +194,8 @@ def decode_table(decoder, embeds: torch.Tensor, args, bandwidth: float) -> tuple
                 runs.setdefault((name, batch), []).append(run(embeds.expand(batch, -1, -1), args.tokens))
     if args.nocache_tokens:
         for batch in (1, args.batch):
-            runs[("transformers-nocache", batch)] = [run_transformers(decoder, embeds.expand(batch, -1, -1),
-                                                                      args.nocache_tokens, use_cache=False)]
+            runs[("transformers-nocache", batch)] = [run_transformers_without_cache(
+                decoder, embeds.expand(batch, -1, -1), args.nocache_tokens)]
     dense_bytes = (fast["exact"] if "exact" in fast else FastDecoder(decoder, compile=False)).weight_bytes
     rows = []
     for (name, batch), results in runs.items():
@@ -306,7 +356,7 @@ def print_report(report: dict) -> None:
     print("(%bound: against the bytes that row reads; %bf16b: against the bf16 weights' bytes)")
     compile_s = report.get("compile_and_warmup_s", {})
     if compile_s:
-        print("FastDecoder construction + compile/warm-up: " + ", ".join(f"{k} {v:.1f}s" for k, v in compile_s.items()))
+        print("construction + compile/warm-up: " + ", ".join(f"{k} {v:.1f}s" for k, v in compile_s.items()))
     peers = report.get("peers", [])
     if peers:
         print(f"\npeers ({report['peer_tokens']} new tokens from one prompt; whole-run tokens/s incl. first token)")
@@ -385,8 +435,11 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=3, help="the candidate batch size")
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs per implementation; the best is kept")
     p.add_argument("--formats", default="exact,int8,int4", help="FastDecoder weights to measure: exact,int8,int4")
-    p.add_argument("--nocache-tokens", type=int, default=32,
-                   help="new tokens for transformers without a KV cache (its cost grows with the square; 0 skips)")
+    p.add_argument("--nocache-tokens", type=int, default=200,
+                   help="new tokens for transformers without a KV cache, the reference (minutes: its cost grows with "
+                        "the square of the length; 0 skips)")
+    p.add_argument("--hf-static", action="store_true",
+                   help="also time transformers' own static cache + torch.compile generate (compiles ~1 minute)")
     p.add_argument("--peer-tokens", type=int, default=200, help="new tokens for CoCa and llama.cpp (0 skips them)")
     p.add_argument("--story-words", type=int, default=200, help="word budget of the end-to-end stories (0 skips)")
     p.add_argument("--no-startup", action="store_true", help="skip the process-start measurements")
