@@ -370,6 +370,7 @@ def _sentence(caption: str) -> str:
     return caption[0].lower() + caption[1:] + "."
 
 
+_ENDS_SENTENCE = re.compile(r"[.!?][\"'”’)\]]*$")
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 
 
@@ -399,9 +400,9 @@ def finish_story(text: str, budget: int) -> str:
         kept.append(sentence)
         words += n
     story = " ".join(kept).strip()
-    if story and story[-1] not in ".!?\"'”’)":
+    if story and not _ENDS_SENTENCE.search(story):
         cut = max(story.rfind(ch) for ch in ".!?")
-        story = story[: cut + 1] if cut > len(story) // 2 else story + "."
+        story = story[: cut + 1] if cut > len(story) // 2 else story.rstrip(" \"'“”‘’,;:-") + "."
     return story
 
 
@@ -438,7 +439,7 @@ class WordBudget(StoppingCriteria):
         for text in texts:
             words = len(text.split())
             stripped = text.rstrip()
-            at_end = bool(stripped) and stripped[-1] in ".!?\"”" and text.endswith(stripped)
+            at_end = bool(_ENDS_SENTENCE.search(stripped)) and text.endswith(stripped)
             done.append(words >= self.budget * 1.3 or (words >= self.budget * 0.95 and at_end))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 

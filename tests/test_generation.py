@@ -129,6 +129,8 @@ def test_length_helpers():
     cut = finish_story(text, budget=7)
     assert cut == "One two three. Four five six seven!"
     assert finish_story("no end in sight", 20).endswith(".")
+    dangling = "One two three four. Five six seven eight nine ten. And then she said something like \""
+    assert finish_story(dangling, 20) == "One two three four. Five six seven eight nine ten."
 
 
 def test_word_budget_stopping_is_per_row(tiny_teller):
