@@ -451,8 +451,9 @@ def parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     if unknown or not args.formats:
         p.error(f"--formats takes {', '.join(QUANTIZE_NAMES)}; got {sorted(unknown) or 'nothing'}")
     if args.quick:
-        args.tokens, args.repeats, args.nocache_tokens, args.peer_tokens = 48, 1, 8, 48
-        args.story_words = min(args.story_words, 40) if args.story_words else 0
+        args.tokens, args.repeats = min(args.tokens, 48), 1
+        args.nocache_tokens, args.peer_tokens = min(args.nocache_tokens, 8), min(args.peer_tokens, 48)
+        args.story_words = min(args.story_words, 40) if args.story_words else 0  # (0 still skips)
     return args
 
 
