@@ -175,10 +175,9 @@ class StoryTeller:
                      style: str | None = None, tone: str | None = None, audience: str | None = None,
                      length: str | int = "medium", previous: str | None = None, **decoding) -> Iterator[str]:
         """Yield the story in chunks as it is written (one candidate); the chunks join to the final story."""
-        decoding.setdefault("num_candidates", 1)
-        for event in self._run(images, prompt, style, tone, audience, length, previous, decoding, stream=True):
-            if isinstance(event, str):
-                yield event
+        events = self.stream_result(images, prompt, style=style, tone=tone, audience=audience, length=length,
+                                    previous=previous, **decoding)
+        yield from (event for event in events if isinstance(event, str))
 
     def stream_result(self, images, prompt=None, **kwargs) -> Iterator[str | StoryResult]:
         """Like stream_story, but ends with the StoryResult (captions, grounding): for the demo."""
@@ -226,10 +225,10 @@ class StoryTeller:
             min_new = min(int(budget * 0.8 * TOKENS_PER_WORD), max_new - 1)
             stopper = WordBudget(self.model.tokenizer, budget)  # generate() passes only new tokens
             cancel = threading.Event()  # set when a streaming consumer goes away mid-story
+            rows = settings.num_candidates if settings.num_beams == 1 else 1  # beam search returns its candidates
             gen_kwargs = dict(
-                inputs_embeds=embeds.expand(settings.num_candidates if settings.num_beams == 1 else 1, -1, -1),
-                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long).expand(
-                    settings.num_candidates if settings.num_beams == 1 else 1, -1),
+                inputs_embeds=embeds.expand(rows, -1, -1),
+                attention_mask=torch.ones(rows, embeds.shape[1], dtype=torch.long),
                 max_new_tokens=max_new, min_new_tokens=max(0, min_new),
                 do_sample=settings.do_sample and settings.num_beams == 1,
                 temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
