@@ -1,4 +1,4 @@
-"""The Gradio demo with the embedded mmstory-small model: `python demo/app.py [--port 7860] [--int8] ...`.
+"""The Gradio demo with the embedded mmstory-small model: `python demo/app.py [--port 7860] [--quantize int4] ...`.
 
 The same as `mmstory demo`; `mmstory serve` adds the JSON API (POST /api/story) on the same server.
 """

@@ -17,7 +17,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +42,18 @@ def file_identity(image: ImageRef) -> str:
     return f"{identity}#{image.offset}" if isinstance(image, TarMember) else identity
 
 
-def encoder_fingerprint(vision: VisionEncoder, spec: str, dtype: torch.dtype) -> dict:
-    """Everything that changes the features: spec, weights, input size, normalisation, storage dtype."""
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of named tensors' exact bytes (identifies weights independently of file names)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(vision.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return {"spec": spec, "weights_sha256": digest.hexdigest(), "image_size": vision.image_size,
+    return digest.hexdigest()
+
+
+def encoder_fingerprint(vision: VisionEncoder, spec: str, dtype: torch.dtype) -> dict:
+    """Everything that changes the features: spec, weights, input size, normalisation, storage dtype."""
+    return {"spec": spec, "weights_sha256": tensors_sha256(vision.state_dict()), "image_size": vision.image_size,
             "mean": vision.mean, "std": vision.std, "dtype": str(dtype).removeprefix("torch.")}
 
 
@@ -63,8 +68,8 @@ class CachedFeatures:
     reused: int
     seconds: float
 
-    def dataset(self) -> FeatureDataset:
-        return FeatureDataset(self.records, self.locations)
+    def dataset(self, text: TextFeatures | None = None) -> FeatureDataset:
+        return FeatureDataset(self.records, self.locations, text)
 
 
 class FeatureCache:
@@ -158,16 +163,63 @@ class FeatureCache:
         os.replace(tmp, self.directory / f"shard-{name}.safetensors")
 
 
+@dataclass
+class TextFeatures:
+    """Pooled text-encoder features for a set of captions: `table[lookup[caption]]`."""
+
+    lookup: dict[str, int]
+    table: torch.Tensor
+    encoded: int
+    seconds: float
+
+    def __getitem__(self, caption: str) -> torch.Tensor:
+        return self.table[self.lookup[caption]]
+
+
+def text_features(root: str | Path, encode: Callable[[list[str]], torch.Tensor], fingerprint: dict,
+                  captions: Sequence[str], batch_size: int = 256, dtype: torch.dtype = torch.float16,
+                  progress: bool = True) -> TextFeatures:
+    """Encode every distinct caption once with a frozen text encoder, or load the file an earlier run wrote.
+
+    The file is named by the encoder's fingerprint and the caption set, so any change gives a fresh one.
+    """
+    start = time.perf_counter()
+    unique = sorted(set(captions))
+    key = hashlib.sha256(json.dumps([fingerprint, unique], sort_keys=True).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(fingerprint.get("spec", "text")))
+    path = Path(root) / f"text-{slug}" / f"{key}.safetensors"
+    lookup = {caption: i for i, caption in enumerate(unique)}
+    if path.is_file():
+        with safe_open(str(path), "pt") as handle:
+            return TextFeatures(lookup, handle.get_tensor("features"), 0, time.perf_counter() - start)
+    order = sorted(range(len(unique)), key=lambda i: len(unique[i]))  # similar lengths per batch: little padding
+    table = None
+    with torch.no_grad():
+        for begin in tqdm(range(0, len(order), batch_size), desc="encoding captions", unit="batch",
+                          disable=not progress):
+            rows = order[begin: begin + batch_size]
+            features = encode([unique[i] for i in rows]).to(dtype).cpu()
+            if table is None:
+                table = torch.zeros(len(unique), features.shape[1], dtype=dtype)
+            table[rows] = features
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}.safetensors")
+    save_file({"features": table.contiguous()}, str(tmp), metadata={"fingerprint": json.dumps(fingerprint)})
+    os.replace(tmp, path)
+    return TextFeatures(lookup, table, len(unique), time.perf_counter() - start)
+
+
 class FeatureDataset(Dataset):
     """Cached (tokens, pooled, caption) samples, indexed like `ImageTextDataset` by (record, caption) keys.
 
     Shards are memory-mapped lazily in each process (DataLoader workers open their own handles).
     """
 
-    def __init__(self, records: Sequence[ImageCaptions], locations: Sequence[Location]):
+    def __init__(self, records: Sequence[ImageCaptions], locations: Sequence[Location],
+                 text: TextFeatures | None = None):
         if not records:
             raise ValueError("the feature dataset has no records")
-        self.records, self.locations = list(records), list(locations)
+        self.records, self.locations, self.text = list(records), list(locations), text
         self._handles: dict[str, object] = {}
 
     def __len__(self) -> int:
@@ -190,16 +242,22 @@ class FeatureDataset(Dataset):
         index, caption_index = key
         record = self.records[index]
         tokens, pooled = self.features(index)
-        return {"image_tokens": tokens, "image_pooled": pooled,
-                "caption": record.captions[caption_index % len(record.captions)], "name": item_name(record.image),
-                "skipped": []}
+        caption = record.captions[caption_index % len(record.captions)]
+        sample = {"image_tokens": tokens, "image_pooled": pooled, "caption": caption, "name": item_name(record.image),
+                  "skipped": []}
+        if self.text is not None:
+            sample["text_pooled"] = self.text[caption]
+        return sample
 
 
 def collate_features(samples: list[dict]) -> dict:
-    return {"image_tokens": torch.stack([s["image_tokens"] for s in samples]).float(),
-            "image_pooled": torch.stack([s["image_pooled"] for s in samples]).float(),
-            "captions": [s["caption"] for s in samples], "names": [s["name"] for s in samples],
-            "skipped": [item for s in samples for item in s["skipped"]]}
+    batch = {"image_tokens": torch.stack([s["image_tokens"] for s in samples]).float(),
+             "image_pooled": torch.stack([s["image_pooled"] for s in samples]).float(),
+             "captions": [s["caption"] for s in samples], "names": [s["name"] for s in samples],
+             "skipped": [item for s in samples for item in s["skipped"]]}
+    if "text_pooled" in samples[0]:
+        batch["text_pooled"] = torch.stack([s["text_pooled"] for s in samples]).float()
+    return batch
 
 
 class _DecodeDataset(Dataset):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from mmstory.decoding import QUANTIZE, FastDecoder
 from mmstory.images import ImageInput, ImageProcessor, load_image
 from mmstory.model import IMAGE_PLACEHOLDER, StoryModel
 from mmstory.safety import ContentFilter
@@ -112,23 +113,35 @@ class StoryTeller:
     """Load once per process, then caption images and write stories about them."""
 
     def __init__(self, model: StoryModel, dtype: str = "bfloat16", quantize: str | None = None,
-                 content_filter: ContentFilter | None = None):
+                 content_filter: ContentFilter | None = None, compile: bool = True):
+        """`quantize`: None (exact weights), "int8" or "int4" weights for the story writer's decode steps (the
+        packaged SmolLM2 ships as Q4_1, which "int4" reproduces). `compile`: torch.compile the decode step."""
         self.model = model.eval()
         if dtype not in ("bfloat16", "float32"):
             raise ValueError("dtype must be 'bfloat16' or 'float32'")
-        self.dtype = dtype
-        if quantize not in (None, "int8"):
-            raise ValueError("quantize must be None or 'int8'")
-        if quantize == "int8":
-            self.model.decoder.float()
-            self.model.decoder = torch.ao.quantization.quantize_dynamic(
-                self.model.decoder, {torch.nn.Linear}, dtype=torch.qint8)
-        elif dtype == "bfloat16":
-            self.model.decoder.to(torch.bfloat16)
-        self.quantize = quantize
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        self.dtype, self.quantize = dtype, quantize
+        self.model.decoder.to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        try:  # static KV cache + compiled step for Llama-family decoders; others decode with transformers
+            self.fast: FastDecoder | None = FastDecoder(self.model.decoder, quantize=quantize, compile=compile)
+        except ValueError as err:
+            if quantize is not None:
+                raise ValueError(f"quantize={quantize!r} is not available for this decoder: {err}") from err
+            self.fast = None
         self.processor = ImageProcessor(model.vision.image_size, model.vision.mean, model.vision.std)
         self.filter = content_filter if content_filter is not None else ContentFilter()
         self._lock = threading.Lock()  # one generation at a time per model: torch threads are already shared
+
+    def _decode(self, **kwargs) -> torch.Tensor:
+        """The story writer's `generate`: FastDecoder where it applies (beam search goes to transformers inside)."""
+        return (self.fast or self.model.decoder).generate(**kwargs)
+
+    def warmup(self) -> None:
+        """Compile the decode step now for one row and the default candidate batch (servers: before requests)."""
+        if self.fast is not None:
+            with self._lock:
+                self.fast.warmup((1, Decoding.num_candidates))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "mmstory-small", **kwargs) -> StoryTeller:
@@ -222,6 +235,12 @@ class StoryTeller:
             prefixes = list(self.model.visual_prefix(tokens, pooled)) if use_prefix else []
             embeds = self.model.prompt_embeddings(text_prompt, prefixes)[None]
             max_new = settings.max_new_tokens or int(budget * TOKENS_PER_WORD * 1.4) + 24
+            context = getattr(self.model.decoder.config, "max_position_embeddings", None) or 1 << 30
+            if embeds.shape[1] >= context - 16:
+                raise StoryInputError(f"the request is too long for the story writer's context ({embeds.shape[1]} "
+                                      f"of {context} tokens before the story starts); shorten the prompt or the "
+                                      "previous story")
+            max_new = min(max_new, context - embeds.shape[1])
             min_new = min(int(budget * 0.8 * TOKENS_PER_WORD), max_new - 1)
             stopper = WordBudget(self.model.tokenizer, budget)  # generate() passes only new tokens
             cancel = threading.Event()  # set when a streaming consumer goes away mid-story
@@ -248,7 +267,7 @@ class StoryTeller:
                 def work():
                     try:
                         with torch.no_grad():
-                            self.model.decoder.generate(**gen_kwargs, streamer=streamer)
+                            self._decode(**gen_kwargs, streamer=streamer)
                     except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
                         errors.append(err)
                         streamer.end()
@@ -274,7 +293,7 @@ class StoryTeller:
                 texts = ["".join(pieces)]
             else:
                 with torch.no_grad():
-                    out = self.model.decoder.generate(**gen_kwargs)
+                    out = self._decode(**gen_kwargs)
                 texts = self.model.tokenizer.batch_decode(out, skip_special_tokens=True)
             timings["generate_s"] = time.perf_counter() - t
             candidates = [finish_story(text, budget) for text in texts]

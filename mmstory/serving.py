@@ -400,7 +400,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of the decoder")
+    parser.add_argument("--quantize", default="int4", choices=["none", "int8", "int4"],
+                            help="story-writer weights in decode steps: int4 is the packaged SmolLM2's own Q4_1 "
+                                 "precision and the fastest; none keeps the loaded bf16/float32 weights")
     parser.add_argument("--queue-size", type=int, default=8,
                         help="stories waiting or running per API before clients are told the server is busy")
     parser.add_argument("--max-upload-mb", type=float, default=20, help="largest upload (request body) accepted")
@@ -421,10 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(argv or []))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        teller = StoryTeller.from_pretrained(args.model, dtype=args.dtype, quantize="int8" if args.int8 else None)
+        teller = StoryTeller.from_pretrained(args.model, dtype=args.dtype,
+                                         quantize=None if args.quantize == "none" else args.quantize)
     except FileNotFoundError as err:  # no such directory, or the packaged weights are not there yet
         print(f"mmstory {args.command}: {err}", file=sys.stderr)
         return 2
+    teller.warmup()  # compile the decode step before the first request, not during it
     app = build_app(teller, model_name=str(args.model), json_api=args.command == "serve", queue_size=args.queue_size,
                     max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels)
     print(f"mmstory {args.command}: http://{args.host}:{args.port}/"

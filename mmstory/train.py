@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -52,7 +51,7 @@ from mmstory.data import (
     records_fingerprint,
 )
 from mmstory.factory import get_model_config
-from mmstory.features import FeatureCache, collate_features
+from mmstory.features import FeatureCache, TextFeatures, collate_features, tensors_sha256, text_features
 from mmstory.images import MAX_PIXELS, ImageProcessor
 from mmstory.model import WEIGHTS_NAME, StoryModel
 
@@ -257,7 +256,10 @@ def read_source(source: DataSource) -> tuple[list[ImageCaptions], list[Skipped]]
 def _model_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
     if "pixel_values" in batch:
         return {"pixel_values": batch["pixel_values"].to(device).contiguous(memory_format=torch.channels_last)}
-    return {"image_tokens": batch["image_tokens"].to(device), "image_pooled": batch["image_pooled"].to(device)}
+    inputs = {"image_tokens": batch["image_tokens"].to(device), "image_pooled": batch["image_pooled"].to(device)}
+    if "text_pooled" in batch:
+        inputs["text_pooled"] = batch["text_pooled"].to(device)
+    return inputs
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -333,11 +335,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def weights_digest(model: StoryModel) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.trained_state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return tensors_sha256(model.trained_state_dict())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -423,7 +421,26 @@ class Trainer:
                       f"{cached.seconds:.1f} s, {cache.directory}")
         if not cached.records:
             raise ValueError(f"none of the {name} images could be encoded")
-        return Split(cached.dataset(), cached.records, collate_features)
+        return Split(cached.dataset(self._text_features(cached.records, name)), cached.records, collate_features)
+
+    def _text_features(self, records: list[ImageCaptions], name: str) -> TextFeatures | None:
+        """A frozen text encoder's features for every caption, computed once (the contrastive loss needs them)."""
+        model, acc, cfg = self.model, self.accelerator, self.config.data
+        if model.config.text.train != "frozen" or model.config.contrastive_weight <= 0:
+            return None
+        fingerprint = {"spec": model.config.text.spec, "weights_sha256": tensors_sha256(model.text.state_dict()),
+                       "pooling": "mean", "max_length": 128, "dtype": cfg.feature_dtype}
+        model.text.eval()  # a frozen encoder: no dropout in the features that stand in for it
+        with acc.main_process_first():
+            text = text_features(cfg.feature_cache_dir, model.encode_text, fingerprint,
+                                 [c for r in records for c in r.captions], dtype=getattr(torch, cfg.feature_dtype),
+                                 progress=self.config.progress and acc.is_main_process)
+        if acc.is_main_process:
+            self.cache_report[f"{name}_text"] = {"captions": len(text.lookup), "encoded": text.encoded,
+                                                 "seconds": round(text.seconds, 3)}
+            acc.print(f"text features ({name}): {len(text.lookup)} captions, {text.encoded} encoded, "
+                      f"{text.seconds:.1f} s")
+        return text
 
     def _sampler(self, epoch: int, start: int = 0) -> EpochBatchSampler:
         acc = self.accelerator
@@ -568,7 +585,9 @@ class Trainer:
         batch = split.collate([split.dataset[(i, 0)] for i in range(count)])
         # show the captioner this run trains: the LM through the bridge, or else the caption decoder
         captioner = "decoder" if model.config.caption_weight > 0 or model.caption_decoder is None else "caption_decoder"
-        captions = model.generate_captions(**_model_inputs(batch, self.accelerator.device), captioner=captioner)
+        inputs = _model_inputs(batch, self.accelerator.device)
+        inputs.pop("text_pooled", None)
+        captions = model.generate_captions(**inputs, captioner=captioner)
         step = self.state.global_step
         lines = []
         for name, caption, reference in zip(batch["names"], captions, batch["captions"]):

@@ -41,7 +41,7 @@ def live_server(model_dir: Path, workdir: Path, command: str = "serve", *extra: 
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(upload_dir),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "mmstory.cli", command, "--model", str(model_dir), "--dtype", "float32",
-            "--port", str(port), "--log-level", "warning", *extra]
+            "--quantize", "none", "--port", str(port), "--log-level", "warning", *extra]
     with log.open("wb") as out:
         process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

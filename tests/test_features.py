@@ -120,3 +120,24 @@ def test_tar_members_and_interrupted_writes(tiny_model, images, tmp_path: Path):
                                atol=2e-2, rtol=2e-3)
     (cache.directory / ".tmp-deadbeef.safetensors").write_bytes(b"half a shard")  # what a kill leaves behind
     assert cache.build(members, progress=False).encoded == 0
+
+
+def test_text_features_encode_each_caption_once_and_match_the_encoder(tiny_model, tmp_path: Path):
+    from mmstory.features import text_features
+
+    tiny_model.eval()
+    captions = ["a dog runs", "two children play in the snow", "a dog runs", "a red car"]
+    fingerprint = {"spec": tiny_model.config.text.spec, "weights": "w1"}
+    first = text_features(tmp_path, tiny_model.encode_text, fingerprint, captions, batch_size=2,
+                          dtype=torch.float32, progress=False)
+    assert first.encoded == 3 and len(first.lookup) == 3
+    with torch.no_grad():
+        direct = tiny_model.encode_text(["two children play in the snow"])[0]
+    torch.testing.assert_close(first["two children play in the snow"], direct, atol=1e-5, rtol=1e-4)
+
+    again = text_features(tmp_path, tiny_model.encode_text, fingerprint, list(reversed(captions)),
+                          dtype=torch.float32, progress=False)
+    assert again.encoded == 0 and torch.equal(again["a red car"], first["a red car"])
+    changed = text_features(tmp_path, tiny_model.encode_text, {**fingerprint, "weights": "w2"}, captions,
+                            dtype=torch.float32, progress=False)
+    assert changed.encoded == 3  # another encoder: its own file

@@ -60,6 +60,13 @@ def test_streaming_chunks_join_to_the_story(tiny_teller):
     assert "".join(chunks) == result.story
 
 
+def test_compiled_decoder_streams_the_story_it_generates(tiny_model):
+    teller = StoryTeller(tiny_model, dtype="float32")  # compiled decode step, as users run it
+    streamed = "".join(teller.stream_story(make_photo(4), seed=4, length=20, max_new_tokens=24))
+    result = teller.generate_story(make_photo(4), seed=4, num_candidates=1, length=20, max_new_tokens=24)
+    assert streamed == result.story and result.story
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(images=None), "no image given"),
     (dict(images=[]), "no image given"),
@@ -148,11 +155,26 @@ def test_instruction_mentions_every_caption_in_order():
     assert text.count("<image>") == 2 and "150 words" in text and "friendship" in text
 
 
-def test_int8_decoder_generates(tiny_model):
-    teller = StoryTeller(tiny_model, quantize="int8")
-    result = teller.generate_story(make_photo(0), seed=0, **FAST)
-    assert isinstance(result.story, str)
-    assert any(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") for m in teller.model.decoder.modules())
+def test_storyteller_decodes_with_fast_decoder_and_int8_weights(tiny_model):
+    teller = StoryTeller(tiny_model, dtype="float32", quantize="int8", compile=False)
+    assert teller.fast is not None and teller.fast.quantize == "int8"
+    first = teller.generate_story(make_photo(0), seed=3, **FAST)
+    again = teller.generate_story(make_photo(0), seed=3, **FAST)
+    assert first.story == again.story and first.settings["quantize"] == "int8"
+
+
+def test_fast_decoder_equals_transformers_for_greedy_stories(tiny_model):
+    """The exact FastDecoder path writes the story transformers.generate writes, token for token."""
+    fast = StoryTeller(tiny_model, dtype="float32", compile=False)
+    result = fast.generate_story(make_photo(1), do_sample=False, num_candidates=1, length=20, max_new_tokens=24)
+    fast.fast = None  # fall back to transformers.generate on the same model
+    reference = fast.generate_story(make_photo(1), do_sample=False, num_candidates=1, length=20, max_new_tokens=24)
+    assert result.story == reference.story
+
+
+def test_int4_needs_a_decoder_it_can_pack(tiny_model):
+    with pytest.raises(ValueError, match="int4"):
+        StoryTeller(tiny_model, dtype="float32", quantize="int4")  # tiny hidden size 48 is not a multiple of 32
 
 
 def test_grounding_helper_scores_text_against_images(tiny_teller):
@@ -196,3 +218,8 @@ def test_run_on_sentence_is_cut_at_a_clause_not_dropped():
     story = finish_story(text, budget=20)
     assert story.startswith("The boy stood there in the sun. He walked on and on")
     assert story.endswith(".") and 14 <= len(story.split()) <= 23
+
+
+def test_request_longer_than_the_writer_context_is_refused_clearly(tiny_teller):
+    with pytest.raises(StoryInputError, match="context"):  # the tiny decoder has 512 positions
+        tiny_teller.generate_story(make_photo(0), previous="and then " * 400, **FAST)

@@ -130,6 +130,9 @@ def test_train_from_feature_cache(tmp_path: Path):
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "completed" and report["steps"] == 4 and report["world_size"] == 1
     assert report["feature_cache"]["train"]["encoded"] == 8 and report["feature_cache"]["dev"]["reused"] == 8
+    assert report["feature_cache"]["train_text"] == {"captions": 8, "encoded": 8,
+                                                     "seconds": report["feature_cache"]["train_text"]["seconds"]}
+    assert report["feature_cache"]["dev_text"]["encoded"] == 0  # the same captions: the train run's file
     assert report["bad_items"] == [] and report["samples_per_second"] > 0
     assert report["best"]["dev_loss"] == min(r["loss"] for r in read_jsonl(out / "metrics.jsonl")
                                              if r["split"] == "dev")
