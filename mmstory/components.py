@@ -181,10 +181,19 @@ class CaptionDecoder(nn.Module):
     def generate(self, image_tokens: torch.Tensor, max_new_tokens: int | None = None, num_beams: int = 1,
                  length_penalty: float = 1.0, repetition_penalty: float = 1.0) -> list[list[int]]:
         """Greedy (num_beams=1) or beam search; returns compact ids without BOS/EOS, one list per image."""
+        if num_beams == 1:
+            steps = min(max_new_tokens or self.max_length, self.max_length)
+            return self._greedy(image_tokens, steps, repetition_penalty)
+        found = self.candidates(image_tokens, max_new_tokens, num_beams, length_penalty, repetition_penalty)
+        return [rows[0][1] for rows in found]
+
+    @torch.no_grad()
+    def candidates(self, image_tokens: torch.Tensor, max_new_tokens: int | None = None, num_beams: int = 3,
+                   length_penalty: float = 1.0, repetition_penalty: float = 1.0) -> list[list[tuple[float, list[int]]]]:
+        """Beam search's finished captions per image, best first, as (length-normalised log-probability, ids)."""
         steps = min(max_new_tokens or self.max_length, self.max_length)
         return [self._beam_search(image_tokens[i: i + 1], steps, num_beams, length_penalty, repetition_penalty)
-                for i in range(image_tokens.shape[0])] if num_beams > 1 else \
-            self._greedy(image_tokens, steps, repetition_penalty)
+                for i in range(image_tokens.shape[0])]
 
     def _greedy(self, image_tokens: torch.Tensor, steps: int, repetition_penalty: float) -> list[list[int]]:
         batch = image_tokens.shape[0]
@@ -201,7 +210,7 @@ class CaptionDecoder(nn.Module):
         return [_strip(row.tolist(), self.EOS, self.PAD) for row in ids[:, 1:]]
 
     def _beam_search(self, image_tokens: torch.Tensor, steps: int, beams: int, length_penalty: float,
-                     repetition_penalty: float) -> list[int]:
+                     repetition_penalty: float) -> list[tuple[float, list[int]]]:
         ids = torch.full((1, 1), self.BOS, dtype=torch.long, device=image_tokens.device)
         scores = torch.zeros(1, device=ids.device)
         finished: list[tuple[float, list[int]]] = []
@@ -230,7 +239,7 @@ class CaptionDecoder(nn.Module):
             scores = torch.tensor(next_scores, device=ids.device)
         if not finished:
             finished = [(s / (len(r) ** length_penalty), r) for s, r in zip(scores.tolist(), ids[:, 1:].tolist())]
-        return max(finished, key=lambda item: item[0])[1]
+        return sorted(finished, key=lambda item: -item[0])[:beams]
 
 
 def _penalise_repeats(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:

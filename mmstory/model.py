@@ -233,15 +233,24 @@ class StoryModel(nn.Module):
     def generate_captions(self, pixel_values: torch.Tensor | None = None, *, image_tokens: torch.Tensor | None = None,
                           image_pooled: torch.Tensor | None = None, max_new_tokens: int | None = None,
                           num_beams: int = 1, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
-                          captioner: str | None = None) -> list[str]:
-        """One caption per image, batched, from the configured captioning path."""
+                          captioner: str | None = None, rerank: float | None = None) -> list[str]:
+        """One caption per image, batched, from the configured captioning path.
+
+        `rerank` (default: the config's `caption_rerank`) > 0 picks, among the caption decoder's beams, the one with
+        the best log-probability + rerank x cosine agreement with the image under the contrastive head: beam search
+        alone favours the captions most common in the training data over the ones specific to the picture.
+        """
         if image_tokens is None:
             image_tokens, image_pooled = self.encode_image(pixel_values)
         captioner = captioner or self.config.captioner
         max_new_tokens = max_new_tokens or self.config.max_caption_tokens
+        rerank = self.config.caption_rerank if rerank is None else rerank
         if captioner == "caption_decoder":
             if self.caption_decoder is None:
                 raise ValueError("this model has no caption decoder; use captioner='decoder'")
+            if rerank > 0 and num_beams > 1 and image_pooled is not None:
+                return self._reranked_captions(image_tokens, image_pooled, max_new_tokens, num_beams, length_penalty,
+                                               repetition_penalty, rerank)
             compact = self.caption_decoder.generate(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
                                                     repetition_penalty)
             ids = self.caption_decoder.to_tokenizer(compact)
@@ -256,6 +265,22 @@ class StoryModel(nn.Module):
             ids = out.tolist()
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [t.strip() for t in texts]
+
+    def _reranked_captions(self, image_tokens: torch.Tensor, image_pooled: torch.Tensor, max_new_tokens: int,
+                           num_beams: int, length_penalty: float, repetition_penalty: float,
+                           weight: float) -> list[str]:
+        found = self.caption_decoder.candidates(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
+                                                repetition_penalty)
+        texts = [[t.strip() for t in self.tokenizer.batch_decode(self.caption_decoder.to_tokenizer(
+            [ids for _, ids in rows]), skip_special_tokens=True)] for rows in found]
+        flat = [t for rows in texts for t in rows]
+        agreement = self.text_embedding(flat) @ self.image_embedding(image_pooled).T  # [candidates, images]
+        chosen, start = [], 0
+        for image, rows in enumerate(found):
+            scores = [logprob + weight * float(agreement[start + j, image]) for j, (logprob, _) in enumerate(rows)]
+            chosen.append(texts[image][max(range(len(rows)), key=scores.__getitem__)])
+            start += len(rows)
+        return chosen
 
     # --- save / load -----------------------------------------------------------------------------------------------
     def trained_state_dict(self) -> dict[str, torch.Tensor]:

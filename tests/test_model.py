@@ -142,6 +142,30 @@ def test_caption_decoder_beam_search_returns_one_caption_per_image(tiny_model):
     assert len(greedy) == len(beams) == len(lm) == 2
 
 
+def test_caption_rerank_picks_the_beam_with_the_best_combined_score(tiny_model):
+    tiny_model.eval()
+    pixels = _pixels(tiny_model, n=2)
+    with torch.no_grad():
+        tokens, pooled = tiny_model.encode_image(pixels)
+        found = tiny_model.caption_decoder.candidates(tokens, 5, num_beams=4)
+        assert all(len(rows) >= 2 and rows == sorted(rows, key=lambda r: -r[0]) for rows in found)
+        weight = 50.0  # large enough that agreement, not log-probability, decides on a random model
+        expected = []
+        for image, rows in enumerate(found):
+            texts = [t.strip() for t in tiny_model.tokenizer.batch_decode(
+                tiny_model.caption_decoder.to_tokenizer([ids for _, ids in rows]), skip_special_tokens=True)]
+            cosine = (tiny_model.text_embedding(texts) @ tiny_model.image_embedding(pooled[image:image + 1]).T)[:, 0]
+            scores = [lp + weight * float(c) for (lp, _), c in zip(rows, cosine)]
+            expected.append(texts[max(range(len(rows)), key=scores.__getitem__)])
+        reranked = tiny_model.generate_captions(image_tokens=tokens, image_pooled=pooled, max_new_tokens=5,
+                                                num_beams=4, captioner="caption_decoder", rerank=weight)
+        plain = tiny_model.generate_captions(image_tokens=tokens, image_pooled=pooled, max_new_tokens=5,
+                                             num_beams=4, captioner="caption_decoder", rerank=0.0)
+    assert reranked == expected
+    assert plain == [tiny_model.tokenizer.decode(tiny_model.caption_decoder.to_tokenizer([rows[0][1]])[0],
+                                                 skip_special_tokens=True).strip() for rows in found]
+
+
 def test_caption_decoder_compact_vocabulary():
     config = get_model_config("tiny")
     config.caption_decoder.vocab_size = 12
