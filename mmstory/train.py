@@ -424,18 +424,11 @@ class Trainer:
         return Split(cached.dataset(self._text_features(cached.records, name)), cached.records, collate_features)
 
     def _text_features(self, records: list[ImageCaptions], name: str) -> TextFeatures | None:
-        """A frozen text encoder's features for every caption, computed once (the contrastive loss needs them)."""
-        model, acc, cfg = self.model, self.accelerator, self.config.data
-        if model.config.text.train != "frozen" or model.config.contrastive_weight <= 0:
-            return None
-        fingerprint = {"spec": model.config.text.spec, "weights_sha256": tensors_sha256(model.text.state_dict()),
-                       "pooling": "mean", "max_length": 128, "dtype": cfg.feature_dtype}
-        model.text.eval()  # a frozen encoder: no dropout in the features that stand in for it
-        with acc.main_process_first():
-            text = text_features(cfg.feature_cache_dir, model.encode_text, fingerprint,
-                                 [c for r in records for c in r.captions], dtype=getattr(torch, cfg.feature_dtype),
-                                 progress=self.config.progress and acc.is_main_process)
-        if acc.is_main_process:
+        acc = self.accelerator
+        with acc.main_process_first():  # the main process encodes; the others then load its file
+            text = caption_features(self.model, records, self.config.data,
+                                    progress=self.config.progress and acc.is_main_process)
+        if text is not None and acc.is_main_process:
             self.cache_report[f"{name}_text"] = {"captions": len(text.lookup), "encoded": text.encoded,
                                                  "seconds": round(text.seconds, 3)}
             acc.print(f"text features ({name}): {len(text.lookup)} captions, {text.encoded} encoded, "
@@ -740,6 +733,36 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------------
+def caption_features(model: StoryModel, records: list[ImageCaptions], data: DataConfig,
+                     progress: bool = False) -> TextFeatures | None:
+    """A frozen text encoder's features for every caption, computed once (the contrastive loss needs them)."""
+    if model.config.text.train != "frozen" or model.config.contrastive_weight <= 0:
+        return None
+    fingerprint = {"spec": model.config.text.spec, "weights_sha256": tensors_sha256(model.text.state_dict()),
+                   "pooling": "mean", "max_length": 128, "dtype": data.feature_dtype}
+    model.text.eval()  # a frozen encoder: no dropout in the features that stand in for it
+    return text_features(data.feature_cache_dir, model.encode_text, fingerprint,
+                         [c for r in records for c in r.captions], dtype=getattr(torch, data.feature_dtype),
+                         progress=progress)
+
+
+def prepare_features(config: TrainConfig) -> None:
+    """Fill the image (and caption) feature caches for the config's splits, e.g. before parallel stages."""
+    model = StoryModel(build_model_config(config.model))
+    freeze_unused_heads(model)
+    for name, source in (("train", config.data.train), ("dev", config.data.dev)):
+        if source is None:
+            continue
+        records, _ = read_source(source)
+        cache = FeatureCache(config.data.feature_cache_dir, model.vision, model.config.vision.spec,
+                             getattr(torch, config.data.feature_dtype), max_pixels=config.data.max_pixels)
+        built = cache.build(records, batch_size=config.data.encode_batch_size, num_workers=config.data.num_workers,
+                            progress=config.progress)
+        text = caption_features(model, built.records, config.data, progress=config.progress)
+        print(f"{name}: {built.encoded} images encoded, {built.reused} reused, {len(built.skipped)} skipped"
+              + (f"; {text.encoded} of {len(text.lookup)} captions encoded" if text is not None else ""), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmstory train", description="Train a StoryModel from a YAML config.")
     parser.add_argument("--config", required=True, help="YAML file (see configs/tiny.yaml)")
@@ -752,12 +775,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any field, e.g. --set optim.lr.bridge=1e-3 (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="build the feature caches (data.use_feature_cache) and exit without training")
     args = parser.parse_args(argv)
     config = TrainConfig.load(args.config, args.overrides)
     for name in ("output_dir", "max_steps", "epochs", "batch_size", "seed"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     config.progress = config.progress and not args.no_progress
+    if args.prepare_only:
+        if not config.data.use_feature_cache:
+            parser.error("--prepare-only needs data.use_feature_cache: true")
+        prepare_features(config)
+        return 0
     report = train(config, resume=args.resume)
     return 0 if report["status"] in ("completed", "early_stopped") else 1
 

@@ -116,6 +116,21 @@ def test_param_groups_per_part(tiny_model):
 # --------------------------------------------------------------------------------------------------------------------
 # Training runs
 # --------------------------------------------------------------------------------------------------------------------
+def test_prepare_only_fills_the_caches_and_trains_nothing(tmp_path: Path, capsys):
+    csv = write_dataset(tmp_path / "data", 6)
+    config = tmp_path / "config.yaml"
+    config.write_text(TINY.read_text())
+    cache = tmp_path / "cache"
+    argv = ["--config", str(config), "--output-dir", str(tmp_path / "run"), "--no-progress", "--prepare-only",
+            "--set", f"data.train.path={csv}", "--set", f"data.dev.path={csv}", "--set", "data.use_feature_cache=true",
+            "--set", f"data.feature_cache_dir={cache}"]
+    assert main(argv) == 0
+    assert "train: 6 images encoded" in capsys.readouterr().out
+    assert list(cache.glob("*/shard-*.safetensors")) and list(cache.glob("text-*/*.safetensors"))
+    assert not (tmp_path / "run").exists()
+    assert main(argv) == 0 and "dev: 0 images encoded, 6 reused" in capsys.readouterr().out
+
+
 def test_train_from_feature_cache(tmp_path: Path):
     csv = write_dataset(tmp_path / "data", 8)
     out = tmp_path / "run"
