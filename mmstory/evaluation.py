@@ -32,6 +32,7 @@ from mmstory.metrics import (
     java_available,
     length_stats,
     perplexity,
+    recall_at_k,
     recall_curve,
     repeated_ngram_rate,
     retrieval_metrics,
@@ -68,11 +69,12 @@ def load_eval_records(data: str | Path, split: str | None = "dev", limit: int | 
 # --- model passes ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def encode_and_caption(model, processor, records: Sequence[ImageCaptions], batch_size: int = 32,
-                       caption_kwargs: dict | None = None,
-                       progress: bool = False) -> tuple[list[int], list[str], torch.Tensor, list[dict]]:
+                       caption_kwargs: dict | None = None, progress: bool = False,
+                       keep_tokens: list | None = None) -> tuple[list[int], list[str], torch.Tensor, list[dict]]:
     """One batched pass over the images: their contrastive embeddings and, given caption_kwargs, one caption each.
 
-    Returns (indices of the records that loaded, their captions, image embeddings [N, E], skipped images).
+    Returns (indices of the records that loaded, their captions, image embeddings [N, E], skipped images); the
+    image tokens of each batch are appended (bf16) to `keep_tokens` when it is given.
     """
     from tqdm import tqdm
 
@@ -91,6 +93,8 @@ def encode_and_caption(model, processor, records: Sequence[ImageCaptions], batch
             continue
         tokens, pooled = model.encode_image(processor.batch(images).to(model.image_projection.weight.device))
         embeddings.append(model.image_embedding(pooled).cpu())
+        if keep_tokens is not None:
+            keep_tokens.append(tokens.to(torch.bfloat16).cpu())
         if caption_kwargs is not None:
             captions += model.generate_captions(image_tokens=tokens, image_pooled=pooled, **caption_kwargs)
         kept += indices
@@ -119,6 +123,34 @@ def retrieval_similarity(model, image_embeds: torch.Tensor, references: Sequence
         owner += [index] * len(chosen)
     sim = image_embeds.float() @ text_embeddings(model, texts, batch_size).float().T
     return sim.numpy(), np.asarray(owner)
+
+
+@torch.no_grad()
+def rerank_image_to_text(model, image_tokens: torch.Tensor, similarity: np.ndarray, texts: Sequence[str],
+                         top_k: int = 20, weight: float = 0.1, batch_size: int = 256) -> np.ndarray:
+    """Image->text scores with each image's `top_k` texts (by contrastive similarity) re-scored, CoCa-style, with the
+    caption decoder: logit_scale x cosine + weight x PMI, where PMI = log p(text | image) - log p(text | the average
+    image of the gallery), so that captions which are likely under any image do not win. The re-scored texts rank
+    above all others; the rest keep their order. Returns the new [images, texts] score matrix (image->text only)."""
+    sim = torch.as_tensor(similarity, dtype=torch.float32)
+    top_k = min(top_k, sim.shape[1])
+    top = sim.topk(top_k, dim=1).indices  # [images, k]
+    average = image_tokens.float().mean(dim=0, keepdim=True)
+    prior = torch.cat([model.caption_log_likelihood(average.expand(min(batch_size, len(texts) - i), -1, -1),
+                                                    list(texts[i: i + batch_size]))
+                       for i in range(0, len(texts), batch_size)])
+    pairs = [(i, int(j)) for i in range(sim.shape[0]) for j in top[i]]
+    likelihood = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start: start + batch_size]
+        tokens = torch.stack([image_tokens[i] for i, _ in chunk])
+        likelihood.append(model.caption_log_likelihood(tokens, [texts[j] for _, j in chunk]))
+    pmi = (torch.cat(likelihood).view(sim.shape[0], top_k) - prior[top])
+    scale = float(model.logit_scale.detach().clamp(max=np.log(100)).exp())
+    scores = sim * scale
+    rescored = scores.gather(1, top) + weight * pmi
+    offset = float(scores.max() - rescored.min()) + 1.0  # every re-scored text above every other one
+    return scores.scatter(1, top, rescored + offset).numpy()
 
 
 @torch.no_grad()
@@ -184,7 +216,7 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
              repetition_penalty: float = 1.2, max_new_tokens: int | None = None, captioner: str | None = None,
              stories: int = 20, story_length: str | int = "short", story_candidates: int = 3, batch_size: int = 32,
              captions_per_image: int = CAPTIONS_PER_IMAGE, use_java: bool | None = None, dtype: str = "bfloat16",
-             seed: int = 0, progress: bool = False) -> dict:
+             seed: int = 0, rerank_top_k: int = 20, rerank_weight: float = 0.1, progress: bool = False) -> dict:
     """Evaluate a StoryModel on (image, reference captions) records; returns the report as a dict.
 
     The model is wrapped in a StoryTeller (which casts the decoder to `dtype`), so the numbers are those of the
@@ -209,8 +241,10 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
                           captioner=captioner)
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    rerank = "retrieval" in tasks and rerank_top_k > 0 and model.caption_decoder is not None
+    token_batches: list | None = [] if rerank else None
     kept, captions, image_embeds, unreadable = encode_and_caption(
-        model, teller.processor, records, batch_size, caption_kwargs if captioning else None, progress)
+        model, teller.processor, records, batch_size, caption_kwargs if captioning else None, progress, token_batches)
     timings["images_s"] = time.perf_counter() - t
     good = [records[i] for i in kept]
     references = [r.captions for r in good]
@@ -220,6 +254,7 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
         "settings": {"tasks": list(tasks), "model_name": model.config.name, "dtype": dtype, "batch_size": batch_size,
                      "seed": seed, "captioning": {**caption_kwargs, "captioner": captioner or model.config.captioner},
                      "captions_per_image": captions_per_image, "stories": stories, "story_length": story_length,
+                     "rerank_top_k": rerank_top_k if rerank else 0, "rerank_weight": rerank_weight,
                      "story_candidates": story_candidates,
                      "use_java": use_java, "java_on_path": java_available()},
         "counts": {"images": len(records), "images_evaluated": len(good), "images_skipped": len(unreadable),
@@ -243,6 +278,16 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
                                "curve": {"k": curve_i2t["k"], "image_to_text": curve_i2t["recall"],
                                          "text_to_image": curve_t2i["recall"]}}
         timings["retrieval_s"] = time.perf_counter() - t
+        if rerank:
+            t = time.perf_counter()
+            texts = [c for group in references for c in list(group)[:captions_per_image]]
+            rescored = rerank_image_to_text(model, torch.cat(token_batches), sim, texts, rerank_top_k, rerank_weight)
+            ranks = retrieval_ranks(rescored, owner)[0]
+            report["retrieval"]["image_to_text_reranked"] = {
+                **{f"R@{k}": recall_at_k(ranks, k) for k in (1, 5, 10)}, "median_rank": float(np.median(ranks + 1)),
+                "top_k": rerank_top_k, "weight": rerank_weight,
+                "method": "top-k by contrastive similarity, re-scored with the caption decoder's PMI"}
+            timings["retrieval_rerank_s"] = time.perf_counter() - t
     if "stories" in tasks and stories > 0:
         t = time.perf_counter()
         report["stories"] = story_metrics(teller, good[:stories], image_embeds[:stories], story_length,
@@ -362,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rerank-top-k", type=int, default=20,
+                   help="image->text retrieval: re-score each image's top K texts with the caption decoder (0: off)")
+    p.add_argument("--rerank-weight", type=float, default=0.1, help="weight of the caption decoder's PMI score")
     p.add_argument("--no-java", action="store_true", help="skip METEOR/SPICE even where java is installed")
     p.add_argument("--out", default="eval_report.json", help="where to write the JSON report")
     p.add_argument("--plots", default=None, help="folder for PNG plots (default: beside the report)")
@@ -379,7 +427,9 @@ def summary(report: dict) -> str:
                      + f"  distinct {c['distinct_caption_fraction']:.2f}")
     if "retrieval" in report:
         r = report["retrieval"]
-        for direction in ("image_to_text", "text_to_image"):
+        for direction in ("image_to_text", "image_to_text_reranked", "text_to_image"):
+            if direction not in r:
+                continue
             d = r[direction]
             lines.append(f"{direction}: R@1 {d['R@1']:.1f}  R@5 {d['R@5']:.1f}  R@10 {d['R@10']:.1f}  "
                          f"median rank {d['median_rank']:.0f}")
@@ -415,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                           captioner=args.captioner, stories=args.stories, story_length=args.story_length,
                           story_candidates=args.story_candidates,
                           batch_size=args.batch_size, use_java=False if args.no_java else None, dtype=args.dtype,
-                          seed=args.seed, progress=sys.stderr.isatty())
+                          seed=args.seed, rerank_top_k=args.rerank_top_k, rerank_weight=args.rerank_weight,
+                          progress=sys.stderr.isatty())
     except ValueError as err:
         print(f"mmstory eval: {err}", file=sys.stderr)
         return 2

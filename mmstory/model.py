@@ -282,6 +282,17 @@ class StoryModel(nn.Module):
             start += len(rows)
         return chosen
 
+    @torch.no_grad()
+    def caption_log_likelihood(self, image_tokens: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """log p(caption | image) under the caption decoder, summed over tokens, one per (image, caption) row:
+        CoCa's captioning objective read as an image-text matching score."""
+        if self.caption_decoder is None:
+            raise ValueError("this model has no caption decoder")
+        ids, padding = self._caption_decoder_batch(captions, image_tokens.device)
+        logits = self.caption_decoder(ids, image_tokens.float(), padding).float()
+        logprobs = logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0]
+        return (logprobs * ~padding[:, 1:]).sum(dim=1)
+
     # --- save / load -----------------------------------------------------------------------------------------------
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors a spec cannot rebuild: bridge, projections, caption decoder, LoRA and fully trained parts."""

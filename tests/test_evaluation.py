@@ -16,10 +16,11 @@ from mmstory.evaluation import (
     load_eval_records,
     plot_training_metrics,
     read_training_log,
+    rerank_image_to_text,
     retrieval_similarity,
     story_perplexity,
 )
-from mmstory.metrics import distinct_caption_fraction
+from mmstory.metrics import distinct_caption_fraction, retrieval_ranks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -78,6 +79,7 @@ def test_evaluate_retrieval_only_skips_unreadable_images(tiny_model, photo_dir):
     assert {s["item"] for s in report["skipped"]} >= {str(photo_dir / "images" / "broken.jpg")}
     assert report["retrieval"]["images"] == 4 and report["retrieval"]["texts"] == 8
     assert report["retrieval"]["curve"]["k"] == [1, 2, 3, 4]
+    assert report["retrieval"]["image_to_text_reranked"]["R@10"] == 100.0  # 8 texts: all within top 10
     assert report["retrieval"]["curve"]["text_to_image"][-1] == 100.0  # K = all images: always a hit
 
 
@@ -138,3 +140,38 @@ def test_mmstory_eval_reports_bad_arguments(photo_dir, capsys):
     assert "--split all" in capsys.readouterr().err
     assert cli.main(["eval", "--data", str(photo_dir), "--split", "all", "--run-dir", str(photo_dir)]) == 2
     assert "no training log" in capsys.readouterr().err
+
+
+def test_caption_log_likelihood_is_the_caption_decoder_loss_summed(tiny_model):
+    tiny_model.eval()
+    tokens = torch.randn(2, tiny_model.vision.num_tokens, tiny_model.vision.token_dim)
+    captions = ["a dog runs", "two birds sit on a long fence"]
+    ll = tiny_model.caption_log_likelihood(tokens, captions)
+    for i, caption in enumerate(captions):
+        with torch.no_grad():
+            out = tiny_model(captions=[caption], image_tokens=tokens[i:i + 1], image_pooled=tokens[i:i + 1].mean(1))
+        n = len(tiny_model.caption_decoder.to_compact(tiny_model.tokenize_captions([caption]))[0]) + 1  # + EOS
+        assert math.isclose(float(ll[i]), -float(out.caption_decoder_loss) * n, rel_tol=1e-4)
+
+
+def test_rerank_keeps_the_top_k_above_the_rest_and_orders_it_by_contrastive_plus_pmi(tiny_model):
+    tiny_model.eval()
+    torch.manual_seed(0)
+    tokens = torch.randn(3, tiny_model.vision.num_tokens, tiny_model.vision.token_dim)
+    texts = ["a dog", "a cat on a mat", "two people", "a red car", "the sea", "a boy jumps"]
+    sim = torch.rand(3, len(texts)).numpy()
+    weight = 0.5
+    rescored = rerank_image_to_text(tiny_model, tokens, sim, texts, top_k=3, weight=weight, batch_size=4)
+    scale = float(tiny_model.logit_scale.exp())
+    prior = tiny_model.caption_log_likelihood(tokens.mean(0, keepdim=True).expand(len(texts), -1, -1), texts)
+    for i in range(3):
+        top = np.argsort(-sim[i])[:3]
+        rest = np.argsort(-sim[i])[3:]
+        assert rescored[i, top].min() > rescored[i, rest].max()
+        np.testing.assert_array_equal(np.argsort(-rescored[i, rest]), np.argsort(-sim[i, rest]))
+        pmi = tiny_model.caption_log_likelihood(tokens[i].expand(3, -1, -1), [texts[j] for j in top]) - prior[top]
+        expected = scale * torch.as_tensor(sim[i, top]) + weight * pmi
+        assert list(np.argsort(-rescored[i, top])) == list(np.argsort(-expected.numpy()))
+    unchanged = rerank_image_to_text(tiny_model, tokens, sim, texts, top_k=3, weight=0.0)
+    owner = [0, 0, 1, 1, 2, 2]
+    np.testing.assert_array_equal(retrieval_ranks(unchanged, owner)[0], retrieval_ranks(sim, owner)[0])
