@@ -16,6 +16,7 @@ keeps the parts that are exact and cheap and replaces the hot loop:
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -184,6 +185,7 @@ class FastDecoder:
         self._cos, self._sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
         self._caches: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         options = {"emulate_precision_casts": True}  # round bf16 where eager rounds: same tokens as eager
+        self._compiled_once = False
         self._layer_fn = torch.compile(_own_copy(decode_layer), options=options) if compile else decode_layer
         self._head_fn = torch.compile(_own_copy(decode_head), options=options) if compile else decode_head
 
@@ -352,6 +354,20 @@ class FastDecoder:
 
     def _step(self, tokens: torch.Tensor, slot: int, positions: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:
+        if self._compiled_once or self._layer_fn is decode_layer:
+            return self._run_step(tokens, slot, positions, mask)
+        try:  # the first compiled step: a machine without a working C++ toolchain falls back to eager decoding
+            logits = self._run_step(tokens, slot, positions, mask)
+        except Exception as err:  # noqa: BLE001 - inductor raises many kinds; the step is simply redone eagerly
+            warnings.warn(f"torch.compile of the decode step failed ({type(err).__name__}: {str(err)[:200]}); "
+                          "decoding without it (slower)", RuntimeWarning, stacklevel=2)
+            self._layer_fn, self._head_fn = decode_layer, decode_head
+            return self._run_step(tokens, slot, positions, mask)  # rewrites the same cache slot: idempotent
+        self._compiled_once = True
+        return logits
+
+    def _run_step(self, tokens: torch.Tensor, slot: int, positions: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
         x = self._embed(tokens[:, None]).to(self.dtype)
         cos, sin = self._cos[positions][:, None, None], self._sin[positions][:, None, None]
         slot_index = torch.tensor([slot])

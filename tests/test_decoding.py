@@ -303,3 +303,18 @@ def test_smollm2_greedy_equals_transformers():
     int4 = FastDecoder(model, quantize="int4")
     story = tokenizer.decode(int4.generate(embeds, max_new_tokens=64)[0], skip_special_tokens=True)
     assert len(story.split()) > 20 and "\ufffd" not in story
+
+
+def test_a_failed_compile_falls_back_to_eager_decoding(tiny):
+    model, _ = tiny
+    embeds = model.get_input_embeddings().weight[:5][None].detach()
+    eager = FastDecoder(model, compile=False).generate(embeds, max_new_tokens=6)
+    fast = FastDecoder(model, compile=True)
+
+    def broken(*args, **kwargs):  # what a machine without a C++ compiler gets from inductor
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    fast._layer_fn = broken
+    with pytest.warns(RuntimeWarning, match="decoding without it"):
+        tokens = fast.generate(embeds, max_new_tokens=6)
+    assert torch.equal(tokens, eager)
