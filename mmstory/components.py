@@ -25,6 +25,24 @@ class VisionEncoder(nn.Module):
         self.num_tokens, self.token_dim = tokens.shape[1], tokens.shape[2]
         self.pooled_dim = pooled.shape[1]
 
+    def class_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The backbone's own ImageNet classifier on the pooled vector (timm CNNs: avg pool -> linear head)."""
+        head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else None
+        if not isinstance(head, nn.Linear) or head.in_features != self.pooled_dim:
+            raise ValueError(f"this {self.kind} vision encoder has no linear classifier on its pooled features")
+        return head(pooled.to(head.weight.dtype))
+
+    def class_names(self) -> list[str]:
+        """Names of the classifier's classes (ImageNet-1k: the first synonym of each, e.g. 'Egyptian cat')."""
+        from timm.data import ImageNetInfo
+
+        head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else None
+        classes = getattr(head, "out_features", 0)
+        if classes != 1000:
+            raise ValueError(f"class names are known for ImageNet-1k's 1000 classes; this head has {classes}")
+        info = ImageNetInfo()
+        return [info.index_to_description(i).split(",")[0].strip() for i in range(classes)]
+
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "open_clip":
             pooled, tokens = self.model(pixel_values)
@@ -114,7 +132,7 @@ class CaptionDecoder(nn.Module):
     SPECIALS = 4
 
     def __init__(self, tokenizer_size: int, vocab_size: int | None, token_dim: int, width: int, depth: int,
-                 heads: int, max_length: int, dropout: float):
+                 heads: int, max_length: int, dropout: float, tag_slots: int = 0):
         super().__init__()
         self.max_length = max_length
         size = self.SPECIALS + (vocab_size or tokenizer_size)
@@ -126,6 +144,10 @@ class CaptionDecoder(nn.Module):
         self.embed = nn.Embedding(size, width)
         self.position = nn.Parameter(torch.zeros(1, max_length + 1, width))
         self.image_proj = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, width))
+        # tag words (the image classifier's top classes, OSCAR-style) join the memory as embedded tokens: the same
+        # embedding as the output head, so a tag word is easy to copy into the caption; slots carry rank position
+        self.tag_slots = tag_slots
+        self.tag_position = nn.Parameter(torch.zeros(1, tag_slots, width)) if tag_slots else None
         layer = nn.TransformerDecoderLayer(width, heads, 4 * width, dropout, activation="gelu", batch_first=True,
                                            norm_first=True)
         self.layers = nn.TransformerDecoder(layer, depth)
@@ -154,21 +176,31 @@ class CaptionDecoder(nn.Module):
         table = self.token_ids.tolist()
         return [[table[c] for c in ids if c >= self.SPECIALS and table[c] >= 0] for ids in compact_lists]
 
-    def forward(self, input_ids: torch.Tensor, image_tokens: torch.Tensor,
-                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V] for `input_ids` [B, T] that start with BOS; `padding_mask` is True at padding."""
+    def forward(self, input_ids: torch.Tensor, image_tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                tag_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for `input_ids` [B, T] that start with BOS; `padding_mask` is True at padding;
+        `tag_ids` [B, tag_slots] are compact ids of tag words (PAD where empty), required when tag_slots > 0."""
         length = input_ids.shape[1]
         if length > self.position.shape[1]:
             raise ValueError(f"caption of {length} tokens exceeds the caption decoder's {self.position.shape[1]}")
         x = self.embed(input_ids) + self.position[:, :length]
-        memory = self.image_proj(image_tokens)
+        memory, memory_mask = self.image_proj(image_tokens), None
+        if self.tag_slots:
+            if tag_ids is None or tag_ids.shape[1] != self.tag_slots:
+                raise ValueError(f"this caption decoder reads {self.tag_slots} tag ids per image")
+            memory = torch.cat([memory, self.embed(tag_ids) + self.tag_position], dim=1)
+            empty = torch.zeros(image_tokens.shape[:2], dtype=torch.bool, device=x.device)
+            memory_mask = torch.cat([empty, tag_ids == self.PAD], dim=1)
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
-        x = self.layers(x, memory, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=padding_mask)
+        x = self.layers(x, memory, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=padding_mask,
+                        memory_key_padding_mask=memory_mask)
         return F.linear(self.norm(x), self.embed.weight)  # output head tied to the input embedding
 
-    def _next_logits(self, ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    def _next_logits(self, ids: torch.Tensor, image_tokens: torch.Tensor,
+                     tag_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for the next token, never one of the unusable ids (the loss still sees every id)."""
-        return self(ids, image_tokens)[:, -1].float().masked_fill(self._unusable, float("-inf"))
+        logits = self(ids, image_tokens, tag_ids=tag_ids)[:, -1].float()
+        return logits.masked_fill(self._unusable, float("-inf"))
 
     @property
     def _unusable(self) -> torch.Tensor:
@@ -179,28 +211,32 @@ class CaptionDecoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, image_tokens: torch.Tensor, max_new_tokens: int | None = None, num_beams: int = 1,
-                 length_penalty: float = 1.0, repetition_penalty: float = 1.0) -> list[list[int]]:
+                 length_penalty: float = 1.0, repetition_penalty: float = 1.0,
+                 tag_ids: torch.Tensor | None = None) -> list[list[int]]:
         """Greedy (num_beams=1) or beam search; returns compact ids without BOS/EOS, one list per image."""
         if num_beams == 1:
             steps = min(max_new_tokens or self.max_length, self.max_length)
-            return self._greedy(image_tokens, steps, repetition_penalty)
-        found = self.candidates(image_tokens, max_new_tokens, num_beams, length_penalty, repetition_penalty)
+            return self._greedy(image_tokens, steps, repetition_penalty, tag_ids)
+        found = self.candidates(image_tokens, max_new_tokens, num_beams, length_penalty, repetition_penalty, tag_ids)
         return [rows[0][1] for rows in found]
 
     @torch.no_grad()
     def candidates(self, image_tokens: torch.Tensor, max_new_tokens: int | None = None, num_beams: int = 3,
-                   length_penalty: float = 1.0, repetition_penalty: float = 1.0) -> list[list[tuple[float, list[int]]]]:
+                   length_penalty: float = 1.0, repetition_penalty: float = 1.0,
+                   tag_ids: torch.Tensor | None = None) -> list[list[tuple[float, list[int]]]]:
         """Beam search's finished captions per image, best first, as (length-normalised log-probability, ids)."""
         steps = min(max_new_tokens or self.max_length, self.max_length)
-        return [self._beam_search(image_tokens[i: i + 1], steps, num_beams, length_penalty, repetition_penalty)
+        return [self._beam_search(image_tokens[i: i + 1], steps, num_beams, length_penalty, repetition_penalty,
+                                  None if tag_ids is None else tag_ids[i: i + 1])
                 for i in range(image_tokens.shape[0])]
 
-    def _greedy(self, image_tokens: torch.Tensor, steps: int, repetition_penalty: float) -> list[list[int]]:
+    def _greedy(self, image_tokens: torch.Tensor, steps: int, repetition_penalty: float,
+                tag_ids: torch.Tensor | None = None) -> list[list[int]]:
         batch = image_tokens.shape[0]
         ids = torch.full((batch, 1), self.BOS, dtype=torch.long, device=image_tokens.device)
         done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
         for _ in range(steps):
-            logits = self._next_logits(ids, image_tokens)
+            logits = self._next_logits(ids, image_tokens, tag_ids)
             logits = _penalise_repeats(logits, ids[:, 1:], repetition_penalty)
             next_ids = logits.argmax(-1).masked_fill(done, self.PAD)
             ids = torch.cat([ids, next_ids[:, None]], dim=1)
@@ -210,12 +246,14 @@ class CaptionDecoder(nn.Module):
         return [_strip(row.tolist(), self.EOS, self.PAD) for row in ids[:, 1:]]
 
     def _beam_search(self, image_tokens: torch.Tensor, steps: int, beams: int, length_penalty: float,
-                     repetition_penalty: float) -> list[tuple[float, list[int]]]:
+                     repetition_penalty: float, tag_ids: torch.Tensor | None = None) -> list[tuple[float, list[int]]]:
         ids = torch.full((1, 1), self.BOS, dtype=torch.long, device=image_tokens.device)
         scores = torch.zeros(1, device=ids.device)
         finished: list[tuple[float, list[int]]] = []
         for step in range(steps):
-            logits = self._next_logits(ids, image_tokens.expand(ids.shape[0], -1, -1))
+            rows = ids.shape[0]
+            logits = self._next_logits(ids, image_tokens.expand(rows, -1, -1),
+                                       None if tag_ids is None else tag_ids.expand(rows, -1))
             logits = _penalise_repeats(logits, ids[:, 1:], repetition_penalty)
             logprobs = scores[:, None] + logits.log_softmax(-1)
             top_scores, top_index = logprobs.view(-1).topk(2 * beams)

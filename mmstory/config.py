@@ -67,6 +67,8 @@ class CaptionDecoderConfig:
     heads: int = 4
     max_length: int = 40
     dropout: float = 0.1
+    image_tags: int = 0  # the vision backbone's top-k ImageNet classes, as words, join its memory (OSCAR-style tags)
+    tag_tokens: int = 4  # tokens kept of each class name
 
 
 @dataclass

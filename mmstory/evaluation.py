@@ -74,7 +74,7 @@ def encode_and_caption(model, processor, records: Sequence[ImageCaptions], batch
     """One batched pass over the images: their contrastive embeddings and, given caption_kwargs, one caption each.
 
     Returns (indices of the records that loaded, their captions, image embeddings [N, E], skipped images); the
-    image tokens of each batch are appended (bf16) to `keep_tokens` when it is given.
+    image tokens (bf16) and pooled features of each batch are appended to `keep_tokens` when it is given.
     """
     from tqdm import tqdm
 
@@ -94,7 +94,7 @@ def encode_and_caption(model, processor, records: Sequence[ImageCaptions], batch
         tokens, pooled = model.encode_image(processor.batch(images).to(model.image_projection.weight.device))
         embeddings.append(model.image_embedding(pooled).cpu())
         if keep_tokens is not None:
-            keep_tokens.append(tokens.to(torch.bfloat16).cpu())
+            keep_tokens.append((tokens.to(torch.bfloat16).cpu(), pooled.float().cpu()))
         if caption_kwargs is not None:
             captions += model.generate_captions(image_tokens=tokens, image_pooled=pooled, **caption_kwargs)
         kept += indices
@@ -126,8 +126,9 @@ def retrieval_similarity(model, image_embeds: torch.Tensor, references: Sequence
 
 
 @torch.no_grad()
-def rerank_image_to_text(model, image_tokens: torch.Tensor, similarity: np.ndarray, texts: Sequence[str],
-                         top_k: int = 20, weight: float = 0.1, batch_size: int = 256) -> np.ndarray:
+def rerank_image_to_text(model, image_tokens: torch.Tensor, image_pooled: torch.Tensor, similarity: np.ndarray,
+                         texts: Sequence[str], top_k: int = 20, weight: float = 0.1,
+                         batch_size: int = 256) -> np.ndarray:
     """Image->text scores with each image's `top_k` texts (by contrastive similarity) re-scored, CoCa-style, with the
     caption decoder: logit_scale x cosine + weight x PMI, where PMI = log p(text | image) - log p(text | the average
     image of the gallery), so that captions which are likely under any image do not win. The re-scored texts rank
@@ -136,15 +137,20 @@ def rerank_image_to_text(model, image_tokens: torch.Tensor, similarity: np.ndarr
     top_k = min(top_k, sim.shape[1])
     top = sim.topk(top_k, dim=1).indices  # [images, k]
     average = image_tokens.float().mean(dim=0, keepdim=True)
-    prior = torch.cat([model.caption_log_likelihood(average.expand(min(batch_size, len(texts) - i), -1, -1),
-                                                    list(texts[i: i + batch_size]))
-                       for i in range(0, len(texts), batch_size)])
+    average_pooled = image_pooled.float().mean(dim=0, keepdim=True)
+    prior = []
+    for i in range(0, len(texts), batch_size):
+        chunk = list(texts[i: i + batch_size])
+        prior.append(model.caption_log_likelihood(average.expand(len(chunk), -1, -1), chunk,
+                                                  average_pooled.expand(len(chunk), -1)))
+    prior = torch.cat(prior)
     pairs = [(i, int(j)) for i in range(sim.shape[0]) for j in top[i]]
     likelihood = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start: start + batch_size]
-        tokens = torch.stack([image_tokens[i] for i, _ in chunk])
-        likelihood.append(model.caption_log_likelihood(tokens, [texts[j] for _, j in chunk]))
+        rows = torch.tensor([i for i, _ in chunk])
+        likelihood.append(model.caption_log_likelihood(image_tokens[rows], [texts[j] for _, j in chunk],
+                                                       image_pooled[rows]))
     pmi = (torch.cat(likelihood).view(sim.shape[0], top_k) - prior[top])
     scale = float(model.logit_scale.detach().clamp(max=np.log(100)).exp())
     scores = sim * scale
@@ -281,7 +287,8 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
         if rerank:
             t = time.perf_counter()
             texts = [c for group in references for c in list(group)[:captions_per_image]]
-            rescored = rerank_image_to_text(model, torch.cat(token_batches), sim, texts, rerank_top_k, rerank_weight)
+            tokens, pooled = (torch.cat(parts) for parts in zip(*token_batches))
+            rescored = rerank_image_to_text(model, tokens, pooled, sim, texts, rerank_top_k, rerank_weight)
             ranks = retrieval_ranks(rescored, owner)[0]
             report["retrieval"]["image_to_text_reranked"] = {
                 **{f"R@{k}": recall_at_k(ranks, k) for k in (1, 5, 10)}, "median_rank": float(np.median(ranks + 1)),

@@ -62,7 +62,12 @@ class StoryModel(nn.Module):
         if config.caption_decoder.enabled:
             c = config.caption_decoder
             self.caption_decoder = CaptionDecoder(len(self.tokenizer), c.vocab_size, self.vision.token_dim, c.width,
-                                                  c.depth, c.heads, c.max_length, c.dropout)
+                                                  c.depth, c.heads, c.max_length, c.dropout,
+                                                  tag_slots=c.image_tags * c.tag_tokens)
+            if c.image_tags:  # tokenizer ids of each class name, -1 padded: [classes, tag_tokens]
+                names = self.tokenizer([" " + n for n in self.vision.class_names()], add_special_tokens=False)
+                self._class_tokens = torch.tensor([(ids + [-1] * c.tag_tokens)[: c.tag_tokens]
+                                                   for ids in names.input_ids], dtype=torch.long)
         for part in ("vision", "text", "decoder"):
             self._set_train_mode(part, getattr(config, part))
 
@@ -118,6 +123,23 @@ class StoryModel(nn.Module):
     def visual_prefix(self, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         return self.bridge(tokens, pooled).to(self.decoder.dtype)
 
+    def image_tags(self, image_pooled: torch.Tensor | None) -> torch.Tensor | None:
+        """The caption decoder's tag words for each image: the names of the vision backbone's top ImageNet classes,
+        in its compact vocabulary ([B, image_tags x tag_tokens], PAD where a name is shorter or out of vocabulary)."""
+        c = self.config.caption_decoder
+        if self.caption_decoder is None or not c.image_tags:
+            return None
+        if image_pooled is None:
+            raise ValueError("this model's caption decoder reads image tags: pass image_pooled with image_tokens")
+        decoder = self.caption_decoder
+        with torch.no_grad():
+            top = self.vision.class_logits(image_pooled.float()).topk(c.image_tags, dim=-1).indices  # [B, k]
+        lookup = torch.full((decoder.tokenizer_size + 1,), decoder.PAD, dtype=torch.long)  # last slot: -1 padding
+        known = decoder.token_ids[decoder.SPECIALS:].cpu()
+        valid = known >= 0
+        lookup[known[valid]] = torch.arange(decoder.SPECIALS, decoder.SPECIALS + known.numel())[valid]
+        return lookup[self._class_tokens[top.cpu()]].flatten(1).to(image_pooled.device)
+
     # --- prompts ---------------------------------------------------------------------------------------------------
     def format_prompt(self, user_text: str, system: str | None = None) -> str:
         """Wrap a user message in the decoder's chat template (when it has one), ready for the answer."""
@@ -172,7 +194,7 @@ class StoryModel(nn.Module):
             out.loss = out.loss + cfg.caption_weight * out.caption_loss
         if self.caption_decoder is not None and cfg.caption_decoder_weight > 0:
             ids, padding = self._caption_decoder_batch(captions, image_tokens.device)
-            logits = self.caption_decoder(ids, image_tokens.float(), padding)
+            logits = self.caption_decoder(ids, image_tokens.float(), padding, self.image_tags(image_pooled))
             labels = ids.masked_fill(padding, IGNORE_INDEX)
             labels[:, 0] = IGNORE_INDEX  # BOS is given, never predicted
             out.caption_decoder_loss = caption_loss(logits, labels)
@@ -252,7 +274,7 @@ class StoryModel(nn.Module):
                 return self._reranked_captions(image_tokens, image_pooled, max_new_tokens, num_beams, length_penalty,
                                                repetition_penalty, rerank)
             compact = self.caption_decoder.generate(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
-                                                    repetition_penalty)
+                                                    repetition_penalty, self.image_tags(image_pooled))
             ids = self.caption_decoder.to_tokenizer(compact)
         else:
             prefix = self.visual_prefix(image_tokens, image_pooled)
@@ -270,7 +292,7 @@ class StoryModel(nn.Module):
                            num_beams: int, length_penalty: float, repetition_penalty: float,
                            weight: float) -> list[str]:
         found = self.caption_decoder.candidates(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
-                                                repetition_penalty)
+                                                repetition_penalty, self.image_tags(image_pooled))
         texts = [[t.strip() for t in self.tokenizer.batch_decode(self.caption_decoder.to_tokenizer(
             [ids for _, ids in rows]), skip_special_tokens=True)] for rows in found]
         flat = [t for rows in texts for t in rows]
@@ -283,13 +305,14 @@ class StoryModel(nn.Module):
         return chosen
 
     @torch.no_grad()
-    def caption_log_likelihood(self, image_tokens: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    def caption_log_likelihood(self, image_tokens: torch.Tensor, captions: list[str],
+                               image_pooled: torch.Tensor | None = None) -> torch.Tensor:
         """log p(caption | image) under the caption decoder, summed over tokens, one per (image, caption) row:
         CoCa's captioning objective read as an image-text matching score."""
         if self.caption_decoder is None:
             raise ValueError("this model has no caption decoder")
         ids, padding = self._caption_decoder_batch(captions, image_tokens.device)
-        logits = self.caption_decoder(ids, image_tokens.float(), padding).float()
+        logits = self.caption_decoder(ids, image_tokens.float(), padding, self.image_tags(image_pooled)).float()
         logprobs = logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0]
         return (logprobs * ~padding[:, 1:]).sum(dim=1)
 

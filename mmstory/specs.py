@@ -116,7 +116,7 @@ def load_vision(spec: str, pretrained: bool = True) -> tuple[torch.nn.Module, di
         import timm
 
         try:
-            model = timm.create_model(parsed.target, pretrained=pretrained, num_classes=0 if not pretrained else None)
+            model = timm.create_model(parsed.target, pretrained=pretrained)  # with its head: image tags use it
         except RuntimeError as err:  # unknown model names surface as RuntimeError in timm
             raise SpecError(f"timm has no model {parsed.target!r}: {err}") from err
         except Exception as err:  # noqa: BLE001 - hub errors come in many types

@@ -138,6 +138,7 @@ class TrainConfig:
     save_every: int | None = 500  # steps between checkpoints; one is always written at the end
     keep_checkpoints: int = 1
     early_stopping_patience: int | None = None  # stop after this many evaluations without a lower dev loss
+    best_metric: str = "loss"  # the dev loss that picks best/ and drives early stopping (any of LOSSES)
     num_sample_captions: int = 4
     progress: bool = True
 
@@ -146,6 +147,8 @@ class TrainConfig:
             raise ValueError("data.train is required")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        if self.best_metric not in LOSSES:
+            raise ValueError(f"best_metric must be one of {LOSSES}, got {self.best_metric!r}")
         for name in ("batch_size", "grad_accum_steps", "epochs", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -593,16 +596,20 @@ class Trainer:
         """Track the best dev loss (saving that model) and return True when early stopping says stop."""
         state = self.state
         state.last_eval_step, self.last_dev = state.global_step, metrics
-        improved = state.best_loss is None or metrics["loss"] < state.best_loss
+        value = metrics.get(self.config.best_metric)
+        if value is None:
+            raise ValueError(f"best_metric {self.config.best_metric!r} is not computed by this run's losses")
+        improved = state.best_loss is None or value < state.best_loss
         if improved:
-            state.best_loss, state.best_step, state.evals_since_best = metrics["loss"], state.global_step, 0
+            state.best_loss, state.best_step, state.evals_since_best = value, state.global_step, 0
             self._save_best()
         else:
             state.evals_since_best += 1
         self._log({"step": state.global_step, "split": "dev", **metrics, "best_loss": state.best_loss,
                    "epoch": state.epoch})
         self.accelerator.log({f"dev/{k}": v for k, v in metrics.items()}, step=state.global_step)
-        self._print(f"step {state.global_step}: dev loss {metrics['loss']:.4f} (best {state.best_loss:.4f} "
+        self._print(f"step {state.global_step}: dev loss {metrics['loss']:.4f}, {self.config.best_metric} "
+                    f"{value:.4f} (best {state.best_loss:.4f} "
                     f"at step {state.best_step})")
         patience = self.config.early_stopping_patience
         return patience is not None and state.evals_since_best >= patience

@@ -161,7 +161,8 @@ def test_rerank_keeps_the_top_k_above_the_rest_and_orders_it_by_contrastive_plus
     texts = ["a dog", "a cat on a mat", "two people", "a red car", "the sea", "a boy jumps"]
     sim = torch.rand(3, len(texts)).numpy()
     weight = 0.5
-    rescored = rerank_image_to_text(tiny_model, tokens, sim, texts, top_k=3, weight=weight, batch_size=4)
+    pooled = tokens.mean(1)
+    rescored = rerank_image_to_text(tiny_model, tokens, pooled, sim, texts, top_k=3, weight=weight, batch_size=4)
     scale = float(tiny_model.logit_scale.exp())
     prior = tiny_model.caption_log_likelihood(tokens.mean(0, keepdim=True).expand(len(texts), -1, -1), texts)
     for i in range(3):
@@ -172,6 +173,6 @@ def test_rerank_keeps_the_top_k_above_the_rest_and_orders_it_by_contrastive_plus
         pmi = tiny_model.caption_log_likelihood(tokens[i].expand(3, -1, -1), [texts[j] for j in top]) - prior[top]
         expected = scale * torch.as_tensor(sim[i, top]) + weight * pmi
         assert list(np.argsort(-rescored[i, top])) == list(np.argsort(-expected.numpy()))
-    unchanged = rerank_image_to_text(tiny_model, tokens, sim, texts, top_k=3, weight=0.0)
+    unchanged = rerank_image_to_text(tiny_model, tokens, pooled, sim, texts, top_k=3, weight=0.0)
     owner = [0, 0, 1, 1, 2, 2]
     np.testing.assert_array_equal(retrieval_ranks(unchanged, owner)[0], retrieval_ranks(sim, owner)[0])

@@ -185,3 +185,40 @@ def test_caption_decoder_compact_vocabulary():
         assert torch.isfinite(model(_pixels(model, n=1), ["zzz qqq"]).caption_decoder_loss)
     captions = model.generate_captions(_pixels(model), max_new_tokens=4, captioner="caption_decoder")
     assert all(set(c) <= set("ab ") for c in captions)  # only fitted tokens are ever generated
+
+
+def test_caption_decoder_reads_the_backbone_s_imagenet_classes_as_tag_words(tmp_path):
+    config = get_model_config("tiny")
+    config.caption_decoder.image_tags, config.caption_decoder.tag_tokens = 3, 4
+    torch.manual_seed(0)
+    model = create_model(config)
+    names = model.vision.class_names()
+    assert len(names) == 1000 and names[285] == "Egyptian cat"
+    model.fit_caption_vocabulary(CAPTIONS + names)  # byte-level tiny tokenizer: every byte of the names is known
+    model.eval()
+    pixels = _pixels(model, n=2)
+    with torch.no_grad():
+        tokens, pooled = model.encode_image(pixels)
+        tags = model.image_tags(pooled)
+        top = model.vision.class_logits(pooled).topk(3).indices
+    assert tags.shape == (2, 12)
+    decoder = model.caption_decoder
+    for row, classes in zip(tags.tolist(), top.tolist()):
+        for rank, cls in enumerate(classes):  # each slot holds the first 4 tokens of that class's name
+            expected = decoder.to_compact(model.tokenizer([" " + names[cls]], add_special_tokens=False).input_ids)[0]
+            assert row[4 * rank: 4 * rank + 4] == (expected + [decoder.PAD] * 4)[:4]
+
+    ids, padding = model._caption_decoder_batch(CAPTIONS[:2], torch.device("cpu"))
+    with torch.no_grad():
+        a = decoder(ids, tokens, padding, tags)
+        b = decoder(ids, tokens, padding, tags.flip(0))  # the other image's tags
+    assert not torch.allclose(a, b)  # the decoder does read them
+    with pytest.raises(ValueError, match="tag ids"):
+        decoder(ids, tokens, padding)
+
+    out = model(captions=CAPTIONS[:2], image_tokens=tokens, image_pooled=pooled)
+    assert torch.isfinite(out.caption_decoder_loss)
+    captions = model.generate_captions(pixels, max_new_tokens=5, captioner="caption_decoder", num_beams=2)
+    model.save_pretrained(tmp_path / "m")
+    loaded = StoryModel.from_pretrained(tmp_path / "m")
+    assert loaded.generate_captions(pixels, max_new_tokens=5, captioner="caption_decoder", num_beams=2) == captions

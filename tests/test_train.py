@@ -242,6 +242,19 @@ def test_early_stopping_on_dev_loss(tmp_path: Path):
     assert (tmp_path / "run" / "checkpoint-3").is_dir()
 
 
+def test_best_checkpoint_follows_the_chosen_dev_loss(tmp_path: Path):
+    csv = write_dataset(tmp_path / "data", 8)
+    config = tiny_config(csv, tmp_path / "run", f"data.dev.path={csv}", "data.use_feature_cache=true",
+                         f"data.feature_cache_dir={tmp_path / 'cache'}", "max_steps=4", "eval_every=1",
+                         "num_sample_captions=0", "best_metric=caption_decoder_loss")
+    report = train(config)
+    dev = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "dev"]
+    best = min(dev, key=lambda r: r["caption_decoder_loss"])
+    assert report["best"]["dev_loss"] == best["caption_decoder_loss"] and report["best"]["step"] == best["step"]
+    with pytest.raises(ValueError, match="best_metric"):
+        tiny_config(csv, tmp_path / "other", "best_metric=bleu")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Resume after SIGKILL
 # --------------------------------------------------------------------------------------------------------------------
