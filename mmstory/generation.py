@@ -301,7 +301,9 @@ class StoryTeller:
             image_embeds = self.model.image_embedding(pooled)
             scores = [self._agreement(c, image_embeds) for c in candidates]
             timings["rerank_s"] = time.perf_counter() - t
-        best = max(range(len(candidates)), key=lambda i: scores[i])
+        # the best agreement among the candidates that meet the length request (all of them, when none does)
+        fits = [meets_budget(c, budget) for c in candidates]
+        best = max(range(len(candidates)), key=lambda i: (fits[i], scores[i]))
         story = candidates[best]
         if stream and story.startswith(emitted) and len(story) > len(emitted):
             yield story[len(emitted):]
@@ -354,6 +356,11 @@ def word_budget(length: str | int) -> int:
     if length not in LENGTHS:
         raise StoryInputError(f"unknown length {length!r}; use one of {sorted(LENGTHS)} or a number of words")
     return LENGTHS[length]
+
+
+def meets_budget(story: str, budget: int) -> bool:
+    """Within the tolerance a reader would accept for "about N words": 70% to 120% of the budget."""
+    return 0.7 * budget <= len(story.split()) <= 1.2 * budget
 
 
 def build_instruction(captions: list[str], prompt: str | None, style: str | None, tone: str | None,

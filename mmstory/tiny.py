@@ -39,7 +39,7 @@ def tiny_decoder(name: str = "llama", seed: int = 0):
         raise ValueError(f"unknown tiny decoder {name!r}; use tiny:llama")
     tokenizer = byte_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
     with torch.random.fork_rng():

@@ -3,7 +3,6 @@
 import io
 import re
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,6 +12,7 @@ from mmstory.generation import (
     WordBudget,
     build_instruction,
     finish_story,
+    meets_budget,
     split_sentences,
     word_budget,
 )
@@ -38,8 +38,10 @@ def test_reranking_picks_the_best_scoring_candidate(tiny_teller):
     image_embeds = tiny_teller.model.image_embedding(pooled)
     scores = [tiny_teller._agreement(c, image_embeds) for c in result.candidates]
     assert len(result.candidates) == 4
-    assert result.story == result.candidates[int(np.argmax(scores))]
-    assert result.score == pytest.approx(max(scores))
+    eligible = [i for i, c in enumerate(result.candidates) if meets_budget(c, 20)] or range(4)
+    best = max(eligible, key=lambda i: scores[i])  # the best score among candidates of the requested length
+    assert result.story == result.candidates[best]
+    assert result.score == pytest.approx(scores[best])
 
 
 def test_result_carries_captions_settings_timings_and_serialises(tiny_teller):
@@ -221,5 +223,5 @@ def test_run_on_sentence_is_cut_at_a_clause_not_dropped():
 
 
 def test_request_longer_than_the_writer_context_is_refused_clearly(tiny_teller):
-    with pytest.raises(StoryInputError, match="context"):  # the tiny decoder has 512 positions
-        tiny_teller.generate_story(make_photo(0), previous="and then " * 400, **FAST)
+    with pytest.raises(StoryInputError, match="context"):  # the tiny decoder: 4,096 positions of one byte each
+        tiny_teller.generate_story(make_photo(0), previous="and then " * 2000, **FAST)
