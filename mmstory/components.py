@@ -25,19 +25,22 @@ class VisionEncoder(nn.Module):
         self.num_tokens, self.token_dim = tokens.shape[1], tokens.shape[2]
         self.pooled_dim = pooled.shape[1]
 
-    def class_logits(self, pooled: torch.Tensor) -> torch.Tensor:
-        """The backbone's own ImageNet classifier on the pooled vector (timm CNNs: avg pool -> linear head)."""
+    def _classifier(self) -> nn.Linear:
         head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else None
         if not isinstance(head, nn.Linear) or head.in_features != self.pooled_dim:
             raise ValueError(f"this {self.kind} vision encoder has no linear classifier on its pooled features")
+        return head
+
+    def class_logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The backbone's own ImageNet classifier on the pooled vector (timm CNNs: avg pool -> linear head)."""
+        head = self._classifier()
         return head(pooled.to(head.weight.dtype))
 
     def class_names(self) -> list[str]:
         """Names of the classifier's classes (ImageNet-1k: the first synonym of each, e.g. 'Egyptian cat')."""
         from timm.data import ImageNetInfo
 
-        head = self.model.get_classifier() if hasattr(self.model, "get_classifier") else None
-        classes = getattr(head, "out_features", 0)
+        classes = self._classifier().out_features
         if classes != 1000:
             raise ValueError(f"class names are known for ImageNet-1k's 1000 classes; this head has {classes}")
         info = ImageNetInfo()
@@ -168,9 +171,22 @@ class CaptionDecoder(nn.Module):
         self.token_ids[self.SPECIALS:] = -1
         self.token_ids[self.SPECIALS: self.SPECIALS + len(chosen)] = torch.tensor(chosen, dtype=torch.long)
 
+    def compact_table(self) -> torch.Tensor:
+        """Tokenizer id -> compact id ([tokenizer_size + 1]; UNK for ids outside the vocabulary, PAD at index -1 so
+        that -1 padding maps to PAD). Derived from `token_ids` and rebuilt only when that buffer changes."""
+        key = (self.token_ids.data_ptr(), self.token_ids._version)
+        if getattr(self, "_table_key", None) != key:
+            table = torch.full((self.tokenizer_size + 1,), self.UNK, dtype=torch.long)
+            table[-1] = self.PAD
+            known = self.token_ids.cpu()
+            valid = known >= 0
+            table[known[valid]] = torch.arange(known.numel())[valid]
+            self._table, self._table_key = table, key
+        return self._table
+
     def to_compact(self, token_id_lists: list[list[int]]) -> list[list[int]]:
-        lookup = {int(t): i for i, t in enumerate(self.token_ids.tolist()) if t >= 0}
-        return [[lookup.get(t, self.UNK) for t in ids] for ids in token_id_lists]
+        table = self.compact_table().tolist()
+        return [[table[t] for t in ids] for ids in token_id_lists]
 
     def to_tokenizer(self, compact_lists: list[list[int]]) -> list[list[int]]:
         table = self.token_ids.tolist()

@@ -131,14 +131,11 @@ class StoryModel(nn.Module):
             return None
         if image_pooled is None:
             raise ValueError("this model's caption decoder reads image tags: pass image_pooled with image_tokens")
-        decoder = self.caption_decoder
         with torch.no_grad():
             top = self.vision.class_logits(image_pooled.float()).topk(c.image_tags, dim=-1).indices  # [B, k]
-        lookup = torch.full((decoder.tokenizer_size + 1,), decoder.PAD, dtype=torch.long)  # last slot: -1 padding
-        known = decoder.token_ids[decoder.SPECIALS:].cpu()
-        valid = known >= 0
-        lookup[known[valid]] = torch.arange(decoder.SPECIALS, decoder.SPECIALS + known.numel())[valid]
-        return lookup[self._class_tokens[top.cpu()]].flatten(1).to(image_pooled.device)
+        decoder = self.caption_decoder
+        tags = decoder.compact_table()[self._class_tokens[top.cpu()]].flatten(1)  # -1 padding -> PAD
+        return tags.masked_fill(tags == decoder.UNK, decoder.PAD).to(image_pooled.device)  # unknown words: empty
 
     # --- prompts ---------------------------------------------------------------------------------------------------
     def format_prompt(self, user_text: str, system: str | None = None) -> str:
