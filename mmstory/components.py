@@ -200,23 +200,70 @@ class CaptionDecoder(nn.Module):
         if length > self.position.shape[1]:
             raise ValueError(f"caption of {length} tokens exceeds the caption decoder's {self.position.shape[1]}")
         x = self.embed(input_ids) + self.position[:, :length]
-        memory, memory_mask = self.image_proj(image_tokens), None
-        if self.tag_slots:
-            if tag_ids is None or tag_ids.shape[1] != self.tag_slots:
-                raise ValueError(f"this caption decoder reads {self.tag_slots} tag ids per image")
-            memory = torch.cat([memory, self.embed(tag_ids) + self.tag_position], dim=1)
-            empty = torch.zeros(image_tokens.shape[:2], dtype=torch.bool, device=x.device)
-            memory_mask = torch.cat([empty, tag_ids == self.PAD], dim=1)
+        memory, memory_mask = self._memory(image_tokens, tag_ids)
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
         x = self.layers(x, memory, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=padding_mask,
                         memory_key_padding_mask=memory_mask)
         return F.linear(self.norm(x), self.embed.weight)  # output head tied to the input embedding
 
-    def _next_logits(self, ids: torch.Tensor, image_tokens: torch.Tensor,
-                     tag_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for the next token, never one of the unusable ids (the loss still sees every id)."""
-        logits = self(ids, image_tokens, tag_ids=tag_ids)[:, -1].float()
+    def _memory(self, image_tokens: torch.Tensor, tag_ids: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the decoder cross-attends to: projected image tokens, then the tag words; and its padding mask."""
+        memory, memory_mask = self.image_proj(image_tokens), None
+        if self.tag_slots:
+            if tag_ids is None or tag_ids.shape[1] != self.tag_slots:
+                raise ValueError(f"this caption decoder reads {self.tag_slots} tag ids per image")
+            memory = torch.cat([memory, self.embed(tag_ids) + self.tag_position], dim=1)
+            empty = torch.zeros(image_tokens.shape[:2], dtype=torch.bool, device=memory.device)
+            memory_mask = torch.cat([empty, tag_ids == self.PAD], dim=1)
+        return memory, memory_mask
+
+    # --- incremental decoding: the same layers, one new token at a time, keys and values cached ------------------
+    def start(self, image_tokens: torch.Tensor, tag_ids: torch.Tensor | None = None) -> DecodeState:
+        """Begin decoding (inference only: no dropout): the memory's cross-attention keys and values, once."""
+        memory, memory_mask = self._memory(image_tokens, tag_ids)
+        cross = []
+        for layer in self.layers.layers:
+            attn = layer.multihead_attn
+            _, k_weight, v_weight = attn.in_proj_weight.chunk(3)
+            _, k_bias, v_bias = attn.in_proj_bias.chunk(3)
+            cross.append((self._heads(F.linear(memory, k_weight, k_bias), attn.num_heads),
+                          self._heads(F.linear(memory, v_weight, v_bias), attn.num_heads)))
+        visible = None if memory_mask is None else ~memory_mask[:, None, None, :]
+        return DecodeState(cross, visible, [None] * len(cross))
+
+    def step(self, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ([B]) and return the next-token logits [B, V] (unusable ids at -inf); `state`
+        grows by that token. Equal to `forward` on the whole prefix, without recomputing it."""
+        position = state.length
+        if position >= self.position.shape[1]:
+            raise ValueError(f"the caption decoder's {self.position.shape[1]} positions are used up")
+        x = self.embed(token_ids)[:, None] + self.position[:, position: position + 1]
+        for i, layer in enumerate(self.layers.layers):
+            attn = layer.self_attn
+            q, k, v = (self._heads(t, attn.num_heads) for t in
+                       F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))
+            if state.keys[i] is not None:
+                k, v = torch.cat([state.keys[i][0], k], dim=2), torch.cat([state.keys[i][1], v], dim=2)
+            state.keys[i] = (k, v)
+            x = x + attn.out_proj(self._merge(F.scaled_dot_product_attention(q, k, v)))
+            cross = layer.multihead_attn
+            q_weight, q_bias = cross.in_proj_weight.chunk(3)[0], cross.in_proj_bias.chunk(3)[0]
+            q = self._heads(F.linear(layer.norm2(x), q_weight, q_bias), cross.num_heads)
+            out = F.scaled_dot_product_attention(q, *state.memory[i], attn_mask=state.memory_visible)
+            x = x + cross.out_proj(self._merge(out))
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))
+        state.length += 1
+        logits = F.linear(self.norm(x[:, 0]), self.embed.weight).float()
         return logits.masked_fill(self._unusable, float("-inf"))
+
+    @staticmethod
+    def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+        return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # [B, T, W] -> [B, H, T, W/H]
+
+    @staticmethod
+    def _merge(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).flatten(2)
 
     @property
     def _unusable(self) -> torch.Tensor:
@@ -232,7 +279,7 @@ class CaptionDecoder(nn.Module):
         """Greedy (num_beams=1) or beam search; returns compact ids without BOS/EOS, one list per image."""
         if num_beams == 1:
             steps = min(max_new_tokens or self.max_length, self.max_length)
-            return self._greedy(image_tokens, steps, repetition_penalty, tag_ids)
+            return self._decode_batch(image_tokens, steps, repetition_penalty, tag_ids)
         found = self.candidates(image_tokens, max_new_tokens, num_beams, length_penalty, repetition_penalty, tag_ids)
         return [rows[0][1] for rows in found]
 
@@ -246,35 +293,57 @@ class CaptionDecoder(nn.Module):
                                   None if tag_ids is None else tag_ids[i: i + 1])
                 for i in range(image_tokens.shape[0])]
 
-    def _greedy(self, image_tokens: torch.Tensor, steps: int, repetition_penalty: float,
-                tag_ids: torch.Tensor | None = None) -> list[list[int]]:
+    @torch.no_grad()
+    def sample(self, image_tokens: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
+               max_new_tokens: int | None = None, tag_ids: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> list[list[int]]:
+        """`num_samples` captions per image drawn from the decoder's own distribution (row i * num_samples + j is
+        sample j of image i): the exploration self-critical training learns from."""
+        if temperature <= 0:
+            raise ValueError("sampling needs temperature > 0; use generate() for greedy decoding")
+        steps = min(max_new_tokens or self.max_length, self.max_length)
+        tokens = image_tokens.repeat_interleave(num_samples, dim=0)
+        tags = None if tag_ids is None else tag_ids.repeat_interleave(num_samples, dim=0)
+        return self._decode_batch(tokens, steps, 1.0, tags, temperature, generator)
+
+    def _decode_batch(self, image_tokens: torch.Tensor, steps: int, repetition_penalty: float,
+                tag_ids: torch.Tensor | None = None, temperature: float = 0.0,
+                generator: torch.Generator | None = None) -> list[list[int]]:
+        """Token by token for the whole batch: the argmax, or a draw at `temperature` > 0."""
         batch = image_tokens.shape[0]
         ids = torch.full((batch, 1), self.BOS, dtype=torch.long, device=image_tokens.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+        state = self.start(image_tokens, tag_ids)
+        active = torch.arange(batch, device=ids.device)  # rows still writing: finished ones leave the batch
         for _ in range(steps):
-            logits = self._next_logits(ids, image_tokens, tag_ids)
-            logits = _penalise_repeats(logits, ids[:, 1:], repetition_penalty)
-            next_ids = logits.argmax(-1).masked_fill(done, self.PAD)
-            ids = torch.cat([ids, next_ids[:, None]], dim=1)
-            done |= next_ids == self.EOS
-            if done.all():
+            rows = ids[active]
+            logits = _penalise_repeats(self.step(state, rows[:, -1]), rows[:, 1:], repetition_penalty)
+            if temperature > 0:
+                probs = (logits / temperature).softmax(-1)
+                next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                next_ids = logits.argmax(-1)
+            column = torch.full((batch,), self.PAD, dtype=torch.long, device=ids.device)
+            column[active] = next_ids
+            ids = torch.cat([ids, column[:, None]], dim=1)
+            writing = next_ids != self.EOS
+            active = active[writing]
+            if active.numel() == 0:
                 break
+            state.select(writing.nonzero()[:, 0])
         return [_strip(row.tolist(), self.EOS, self.PAD) for row in ids[:, 1:]]
 
     def _beam_search(self, image_tokens: torch.Tensor, steps: int, beams: int, length_penalty: float,
                      repetition_penalty: float, tag_ids: torch.Tensor | None = None) -> list[tuple[float, list[int]]]:
         ids = torch.full((1, 1), self.BOS, dtype=torch.long, device=image_tokens.device)
         scores = torch.zeros(1, device=ids.device)
+        state = self.start(image_tokens, tag_ids)
         finished: list[tuple[float, list[int]]] = []
         for step in range(steps):
-            rows = ids.shape[0]
-            logits = self._next_logits(ids, image_tokens.expand(rows, -1, -1),
-                                       None if tag_ids is None else tag_ids.expand(rows, -1))
-            logits = _penalise_repeats(logits, ids[:, 1:], repetition_penalty)
+            logits = _penalise_repeats(self.step(state, ids[:, -1]), ids[:, 1:], repetition_penalty)
             logprobs = scores[:, None] + logits.log_softmax(-1)
             top_scores, top_index = logprobs.view(-1).topk(2 * beams)
             vocab = logits.shape[-1]
-            next_rows, next_scores = [], []
+            next_rows, next_scores, sources = [], [], []
             for score, index in zip(top_scores.tolist(), top_index.tolist()):
                 row, token = divmod(index, vocab)
                 sequence = ids[row, 1:].tolist() + [token]
@@ -283,6 +352,7 @@ class CaptionDecoder(nn.Module):
                 else:
                     next_rows.append(sequence)
                     next_scores.append(score)
+                    sources.append(row)
                 if len(next_rows) == beams:
                     break
             best_finished = max((f[0] for f in finished), default=float("-inf"))
@@ -291,9 +361,26 @@ class CaptionDecoder(nn.Module):
                 break
             ids = torch.tensor([[self.BOS] + row for row in next_rows], device=ids.device)
             scores = torch.tensor(next_scores, device=ids.device)
+            state.select(torch.tensor(sources, device=ids.device))
         if not finished:
             finished = [(s / (len(r) ** length_penalty), r) for s, r in zip(scores.tolist(), ids[:, 1:].tolist())]
         return sorted(finished, key=lambda item: -item[0])[:beams]
+
+
+class DecodeState:
+    """The caption decoder's incremental-decoding cache: per layer, the memory's cross-attention keys/values and the
+    self-attention keys/values of the tokens fed so far, for each row of the batch."""
+
+    def __init__(self, memory: list[tuple[torch.Tensor, torch.Tensor]], memory_visible: torch.Tensor | None,
+                 keys: list[tuple[torch.Tensor, torch.Tensor] | None]):
+        self.memory, self.memory_visible, self.keys, self.length = memory, memory_visible, keys, 0
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) these rows: finished rows leave, beams follow their parents."""
+        self.memory = [(k[rows], v[rows]) for k, v in self.memory]
+        if self.memory_visible is not None:
+            self.memory_visible = self.memory_visible[rows]
+        self.keys = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.keys]
 
 
 def _penalise_repeats(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:

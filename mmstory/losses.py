@@ -30,3 +30,25 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if (shift_labels != IGNORE_INDEX).sum() == 0:
         return shift_logits.sum() * 0.0  # nothing to predict; keep the graph intact
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+def self_critical_loss(token_logprobs: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """REINFORCE with a baseline (self-critical sequence training, Rennie et al. 2017): every token of a sampled
+    caption is pushed up or down by its caption's advantage (reward minus baseline); mean over real tokens.
+
+    `token_logprobs` [N, T] are log p(sampled token), `mask` [N, T] marks real tokens (EOS included), `advantages` [N].
+    """
+    if token_logprobs.shape != mask.shape or advantages.shape != token_logprobs.shape[:1]:
+        raise ValueError(f"shapes differ: log-probs {tuple(token_logprobs.shape)}, mask {tuple(mask.shape)}, "
+                         f"advantages {tuple(advantages.shape)}")
+    mask = mask.to(token_logprobs.dtype)
+    return -(token_logprobs * mask * advantages.detach()[:, None]).sum() / mask.sum().clamp(min=1)
+
+
+def leave_one_out_baseline(rewards: torch.Tensor, samples_per_image: int) -> torch.Tensor:
+    """Each sample's baseline is the mean reward of the other samples of its image (Luo 2020's SCST variant, no
+    greedy decode needed); rewards are image-major, `samples_per_image` (>= 2) per image."""
+    if samples_per_image < 2 or rewards.numel() % samples_per_image:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {samples_per_image} (>= 2) samples")
+    groups = rewards.view(-1, samples_per_image)
+    return ((groups.sum(dim=1, keepdim=True) - groups) / (samples_per_image - 1)).reshape(-1)

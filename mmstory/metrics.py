@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 
 from mmstory.ptb import ptb_tokenize, ptb_tokenize_lines
 
@@ -78,6 +79,47 @@ def caption_scores(references: Sequence[Sequence[str]], hypotheses: Sequence[str
     notes = ["tokenized with mmstory.ptb (a Java-free copy of pycocoevalcap's PTBTokenizer)"]
     java_scores, java_notes = _java_scores(gts, res, use_java)
     return {**scores, **java_scores}, notes + java_notes
+
+
+class CiderDReward:
+    """Per-caption CIDEr-D against an image's references, with document frequencies fixed on a training corpus.
+
+    Self-critical training scores each sampled caption on its own; pycocoevalcap's `Cider` would take the n-gram
+    document frequencies from whatever batch it is given, so, as SCST implementations do, they come from all the
+    training references once. The references are tokenized once too; callers name them by key (the image).
+    """
+
+    def __init__(self, references: dict[str, Sequence[str]]):
+        if not references:
+            raise ValueError("CiderDReward needs reference captions")
+        keys = list(references)
+        tokenized = tokenize_captions([references[k] for k in keys])
+        self._cooked = {key: cook_refs(group) for key, group in zip(keys, tokenized)}
+        corpus = CiderScorer()
+        corpus.crefs = list(self._cooked.values())
+        corpus.compute_doc_freq()
+        self._document_frequency = corpus.document_frequency
+        self._log_corpus_size = math.log(len(keys))
+
+    def __call__(self, hypotheses: Sequence[str], keys: Sequence[str]) -> np.ndarray:
+        """CIDEr-D (x10 scale, as reported) of hypothesis i against the references of image keys[i]."""
+        if len(hypotheses) != len(keys):
+            raise ValueError(f"{len(hypotheses)} hypotheses but {len(keys)} reference keys")
+        scorer = _CorpusCider(self._log_corpus_size)
+        scorer.document_frequency = self._document_frequency
+        scorer.ctest = [cook_test(h) for h in ptb_tokenize_lines(list(hypotheses))]
+        scorer.crefs = [self._cooked[key] for key in keys]
+        return np.asarray(scorer.compute_cider(), dtype=np.float64)
+
+
+class _CorpusCider(CiderScorer):
+    """pycocoevalcap's scorer with the idf's log corpus size fixed (`compute_cider` would reset it per batch)."""
+
+    def __init__(self, log_corpus_size: float):
+        super().__init__()
+        self._log_corpus_size = log_corpus_size
+
+    ref_len = property(lambda self: self._log_corpus_size, lambda self, value: None)
 
 
 def _java_scores(gts: dict, res: dict, use_java: bool | None) -> tuple[dict[str, float], list[str]]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from mmstory.components import CaptionDecoder, MLPBridge, ResamplerBridge, TextEncoder, VisionEncoder
 from mmstory.config import ModelConfig, PartConfig
-from mmstory.losses import IGNORE_INDEX, caption_loss, contrastive_loss
+from mmstory.losses import IGNORE_INDEX, caption_loss, contrastive_loss, self_critical_loss
 from mmstory.specs import is_reproducible, load_decoder, load_text_encoder, load_vision
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -168,8 +168,16 @@ class StoryModel(nn.Module):
     # --- training --------------------------------------------------------------------------------------------------
     def forward(self, pixel_values: torch.Tensor | None = None, captions: list[str] | None = None, *,
                 image_tokens: torch.Tensor | None = None, image_pooled: torch.Tensor | None = None,
-                text_pooled: torch.Tensor | None = None) -> StoryModelOutput:
-        """Losses for a batch of (image, caption) pairs; pass pixels or cached encoder features (image and text)."""
+                text_pooled: torch.Tensor | None = None, caption_samples: list[list[int]] | None = None,
+                sample_advantages: torch.Tensor | None = None) -> StoryModelOutput:
+        """Losses for a batch of (image, caption) pairs; pass pixels or cached encoder features (image and text).
+
+        Self-critical training passes the caption decoder's own `caption_samples` (compact ids, one per image row)
+        with their `sample_advantages` instead of captions: the caption decoder's loss is then the policy gradient
+        (`mmstory.losses.self_critical_loss`) and the other heads, which need reference captions, must be off.
+        """
+        if caption_samples is not None:
+            return self._self_critical(caption_samples, sample_advantages, pixel_values, image_tokens, image_pooled)
         if captions is None:
             raise ValueError("captions are required to compute the training losses")
         if image_tokens is None:
@@ -197,6 +205,28 @@ class StoryModel(nn.Module):
             out.caption_decoder_loss = caption_loss(logits, labels)
             out.loss = out.loss + cfg.caption_decoder_weight * out.caption_decoder_loss
         return out
+
+    def _self_critical(self, samples: list[list[int]], advantages: torch.Tensor | None,
+                       pixel_values: torch.Tensor | None, image_tokens: torch.Tensor | None,
+                       image_pooled: torch.Tensor | None) -> StoryModelOutput:
+        cfg = self.config
+        if self.caption_decoder is None or cfg.caption_decoder_weight == 0:
+            raise ValueError("self-critical training needs the caption decoder (caption_decoder_weight > 0)")
+        if cfg.contrastive_weight > 0 or cfg.caption_weight > 0:
+            raise ValueError("self-critical training trains the caption decoder alone: set contrastive_weight and "
+                             "caption_weight to 0")
+        if advantages is None or advantages.shape != (len(samples),):
+            raise ValueError("pass one advantage per caption sample")
+        if image_tokens is None:
+            image_tokens, image_pooled = self.encode_image(pixel_values)
+        if image_tokens.shape[0] != len(samples):
+            raise ValueError(f"{len(samples)} caption samples for {image_tokens.shape[0]} image rows")
+        dec = self.caption_decoder
+        ids, padding = self._compact_batch(samples, image_tokens.device)
+        logits = dec(ids, image_tokens.float(), padding, self.image_tags(image_pooled)).float()
+        logprobs = logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0]
+        loss = self_critical_loss(logprobs, ~padding[:, 1:], advantages.to(logprobs.device))
+        return StoryModelOutput(loss=cfg.caption_decoder_weight * loss, caption_decoder_loss=loss)
 
     def _caption_ids(self, captions: list[str], max_tokens: int, eos: int | None = None) -> list[list[int]]:
         ids = self.tokenize_captions(captions)
@@ -237,8 +267,12 @@ class StoryModel(nn.Module):
         if dec.needs_vocabulary:
             raise RuntimeError("the caption decoder has no vocabulary yet: call model.fit_caption_vocabulary(captions) "
                                "with the training captions before training")
-        targets = [row + [dec.EOS] for row in dec.to_compact(self.tokenize_captions(captions))]
-        targets = [t[: dec.max_length - 1] if len(t) > dec.max_length - 1 else t for t in targets]
+        return self._compact_batch(dec.to_compact(self.tokenize_captions(captions)), device)
+
+    def _compact_batch(self, compact: list[list[int]], device: torch.device):
+        """[BOS, ids..., EOS, PAD...] rows (cut to the decoder's length) and their padding mask."""
+        dec = self.caption_decoder
+        targets = [(row + [dec.EOS])[: dec.max_length - 1] for row in compact]
         width = max(len(t) for t in targets) + 1
         ids = torch.full((len(targets), width), dec.PAD, dtype=torch.long, device=device)
         padding = torch.ones(len(targets), width, dtype=torch.bool, device=device)
@@ -246,6 +280,19 @@ class StoryModel(nn.Module):
             ids[i, : len(t) + 1] = torch.tensor([dec.BOS] + t, device=device)
             padding[i, : len(t) + 1] = False
         return ids, padding
+
+    @torch.no_grad()
+    def sample_captions(self, image_tokens: torch.Tensor, image_pooled: torch.Tensor | None, num_samples: int,
+                        temperature: float = 1.0, generator: torch.Generator | None = None
+                        ) -> tuple[list[list[int]], list[str]]:
+        """`num_samples` caption-decoder samples per image: (compact ids, texts), image-major."""
+        dec = self.caption_decoder
+        if dec is None:
+            raise ValueError("this model has no caption decoder")
+        compact = dec.sample(image_tokens.float(), num_samples, temperature, self.config.max_caption_tokens,
+                             self.image_tags(image_pooled), generator)
+        texts = self.tokenizer.batch_decode(dec.to_tokenizer(compact), skip_special_tokens=True)
+        return compact, [t.strip() for t in texts]
 
     # --- captioning ------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -47,12 +47,15 @@ from mmstory.data import (
     Skipped,
     clean_records,
     collate_pixels,
+    item_name,
     load_records,
     records_fingerprint,
 )
 from mmstory.factory import get_model_config
 from mmstory.features import FeatureCache, TextFeatures, collate_features, tensors_sha256, text_features
 from mmstory.images import MAX_PIXELS, ImageProcessor
+from mmstory.losses import leave_one_out_baseline
+from mmstory.metrics import CiderDReward, caption_scores
 from mmstory.model import WEIGHTS_NAME, StoryModel
 
 PARTS = ("bridge", "caption_decoder", "projections", "vision", "text", "decoder")
@@ -62,6 +65,8 @@ PART_OF = {"bridge": "bridge", "caption_decoder": "caption_decoder", "image_proj
 DEFAULT_LR = {"bridge": 3e-4, "caption_decoder": 5e-4, "projections": 5e-4, "vision": 1e-5, "text": 1e-5,
               "decoder": 2e-5}
 LOSSES = ("loss", "contrastive_loss", "caption_loss", "caption_decoder_loss")
+SCORES = ("cider_d",)  # dev scores (higher is better): CIDEr-D of the caption decoder's greedy captions
+OBJECTIVES = ("xe", "scst")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -138,7 +143,13 @@ class TrainConfig:
     save_every: int | None = 500  # steps between checkpoints; one is always written at the end
     keep_checkpoints: int = 1
     early_stopping_patience: int | None = None  # stop after this many evaluations without a lower dev loss
-    best_metric: str = "loss"  # the dev loss that picks best/ and drives early stopping (any of LOSSES)
+    best_metric: str = "loss"  # what picks best/ and drives early stopping: a dev loss (LOSSES) or score (SCORES)
+    # the caption decoder's objective: "xe" (cross-entropy on reference captions) or "scst" (self-critical sequence
+    # training: sample captions, reward each by CIDEr-D against its image's references, baseline = the mean of the
+    # image's other samples; a fine-tuning stage after "xe", with the other heads off)
+    caption_objective: str = "xe"
+    scst_samples: int = 5  # samples per image (>= 2: each one's baseline is the others' mean reward)
+    scst_temperature: float = 1.0
     num_sample_captions: int = 4
     progress: bool = True
 
@@ -147,8 +158,12 @@ class TrainConfig:
             raise ValueError("data.train is required")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
-        if self.best_metric not in LOSSES:
-            raise ValueError(f"best_metric must be one of {LOSSES}, got {self.best_metric!r}")
+        if self.best_metric not in LOSSES + SCORES:
+            raise ValueError(f"best_metric must be one of {LOSSES + SCORES}, got {self.best_metric!r}")
+        if self.caption_objective not in OBJECTIVES:
+            raise ValueError(f"caption_objective must be one of {OBJECTIVES}, got {self.caption_objective!r}")
+        if self.caption_objective == "scst" and self.scst_samples < 2:
+            raise ValueError("scst_samples must be >= 2 (each sample's baseline is the mean of the others)")
         for name in ("batch_size", "grad_accum_steps", "epochs", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -277,7 +292,7 @@ class TrainState:
     step_in_epoch: int = 0  # optimizer steps done in `epoch`
     samples: int = 0
     train_seconds: float = 0.0
-    best_loss: float | None = None
+    best_value: float | None = None
     best_step: int | None = None
     evals_since_best: int = 0
     last_eval_step: int | None = None
@@ -378,6 +393,12 @@ class Trainer:
         decoder = self.model.caption_decoder
         if decoder is not None and decoder.needs_vocabulary:  # its compact vocabulary comes from the training captions
             self.model.fit_caption_vocabulary([c for r in self.train_split.records for c in r.captions])
+        self.reward = None
+        if config.caption_objective == "scst":
+            if decoder is None or self.model.config.contrastive_weight > 0 or self.model.config.caption_weight > 0:
+                raise ValueError("caption_objective: scst trains the caption decoder alone: the model needs one, and "
+                                 "model.overrides must set contrastive_weight and caption_weight to 0")
+            self.reward = CiderDReward({item_name(r.image): r.captions for r in self.train_split.records})
 
         opt = config.optim
         self.optimizer = torch.optim.AdamW(param_groups(self.model, opt.lr, opt.weight_decay), betas=tuple(opt.betas),
@@ -570,10 +591,26 @@ class Trainer:
             sums[-1] += n
         sums = acc.reduce(sums, "sum")
         metrics = {name: (sums[i] / sums[-1]).item() for i, name in enumerate(LOSSES) if sums[i] != 0}
+        if self.config.best_metric == "cider_d":
+            metrics["cider_d"] = self._dev_cider(model)
         if acc.is_main_process and self.config.num_sample_captions > 0:
             self._sample_captions(model)
         model.train()
         return metrics
+
+    def _dev_cider(self, model: StoryModel) -> float:
+        """Corpus CIDEr-D of greedy caption-decoder captions, one per dev image (every rank computes the same)."""
+        if model.caption_decoder is None:
+            raise ValueError("best_metric cider_d needs a caption decoder")
+        split, captions = self.dev_split, []
+        for start in range(0, len(split.records), self.config.batch_size):
+            keys = range(start, min(start + self.config.batch_size, len(split.records)))
+            batch = split.collate([split.dataset[(i, 0)] for i in keys])
+            inputs = _model_inputs(batch, self.accelerator.device)
+            inputs.pop("text_pooled", None)
+            captions += model.generate_captions(**inputs, captioner="caption_decoder")
+        scores, _ = caption_scores([r.captions for r in split.records], captions, use_java=False)
+        return scores["CIDEr-D"] * 100
 
     def _sample_captions(self, model: StoryModel) -> None:
         split = self.dev_split
@@ -599,17 +636,18 @@ class Trainer:
         value = metrics.get(self.config.best_metric)
         if value is None:
             raise ValueError(f"best_metric {self.config.best_metric!r} is not computed by this run's losses")
-        improved = state.best_loss is None or value < state.best_loss
+        better = (lambda a, b: a > b) if self.config.best_metric in SCORES else (lambda a, b: a < b)
+        improved = state.best_value is None or better(value, state.best_value)
         if improved:
-            state.best_loss, state.best_step, state.evals_since_best = value, state.global_step, 0
+            state.best_value, state.best_step, state.evals_since_best = value, state.global_step, 0
             self._save_best()
         else:
             state.evals_since_best += 1
-        self._log({"step": state.global_step, "split": "dev", **metrics, "best_loss": state.best_loss,
+        self._log({"step": state.global_step, "split": "dev", **metrics, "best_value": state.best_value,
                    "epoch": state.epoch})
         self.accelerator.log({f"dev/{k}": v for k, v in metrics.items()}, step=state.global_step)
         self._print(f"step {state.global_step}: dev loss {metrics['loss']:.4f}, {self.config.best_metric} "
-                    f"{value:.4f} (best {state.best_loss:.4f} "
+                    f"{value:.4f} (best {state.best_value:.4f} "
                     f"at step {state.best_step})")
         patience = self.config.early_stopping_patience
         return patience is not None and state.evals_since_best >= patience
@@ -622,7 +660,11 @@ class Trainer:
             self._note_skipped(batch["skipped"])
             sync = micro == len(batches) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                out = self.model(captions=batch["captions"], **_model_inputs(batch, acc.device))
+                if self.reward is not None:
+                    out, reward = self._self_critical_forward(batch)
+                    totals["sample_cider_d"] = totals.get("sample_cider_d", 0.0) + reward / len(batches)
+                else:
+                    out = self.model(captions=batch["captions"], **_model_inputs(batch, acc.device))
                 acc.backward(out.loss / len(batches))
             for name in LOSSES:
                 value = getattr(out, name)
@@ -635,6 +677,24 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return totals, grad_norm
+
+    def _self_critical_forward(self, batch: dict) -> tuple[Any, torch.Tensor]:
+        """Sample captions (no gradient), reward them, then the policy-gradient loss through the (DDP) model."""
+        cfg, acc = self.config, self.accelerator
+        inputs = _model_inputs(batch, acc.device)
+        inputs.pop("text_pooled", None)
+        model = acc.unwrap_model(self.model)
+        if "image_tokens" not in inputs:
+            with torch.no_grad():
+                inputs["image_tokens"], inputs["image_pooled"] = model.encode_image(inputs.pop("pixel_values"))
+        k = cfg.scst_samples
+        compact, texts = model.sample_captions(inputs["image_tokens"], inputs["image_pooled"], k, cfg.scst_temperature)
+        rewards = torch.as_tensor(self.reward(texts, [name for name in batch["names"] for _ in range(k)]),
+                                  dtype=torch.float32)
+        advantages = rewards - leave_one_out_baseline(rewards, k)
+        repeated = {name: value.repeat_interleave(k, dim=0) for name, value in inputs.items()}
+        out = self.model(**repeated, caption_samples=compact, sample_advantages=advantages.to(acc.device))
+        return out, rewards.mean().to(acc.device) * 100
 
     def fit(self) -> dict[str, Any]:
         acc, cfg, state = self.accelerator, self.config, self.state
@@ -714,7 +774,8 @@ class Trainer:
             "steps": state.global_step, "total_steps": self.total_steps, "epoch": state.epoch,
             "world_size": acc.num_processes, "mixed_precision": acc.mixed_precision,
             "final_train": last_train, "final_dev": self.last_dev,
-            "best": {"step": state.best_step, "dev_loss": state.best_loss, "path": str(self.out / "best")},
+            "best": {"step": state.best_step, "metric": self.config.best_metric, "value": state.best_value,
+                     "path": str(self.out / "best")},
             "checkpoint": str(checkpoint),
             "samples_per_second": state.samples / max(state.train_seconds, 1e-9),
             "train_seconds": state.train_seconds, "samples": state.samples,

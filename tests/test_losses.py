@@ -1,8 +1,9 @@
 import math
 
+import pytest
 import torch
 
-from mmstory.losses import IGNORE_INDEX, caption_loss, contrastive_loss
+from mmstory.losses import IGNORE_INDEX, caption_loss, contrastive_loss, leave_one_out_baseline, self_critical_loss
 
 
 def test_infonce_matches_hand_computed_value():
@@ -45,3 +46,30 @@ def test_caption_loss_ignores_masked_positions():
     picks = [(0, 1, 3), (0, 2, 4), (1, 1, 5), (1, 2, 6), (1, 3, 7), (1, 4, 8)]
     manual = sum(-torch.log_softmax(logits[b, t], -1)[y] for b, t, y in picks) / len(picks)
     assert torch.allclose(base, manual)
+
+
+def test_leave_one_out_baseline_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 0.0, 5.0])  # two images, three samples each
+    expected = torch.tensor([2.5, 2.0, 1.5, 2.5, 7.5, 5.0])
+    assert torch.allclose(leave_one_out_baseline(rewards, 3), expected)
+    with pytest.raises(ValueError, match="groups of 4"):
+        leave_one_out_baseline(rewards, 4)
+    with pytest.raises(ValueError, match=">= 2"):
+        leave_one_out_baseline(rewards, 1)
+
+
+def test_self_critical_loss_value_and_direction():
+    logits = torch.zeros(2, 3, 5, requires_grad=True)
+    sampled = torch.tensor([[1, 2, 0], [3, 3, 3]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])  # the first sample has 2 real tokens
+    logprobs = logits.log_softmax(-1).gather(2, sampled[..., None])[..., 0]
+    advantages = torch.tensor([1.0, -0.5])
+    loss = self_critical_loss(logprobs, mask, advantages)
+    by_hand = -(2 * math.log(0.2) * 1.0 + 3 * math.log(0.2) * -0.5) / 5
+    assert loss.item() == pytest.approx(by_hand)
+    loss.backward()
+    # a gradient step raises the tokens of the sample with a positive advantage and lowers the other's
+    assert logits.grad[0, 0, 1] < 0 and logits.grad[1, 0, 3] > 0
+    assert torch.all(logits.grad[0, 2] == 0)  # padding gets no gradient
+    with pytest.raises(ValueError, match="shapes differ"):
+        self_critical_loss(logprobs, mask, torch.ones(3))

@@ -12,6 +12,7 @@ import torch
 
 from mmstory import metrics
 from mmstory.metrics import (
+    CiderDReward,
     caption_scores,
     content_word_recall,
     distinct_caption_fraction,
@@ -130,6 +131,29 @@ def test_caption_scores_equal_pycocoevalcap_on_the_same_tokens():
         assert scores[name] == pytest.approx(direct[name], abs=1e-6), name
     assert 0 < scores["BLEU-4"] < scores["BLEU-1"] < 1 and scores["CIDEr-D"] > 0
     assert "METEOR" not in scores and any("METEOR" in n for n in notes)
+
+
+def test_cider_reward_equals_pycocoevalcap_when_the_corpus_is_the_batch():
+    """With the training corpus = the scored images, the per-caption rewards average to the corpus CIDEr-D."""
+    references = {f"img{i}": group for i, group in enumerate(REFS)}
+    reward = CiderDReward(references)
+    per_caption = reward(HYPS, list(references))
+    assert per_caption.shape == (len(HYPS),)
+    assert per_caption.mean() == pytest.approx(caption_scores(REFS, HYPS, use_java=False)[0]["CIDEr-D"], abs=1e-9)
+
+
+def test_cider_reward_keeps_corpus_frequencies_and_rewards_the_right_image():
+    references = {f"img{i}": group for i, group in enumerate(REFS)}
+    reward = CiderDReward(references)
+    own, other = reward([REFS[0][0], REFS[0][0]], ["img0", "img1"])
+    assert own > other >= 0  # a reference caption scores high for its image, not for another
+    # scores do not depend on what else is in the batch (fixed document frequencies)
+    alone = reward([HYPS[0]], ["img0"])
+    assert alone[0] == pytest.approx(reward(HYPS, list(references))[0])
+    with pytest.raises(ValueError, match="reference keys"):
+        reward(HYPS, ["img0"])
+    with pytest.raises(KeyError):
+        reward(["a dog"], ["unknown"])
 
 
 @requires_java

@@ -142,6 +142,32 @@ def test_caption_decoder_beam_search_returns_one_caption_per_image(tiny_model):
     assert len(greedy) == len(beams) == len(lm) == 2
 
 
+def test_caption_decoder_samples_are_reproducible_and_scored_by_self_critical_forward(tiny_model):
+    tiny_model.eval()
+    with torch.no_grad():
+        tokens, pooled = tiny_model.encode_image(_pixels(tiny_model, n=2))
+    def draw(seed):
+        return tiny_model.sample_captions(tokens, pooled, 3, generator=torch.Generator().manual_seed(seed))
+    (ids, texts), (again, _), (other, _) = draw(0), draw(0), draw(1)
+    assert len(ids) == len(texts) == 6 and ids == again and ids != other  # image-major: 3 samples per image
+    with pytest.raises(ValueError, match="temperature"):
+        tiny_model.caption_decoder.sample(tokens, 2, temperature=0.0)
+    # the policy-gradient loss: -mean over real tokens of advantage x log p(token), as the caption log-likelihood sees
+    cfg = tiny_model.config
+    cfg.contrastive_weight = cfg.caption_weight = 0.0
+    advantages = torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0, -0.5])
+    rows = {k: v.repeat_interleave(3, dim=0) for k, v in (("image_tokens", tokens), ("image_pooled", pooled))}
+    out = tiny_model(**rows, caption_samples=ids, sample_advantages=advantages)
+    ids_batch, padding = tiny_model._compact_batch(ids, tokens.device)
+    logits = tiny_model.caption_decoder(ids_batch, rows["image_tokens"], padding)
+    logprobs = logits[:, :-1].log_softmax(-1).gather(2, ids_batch[:, 1:, None])[..., 0] * ~padding[:, 1:]
+    expected = -(logprobs.sum(1) * advantages).sum() / (~padding[:, 1:]).sum()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    cfg.contrastive_weight = 1.0
+    with pytest.raises(ValueError, match="caption decoder alone"):
+        tiny_model(**rows, caption_samples=ids, sample_advantages=advantages)
+
+
 def test_caption_rerank_picks_the_beam_with_the_best_combined_score(tiny_model):
     tiny_model.eval()
     pixels = _pixels(tiny_model, n=2)
@@ -213,6 +239,16 @@ def test_caption_decoder_reads_the_backbone_s_imagenet_classes_as_tag_words(tmp_
         a = decoder(ids, tokens, padding, tags)
         b = decoder(ids, tokens, padding, tags.flip(0))  # the other image's tags
     assert not torch.allclose(a, b)  # the decoder does read them
+    # incremental decoding (keys and values cached, one token at a time) equals the full pass, padded tags included
+    with torch.no_grad():
+        state = decoder.start(tokens, tags)
+        steps = torch.stack([decoder.step(state, ids[:, t]) for t in range(ids.shape[1])], dim=1)
+    full = a.float().masked_fill(decoder._unusable, float("-inf"))
+    assert torch.allclose(steps[~padding], full[~padding], atol=1e-4)
+    # a batch decodes as its images do one by one (finished rows leave the batch mid-way)
+    batch = model.generate_captions(pixels, max_new_tokens=8, captioner="caption_decoder")
+    assert batch == [model.generate_captions(pixels[i: i + 1], max_new_tokens=8, captioner="caption_decoder")[0]
+                     for i in range(2)]
     with pytest.raises(ValueError, match="tag ids"):
         decoder(ids, tokens, padding)
 

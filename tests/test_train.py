@@ -149,7 +149,7 @@ def test_train_from_feature_cache(tmp_path: Path):
                                                      "seconds": report["feature_cache"]["train_text"]["seconds"]}
     assert report["feature_cache"]["dev_text"]["encoded"] == 0  # the same captions: the train run's file
     assert report["bad_items"] == [] and report["samples_per_second"] > 0
-    assert report["best"]["dev_loss"] == min(r["loss"] for r in read_jsonl(out / "metrics.jsonl")
+    assert report["best"]["value"] == min(r["loss"] for r in read_jsonl(out / "metrics.jsonl")
                                              if r["split"] == "dev")
     metrics = read_jsonl(out / "metrics.jsonl")
     train_rows = [r for r in metrics if r["split"] == "train"]
@@ -250,9 +250,37 @@ def test_best_checkpoint_follows_the_chosen_dev_loss(tmp_path: Path):
     report = train(config)
     dev = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "dev"]
     best = min(dev, key=lambda r: r["caption_decoder_loss"])
-    assert report["best"]["dev_loss"] == best["caption_decoder_loss"] and report["best"]["step"] == best["step"]
+    assert report["best"]["value"] == best["caption_decoder_loss"] and report["best"]["step"] == best["step"]
     with pytest.raises(ValueError, match="best_metric"):
         tiny_config(csv, tmp_path / "other", "best_metric=bleu")
+
+
+def test_self_critical_stage_trains_the_caption_decoder_and_keeps_the_best_dev_cider(tmp_path: Path):
+    csv = write_dataset(tmp_path / "data", 8)
+    common = [f"data.dev.path={csv}", "data.use_feature_cache=true", f"data.feature_cache_dir={tmp_path / 'cache'}",
+              "num_sample_captions=0"]
+    train(tiny_config(csv, tmp_path / "xe", *common, "max_steps=6", "model.overrides={caption_weight: 0.0}"))
+    stage = [*common, f"model.init_from={tmp_path / 'xe' / 'best'}", "caption_objective=scst", "scst_samples=3",
+             "best_metric=cider_d", "model.overrides={caption_weight: 0.0, contrastive_weight: 0.0}"]
+    before = StoryModel.from_pretrained(tmp_path / "xe" / "best").trained_state_dict()
+    report = train(tiny_config(csv, tmp_path / "scst", *stage, "max_steps=4", "eval_every=2"))
+    after = StoryModel.from_pretrained(tmp_path / "scst" / "checkpoint-4").trained_state_dict()
+    changed = {name.split(".")[0] for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {"caption_decoder"}  # the other heads are frozen in this stage
+    records = read_jsonl(tmp_path / "scst" / "metrics.jsonl")
+    train_rows = [r for r in records if r["split"] == "train"]
+    assert len(train_rows) == 4 and all(r["sample_cider_d"] >= 0 for r in train_rows)
+    dev = [r for r in records if r["split"] == "dev"]
+    assert [r["step"] for r in dev] == [2, 4] and all(r["cider_d"] >= 0 for r in dev)
+    best = max(dev, key=lambda r: r["cider_d"])  # a score: higher is better, the first of equals is kept
+    assert report["best"] == {"step": best["step"], "metric": "cider_d", "value": best["cider_d"],
+                              "path": str(tmp_path / "scst" / "best")}
+    with pytest.raises(ValueError, match="caption decoder alone"):
+        Trainer(tiny_config(csv, tmp_path / "bad", *common, "caption_objective=scst"))
+    with pytest.raises(ValueError, match="scst_samples"):
+        tiny_config(csv, tmp_path / "bad", "caption_objective=scst", "scst_samples=1")
+    with pytest.raises(ValueError, match="caption_objective"):
+        tiny_config(csv, tmp_path / "bad", "caption_objective=rl")
 
 
 # --------------------------------------------------------------------------------------------------------------------
