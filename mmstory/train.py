@@ -150,6 +150,9 @@ class TrainConfig:
     caption_objective: str = "xe"
     scst_samples: int = 5  # samples per image (>= 2: each one's baseline is the others' mean reward)
     scst_temperature: float = 1.0
+    # + this x log p(own image | sample) among the batch's images under the contrastive head: a discriminability
+    # reward (Luo et al. 2018) against the generic captions that CIDEr alone drifts towards
+    scst_discriminability: float = 0.0
     num_sample_captions: int = 4
     progress: bool = True
 
@@ -661,8 +664,9 @@ class Trainer:
             sync = micro == len(batches) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                 if self.reward is not None:
-                    out, reward = self._self_critical_forward(batch)
-                    totals["sample_cider_d"] = totals.get("sample_cider_d", 0.0) + reward / len(batches)
+                    out, rewards = self._self_critical_forward(batch)
+                    for name, value in rewards.items():
+                        totals[name] = totals.get(name, 0.0) + value / len(batches)
                 else:
                     out = self.model(captions=batch["captions"], **_model_inputs(batch, acc.device))
                 acc.backward(out.loss / len(batches))
@@ -678,7 +682,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return totals, grad_norm
 
-    def _self_critical_forward(self, batch: dict) -> tuple[Any, torch.Tensor]:
+    def _self_critical_forward(self, batch: dict) -> tuple[Any, dict[str, torch.Tensor]]:
         """Sample captions (no gradient), reward them, then the policy-gradient loss through the (DDP) model."""
         cfg, acc = self.config, self.accelerator
         inputs = _model_inputs(batch, acc.device)
@@ -689,12 +693,22 @@ class Trainer:
                 inputs["image_tokens"], inputs["image_pooled"] = model.encode_image(inputs.pop("pixel_values"))
         k = cfg.scst_samples
         compact, texts = model.sample_captions(inputs["image_tokens"], inputs["image_pooled"], k, cfg.scst_temperature)
-        rewards = torch.as_tensor(self.reward(texts, [name for name in batch["names"] for _ in range(k)]),
-                                  dtype=torch.float32)
+        cider = torch.as_tensor(self.reward(texts, [name for name in batch["names"] for _ in range(k)]),
+                                dtype=torch.float32)
+        logged = {"sample_cider_d": cider.mean() * 100}
+        rewards = cider
+        if cfg.scst_discriminability > 0:
+            with torch.no_grad():
+                scale = model.logit_scale.clamp(max=math.log(100)).exp()
+                logits = scale * model.text_embedding(texts) @ model.image_embedding(inputs["image_pooled"]).T
+                own = torch.arange(len(batch["names"]), device=logits.device).repeat_interleave(k)
+                retrieval = logits.log_softmax(dim=-1).gather(1, own[:, None])[:, 0].float().cpu()
+            rewards = cider + cfg.scst_discriminability * retrieval
+            logged["sample_image_logprob"] = retrieval.mean()
         advantages = rewards - leave_one_out_baseline(rewards, k)
         repeated = {name: value.repeat_interleave(k, dim=0) for name, value in inputs.items()}
         out = self.model(**repeated, caption_samples=compact, sample_advantages=advantages.to(acc.device))
-        return out, rewards.mean().to(acc.device) * 100
+        return out, {name: value.to(acc.device) for name, value in logged.items()}
 
     def fit(self) -> dict[str, Any]:
         acc, cfg, state = self.accelerator, self.config, self.state

@@ -261,7 +261,8 @@ def test_self_critical_stage_trains_the_caption_decoder_and_keeps_the_best_dev_c
               "num_sample_captions=0"]
     train(tiny_config(csv, tmp_path / "xe", *common, "max_steps=6", "model.overrides={caption_weight: 0.0}"))
     stage = [*common, f"model.init_from={tmp_path / 'xe' / 'best'}", "caption_objective=scst", "scst_samples=3",
-             "best_metric=cider_d", "model.overrides={caption_weight: 0.0, contrastive_weight: 0.0}"]
+             "best_metric=cider_d", "scst_discriminability=0.5",
+             "model.overrides={caption_weight: 0.0, contrastive_weight: 0.0}"]
     before = StoryModel.from_pretrained(tmp_path / "xe" / "best").trained_state_dict()
     report = train(tiny_config(csv, tmp_path / "scst", *stage, "max_steps=4", "eval_every=2"))
     after = StoryModel.from_pretrained(tmp_path / "scst" / "checkpoint-4").trained_state_dict()
@@ -270,6 +271,7 @@ def test_self_critical_stage_trains_the_caption_decoder_and_keeps_the_best_dev_c
     records = read_jsonl(tmp_path / "scst" / "metrics.jsonl")
     train_rows = [r for r in records if r["split"] == "train"]
     assert len(train_rows) == 4 and all(r["sample_cider_d"] >= 0 for r in train_rows)
+    assert all(-math.inf < r["sample_image_logprob"] <= 0 for r in train_rows)  # log p(own image | sample)
     dev = [r for r in records if r["split"] == "dev"]
     assert [r["step"] for r in dev] == [2, 4] and all(r["cider_d"] >= 0 for r in dev)
     best = max(dev, key=lambda r: r["cider_d"])  # a score: higher is better, the first of equals is kept
