@@ -73,10 +73,13 @@ def test_config_yaml_round_trip_and_overrides(tmp_path: Path):
         TrainConfig.load(TINY, ["mixed_precision=fp8"])
 
 
-def test_flickr8k_config_points_at_the_shared_data():
-    config = TrainConfig.load(ROOT / "configs" / "flickr8k.yaml")
+@pytest.mark.parametrize("name", ["flickr8k", "flickr8k_scst", "flickr8k_bridge"])
+def test_flickr8k_configs_point_at_the_shared_data(name):
+    config = TrainConfig.load(ROOT / "configs" / f"{name}.yaml")
     assert config.model.name == "mmstory-small" and config.data.use_feature_cache
-    assert config.mixed_precision == "bf16"
+    if name == "flickr8k_scst":  # stage 1b starts from stage 1's best model and trains the caption decoder alone
+        assert config.caption_objective == "scst" and config.model.init_from == "runs/flickr8k/best"
+        assert config.model.overrides == {"contrastive_weight": 0.0, "caption_weight": 0.0}
     if not (FLICKR8K / "captions.csv").is_file():
         pytest.skip("../shared/data/flickr8k is not present on this machine")
     for source in (config.data.train, config.data.dev):
