@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     caption.add_argument("images", nargs="*")
     caption.add_argument("--example", action="append", default=[])
     caption.add_argument("--model", default="mmstory-small")
-    caption.add_argument("--num-beams", type=int, default=3)
+    caption.add_argument("--num-beams", type=int, default=None, help="default: the model config's caption_beams")
     caption.set_defaults(func=cmd_caption)
     examples = sub.add_parser("examples", help="write the bundled example photos to a folder")
     examples.add_argument("--out", default="examples")

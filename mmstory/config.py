@@ -89,6 +89,7 @@ class ModelConfig:
     captioner: str = "decoder"  # which path writes captions at inference: "decoder" or "caption_decoder"
     story_prefix: bool = True  # the story writer reads the images' visual prefixes (False: captions only)
     caption_rerank: float = 0.0  # beam-search captions reranked by log-prob + this x image-text cosine (CoCa head)
+    caption_beams: int = 3  # the beams captions are decoded with unless a caller says otherwise
 
     def __post_init__(self) -> None:
         if self.captioner not in CAPTIONERS:

@@ -218,7 +218,7 @@ def story_metrics(teller, records: Sequence[ImageCaptions], image_embeds: torch.
 
 
 # --- the whole evaluation --------------------------------------------------------------------------------------------
-def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = TASKS, num_beams: int = 3,
+def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = TASKS, num_beams: int | None = None,
              repetition_penalty: float = 1.2, max_new_tokens: int | None = None, captioner: str | None = None,
              stories: int = 20, story_length: str | int = "short", story_candidates: int = 3, batch_size: int = 32,
              captions_per_image: int = CAPTIONS_PER_IMAGE, use_java: bool | None = None, dtype: str = "bfloat16",
@@ -226,7 +226,8 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
     """Evaluate a StoryModel on (image, reference captions) records; returns the report as a dict.
 
     The model is wrapped in a StoryTeller (which casts the decoder to `dtype`), so the numbers are those of the
-    product as served. Decoding settings default to StoryTeller.caption's (3 beams, repetition penalty 1.2).
+    product as served. Decoding settings default to StoryTeller.caption's (the config's caption_beams,
+    repetition penalty 1.2).
     """
     from mmstory import __version__
     from mmstory.generation import StoryTeller, word_budget
@@ -239,6 +240,7 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
         raise ValueError("no records with a non-empty caption to evaluate")
     if "stories" in tasks and stories > 0:
         word_budget(story_length)  # a bad length fails now, not after the captioning pass
+    num_beams = model.config.caption_beams if num_beams is None else num_beams
     begin = time.perf_counter()
     torch.manual_seed(seed)
     teller = StoryTeller(model, dtype=dtype)
@@ -402,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "'all'")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
-    p.add_argument("--num-beams", type=int, default=3)
+    p.add_argument("--num-beams", type=int, default=None, help="default: the model config's caption_beams")
     p.add_argument("--repetition-penalty", type=float, default=1.2)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--captioner", choices=["decoder", "caption_decoder"], default=None,

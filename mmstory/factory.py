@@ -35,7 +35,10 @@ def mmstory_small() -> ModelConfig:
                                              image_tags=5, tag_tokens=4),
         embed_dim=256,
         captioner="caption_decoder",  # chosen by dev-split metrics (see the model card in the README)
-        caption_rerank=5.0,  # beams reranked with the contrastive head: +1.7 BLEU-4, +6 CIDEr-D on 200 dev images
+        # 5 beams reranked by log-prob + 5 x the contrastive head's image-text cosine: after self-critical training,
+        # on the dev split this beats 3 beams and no rerank on BLEU-4, CIDEr-D and distinct captions (README)
+        caption_rerank=5.0,
+        caption_beams=5,
     )
 
 

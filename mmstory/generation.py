@@ -166,7 +166,8 @@ class StoryTeller:
         return self.model.encode_image(self.processor.batch(pil_images))
 
     @torch.no_grad()
-    def caption(self, images: ImageInput | Sequence[ImageInput], num_beams: int = 3, max_new_tokens: int | None = None,
+    def caption(self, images: ImageInput | Sequence[ImageInput], num_beams: int | None = None,
+                max_new_tokens: int | None = None,
                 repetition_penalty: float = 1.2, captioner: str | None = None) -> list[str]:
         """One caption per image, batched."""
         tokens, pooled = self._encode(self._load_images(images))
@@ -225,8 +226,7 @@ class StoryTeller:
         with self._lock:
             t = time.perf_counter()
             tokens, pooled = self._encode(pil_images)
-            captions = self.model.generate_captions(image_tokens=tokens, image_pooled=pooled, num_beams=3,
-                                                    repetition_penalty=1.2)
+            captions = self.model.generate_captions(image_tokens=tokens, image_pooled=pooled, repetition_penalty=1.2)
             timings["caption_s"] = time.perf_counter() - t
             use_prefix = self.model.config.story_prefix
             instruction = build_instruction(captions, prompt, style_text, tone_text, audience_text, budget, previous,

@@ -298,7 +298,7 @@ class StoryModel(nn.Module):
     @torch.no_grad()
     def generate_captions(self, pixel_values: torch.Tensor | None = None, *, image_tokens: torch.Tensor | None = None,
                           image_pooled: torch.Tensor | None = None, max_new_tokens: int | None = None,
-                          num_beams: int = 1, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
+                          num_beams: int | None = None, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
                           captioner: str | None = None, rerank: float | None = None) -> list[str]:
         """One caption per image, batched, from the configured captioning path.
 
@@ -311,6 +311,7 @@ class StoryModel(nn.Module):
         captioner = captioner or self.config.captioner
         max_new_tokens = max_new_tokens or self.config.max_caption_tokens
         rerank = self.config.caption_rerank if rerank is None else rerank
+        num_beams = self.config.caption_beams if num_beams is None else num_beams
         if captioner == "caption_decoder":
             if self.caption_decoder is None:
                 raise ValueError("this model has no caption decoder; use captioner='decoder'")

@@ -611,7 +611,7 @@ class Trainer:
             batch = split.collate([split.dataset[(i, 0)] for i in keys])
             inputs = _model_inputs(batch, self.accelerator.device)
             inputs.pop("text_pooled", None)
-            captions += model.generate_captions(**inputs, captioner="caption_decoder")
+            captions += model.generate_captions(**inputs, num_beams=1, captioner="caption_decoder")
         scores, _ = caption_scores([r.captions for r in split.records], captions, use_java=False)
         return scores["CIDEr-D"] * 100
 

@@ -38,7 +38,8 @@ def main() -> None:
     config.contrastive_weight = reference.contrastive_weight
     config.caption_weight = reference.caption_weight
     config.caption_decoder_weight = reference.caption_decoder_weight
-    config.caption_rerank = reference.caption_rerank  # an inference setting, chosen on dev after training
+    config.caption_rerank = reference.caption_rerank  # inference settings, chosen on dev after training
+    config.caption_beams = reference.caption_beams
     config.story_prefix = args.bridge_from is not None  # an untrained bridge would only feed the writer noise
     tensors = load_file(str(args.run_dir / WEIGHTS_NAME))
     if args.bridge_from is not None:
