@@ -35,10 +35,10 @@ def mmstory_small() -> ModelConfig:
                                              image_tags=5, tag_tokens=4),
         embed_dim=256,
         captioner="caption_decoder",  # chosen by dev-split metrics (see the model card in the README)
-        # 5 beams reranked by log-prob + 5 x the contrastive head's image-text cosine: after self-critical training,
-        # on the dev split this beats 3 beams and no rerank on BLEU-4, CIDEr-D and distinct captions (README)
-        caption_rerank=5.0,
-        caption_beams=5,
+        # 8 beams, the one chosen by log-prob + 40 x the contrastive head's image-text cosine: after self-critical
+        # training this keeps >= 90% of dev images' captions distinct at the same BLEU-4 (grid in the README)
+        caption_rerank=40.0,
+        caption_beams=8,
     )
 
 

@@ -142,7 +142,7 @@ class TrainConfig:
     eval_every: int | None = None  # steps between dev evaluations; None: only at the end
     save_every: int | None = 500  # steps between checkpoints; one is always written at the end
     keep_checkpoints: int = 1
-    early_stopping_patience: int | None = None  # stop after this many evaluations without a lower dev loss
+    early_stopping_patience: int | None = None  # stop after this many evaluations without a better best_metric
     best_metric: str = "loss"  # what picks best/ and drives early stopping: a dev loss (LOSSES) or score (SCORES)
     # the caption decoder's objective: "xe" (cross-entropy on reference captions) or "scst" (self-critical sequence
     # training: sample captions, reward each by CIDEr-D against its image's references, baseline = the mean of the
