@@ -140,7 +140,8 @@ class FastDecoder:
 
     `generate` takes the arguments of `transformers.generate` that story writing uses and returns the new tokens
     [B, T] the same way (rows that stop early are padded); `stream` yields each step's tokens as they are chosen.
-    Greedy decoding with `quantize=None` equals `transformers` greedy `generate` token for token.
+    Greedy decoding with `quantize=None` equals `transformers` greedy `generate` token for token (a bf16 near-tie
+    between the top two tokens may break the other way on some CPUs).
     """
 
     def __init__(self, model, quantize: str | None = None, compile: bool = True, max_length: int | None = None):
