@@ -234,7 +234,8 @@ class CaptionDecoder(nn.Module):
 
     def step(self, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
         """Feed one token per row ([B]) and return the next-token logits [B, V] (unusable ids at -inf); `state`
-        grows by that token. Equal to `forward` on the whole prefix, without recomputing it."""
+        grows by that token. Equal to `forward` on the whole prefix, without recomputing it; it follows the pre-norm
+        (`norm_first=True`) GELU layers that `__init__` builds, reading their weights directly."""
         position = state.length
         if position >= self.position.shape[1]:
             raise ValueError(f"the caption decoder's {self.position.shape[1]} positions are used up")
