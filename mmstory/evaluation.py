@@ -152,7 +152,7 @@ def rerank_image_to_text(model, image_tokens: torch.Tensor, image_pooled: torch.
         likelihood.append(model.caption_log_likelihood(image_tokens[rows], [texts[j] for _, j in chunk],
                                                        image_pooled[rows]))
     pmi = (torch.cat(likelihood).view(sim.shape[0], top_k) - prior[top])
-    scale = float(model.logit_scale.detach().clamp(max=np.log(100)).exp())
+    scale = float(model.contrastive_scale().detach())
     scores = sim * scale
     rescored = scores.gather(1, top) + weight * pmi
     offset = float(scores.max() - rescored.min()) + 1.0  # every re-scored text above every other one

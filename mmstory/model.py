@@ -105,6 +105,10 @@ class StoryModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.vision.train != "frozen"):
             return self.vision(pixel_values)
 
+    def contrastive_scale(self) -> torch.Tensor:
+        """1 / temperature of the contrastive head, capped at 100 as in CLIP."""
+        return self.logit_scale.clamp(max=math.log(100)).exp()
+
     def image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_projection(pooled.float()), dim=-1)
 
@@ -188,7 +192,7 @@ class StoryModel(nn.Module):
         zero = self.logit_scale.new_zeros(())
         out = StoryModelOutput(loss=zero)
         if cfg.contrastive_weight > 0:
-            scale = self.logit_scale.clamp(max=math.log(100)).exp()
+            scale = self.contrastive_scale()
             text = self.text_embedding(captions, pooled=text_pooled)
             out.contrastive_loss = contrastive_loss(self.image_embedding(image_pooled), text, scale)
             out.loss = out.loss + cfg.contrastive_weight * out.contrastive_loss
@@ -221,11 +225,9 @@ class StoryModel(nn.Module):
             image_tokens, image_pooled = self.encode_image(pixel_values)
         if image_tokens.shape[0] != len(samples):
             raise ValueError(f"{len(samples)} caption samples for {image_tokens.shape[0]} image rows")
-        dec = self.caption_decoder
         ids, padding = self._compact_batch(samples, image_tokens.device)
-        logits = dec(ids, image_tokens.float(), padding, self.image_tags(image_pooled)).float()
-        logprobs = logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0]
-        loss = self_critical_loss(logprobs, ~padding[:, 1:], advantages.to(logprobs.device))
+        logprobs, real = self._token_logprobs(ids, padding, image_tokens, image_pooled)
+        loss = self_critical_loss(logprobs, real, advantages.to(logprobs.device))
         return StoryModelOutput(loss=cfg.caption_decoder_weight * loss, caption_decoder_loss=loss)
 
     def _caption_ids(self, captions: list[str], max_tokens: int, eos: int | None = None) -> list[list[int]]:
@@ -291,8 +293,12 @@ class StoryModel(nn.Module):
             raise ValueError("this model has no caption decoder")
         compact = dec.sample(image_tokens.float(), num_samples, temperature, self.config.max_caption_tokens,
                              self.image_tags(image_pooled), generator)
-        texts = self.tokenizer.batch_decode(dec.to_tokenizer(compact), skip_special_tokens=True)
-        return compact, [t.strip() for t in texts]
+        return compact, self._decode_compact(compact)
+
+    def _decode_compact(self, compact: list[list[int]]) -> list[str]:
+        """Caption-decoder ids (compact vocabulary) -> text."""
+        texts = self.tokenizer.batch_decode(self.caption_decoder.to_tokenizer(compact), skip_special_tokens=True)
+        return [t.strip() for t in texts]
 
     # --- captioning ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -338,8 +344,7 @@ class StoryModel(nn.Module):
                            weight: float) -> list[str]:
         found = self.caption_decoder.candidates(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
                                                 repetition_penalty, self.image_tags(image_pooled))
-        texts = [[t.strip() for t in self.tokenizer.batch_decode(self.caption_decoder.to_tokenizer(
-            [ids for _, ids in rows]), skip_special_tokens=True)] for rows in found]
+        texts = [self._decode_compact([ids for _, ids in rows]) for rows in found]
         flat = [t for rows in texts for t in rows]
         agreement = self.text_embedding(flat) @ self.image_embedding(image_pooled).T  # [candidates, images]
         chosen, start = [], 0
@@ -357,9 +362,15 @@ class StoryModel(nn.Module):
         if self.caption_decoder is None:
             raise ValueError("this model has no caption decoder")
         ids, padding = self._caption_decoder_batch(captions, image_tokens.device)
+        logprobs, real = self._token_logprobs(ids, padding, image_tokens, image_pooled)
+        return (logprobs * real).sum(dim=1)
+
+    def _token_logprobs(self, ids: torch.Tensor, padding: torch.Tensor, image_tokens: torch.Tensor,
+                        image_pooled: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(token | image, earlier tokens) under the caption decoder for rows from `_compact_batch` ([N, T-1],
+        BOS excluded), and the mask of real tokens (EOS included)."""
         logits = self.caption_decoder(ids, image_tokens.float(), padding, self.image_tags(image_pooled)).float()
-        logprobs = logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0]
-        return (logprobs * ~padding[:, 1:]).sum(dim=1)
+        return logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0], ~padding[:, 1:]
 
     # --- save / load -----------------------------------------------------------------------------------------------
     def trained_state_dict(self) -> dict[str, torch.Tensor]:

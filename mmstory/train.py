@@ -699,8 +699,8 @@ class Trainer:
         rewards = cider
         if cfg.scst_discriminability > 0:
             with torch.no_grad():
-                scale = model.logit_scale.clamp(max=math.log(100)).exp()
-                logits = scale * model.text_embedding(texts) @ model.image_embedding(inputs["image_pooled"]).T
+                images = model.image_embedding(inputs["image_pooled"])
+                logits = model.contrastive_scale() * model.text_embedding(texts) @ images.T
                 own = torch.arange(len(batch["names"]), device=logits.device).repeat_interleave(k)
                 retrieval = logits.log_softmax(dim=-1).gather(1, own[:, None])[:, 0].float().cpu()
             rewards = cider + cfg.scst_discriminability * retrieval
