@@ -80,6 +80,7 @@ class ModelConfig:
     caption_decoder: CaptionDecoderConfig = field(default_factory=CaptionDecoderConfig)
     name: str = "custom"
     embed_dim: int = 256  # shared image-text embedding space
+    text_head_hidden: int = 0  # > 0: a residual MLP of this width joins the text side's linear projection
     init_temperature: float = 0.07
     contrastive_weight: float = 1.0
     caption_weight: float = 1.0  # captioning loss through the causal-LM decoder

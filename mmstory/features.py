@@ -131,7 +131,7 @@ class FeatureCache:
     def _encode(self, images: list[ImageRef], identities: list[str], batch_size: int, num_workers: int,
                 device: str | torch.device, progress: bool) -> None:
         vision = self.vision.to(device).eval()
-        vision.to(memory_format=torch.channels_last)  # CNNs such as EfficientNet-Lite0 run faster in NHWC on CPU
+        vision.to(memory_format=torch.channels_last)  # CNNs such as EfficientNet-Lite run faster in NHWC on CPU
         processor = ImageProcessor(vision.image_size, vision.mean, vision.std)
         loader = DataLoader(_DecodeDataset(images, processor, self.max_pixels), batch_size=batch_size,
                             num_workers=num_workers, collate_fn=_collate_decoded)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmstory.components import CaptionDecoder, MLPBridge, ResamplerBridge, TextEncoder, VisionEncoder
+from mmstory.components import CaptionDecoder, MLPBridge, ProjectionHead, ResamplerBridge, TextEncoder, VisionEncoder
 from mmstory.config import ModelConfig, PartConfig
 from mmstory.losses import IGNORE_INDEX, caption_loss, contrastive_loss, self_critical_loss
 from mmstory.specs import is_reproducible, load_decoder, load_text_encoder, load_vision
@@ -50,7 +50,7 @@ class StoryModel(nn.Module):
         hidden = self.decoder.config.hidden_size
 
         self.image_projection = nn.Linear(self.vision.pooled_dim, config.embed_dim, bias=False)
-        self.text_projection = nn.Linear(self.text.dim, config.embed_dim, bias=False)
+        self.text_projection = ProjectionHead(self.text.dim, config.embed_dim, config.text_head_hidden)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         b = config.bridge
         if b.kind == "resampler":
@@ -114,7 +114,7 @@ class StoryModel(nn.Module):
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Pooled text-encoder features [B, Dt] (before projection); no graph through a frozen encoder."""
-        device = self.text_projection.weight.device
+        device = self.logit_scale.device
         batch = self.text_tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.text.train != "frozen"):
             return self.text(batch.input_ids.to(device), batch.attention_mask.to(device))

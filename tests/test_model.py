@@ -37,6 +37,22 @@ def test_zero_weights_skip_their_losses():
     assert torch.allclose(out.loss, out.caption_decoder_loss)
 
 
+def test_text_head_mlp_trains_and_round_trips(tmp_path):
+    config = get_model_config("tiny")
+    config.text_head_hidden = 32
+    model = create_model(config)
+    assert create_model(get_model_config("tiny")).text_projection.mlp is None  # off unless asked for
+    out = model(_pixels(model), CAPTIONS)
+    out.contrastive_loss.backward()
+    assert model.text_projection.mlp[1].weight.grad.abs().sum() > 0
+    assert model.text_projection.linear.weight.grad.abs().sum() > 0
+    model.eval()  # the MLP's dropout is off: embeddings are deterministic
+    before = model.text_embedding(CAPTIONS)
+    assert torch.equal(before, model.text_embedding(CAPTIONS))
+    model.save_pretrained(tmp_path / "m")
+    assert torch.equal(StoryModel.from_pretrained(tmp_path / "m").text_embedding(CAPTIONS), before)
+
+
 def test_caption_batch_labels_only_caption_and_eos(tiny_model):
     prefix = torch.zeros(3, tiny_model.config.bridge.num_queries, tiny_model.decoder.config.hidden_size)
     embeds, mask, labels = tiny_model._caption_batch(prefix, CAPTIONS)

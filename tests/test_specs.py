@@ -72,11 +72,13 @@ def test_timm_spec_builds_random_architecture_without_network():
 
 
 @requires_packaged
-def test_packaged_efficientnet_classifies_cat_and_coffee():
+@pytest.mark.parametrize("name, size", [("efficientnet-lite0", 224), ("efficientnet-lite2", 260)])
+def test_packaged_efficientnet_classifies_cat_and_coffee(name, size):
     from mmstory.examples import example_image
     from mmstory.images import ImageProcessor
 
-    model, info = load_vision("packaged:efficientnet-lite0")
+    model, info = load_vision(f"packaged:{name}")
+    assert info["image_size"] == size
     model.eval()
     processor = ImageProcessor(info["image_size"], info["mean"], info["std"])
     with torch.no_grad():
