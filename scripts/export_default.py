@@ -2,7 +2,9 @@
 
     python scripts/export_default.py runs/flickr8k/best --bridge-from runs/flickr8k_bridge/best
 
-The bridge's tensors come from `--bridge-from` (stage 2) and everything else from the first run (stage 1).
+The bridge's tensors come from `--bridge-from` (stage 2), the contrastive head's from `--projections-from` (stage 1
+selects `best/` by caption CIDEr-D, while the head's own dev recall still rises to the last step), and everything else
+from the first run.
 Trained tensors are stored in bfloat16 (they load back into float32 parameters), which keeps the shipped file small;
 the config keeps the stage-1 loss weights so that fine-tuning from the shipped model trains every head again.
 """
@@ -20,11 +22,23 @@ from mmstory.config import ModelConfig
 from mmstory.factory import PRETRAINED_ROOT, get_model_config
 from mmstory.model import CONFIG_NAME, WEIGHTS_NAME
 
+CONTRASTIVE_HEAD = ("image_projection.", "text_projection.", "logit_scale")
+
+
+def _part(source: Path, prefixes: tuple[str, ...], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors under `prefixes` in another run's weights; they must match the main run's set of names."""
+    part = {k: v for k, v in load_file(str(source / WEIGHTS_NAME)).items() if k.startswith(prefixes)}
+    if not part or set(part) != {k for k in tensors if k.startswith(prefixes)}:
+        raise SystemExit(f"{source} holds no {'/'.join(prefixes)} tensors matching the main run's")
+    return part
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a save_pretrained() directory, e.g. runs/flickr8k/best")
     parser.add_argument("--bridge-from", type=Path, default=None, help="take the bridge's tensors from this run")
+    parser.add_argument("--projections-from", type=Path, default=None,
+                        help="take the contrastive head (image/text projections, temperature) from this checkpoint")
     parser.add_argument("--name", default="mmstory-small")
     parser.add_argument("--captioner", choices=["decoder", "caption_decoder"], default="caption_decoder",
                         help="which path writes captions at inference (choose by dev-split metrics)")
@@ -42,11 +56,9 @@ def main() -> None:
     config.caption_beams = reference.caption_beams
     config.story_prefix = args.bridge_from is not None  # an untrained bridge would only feed the writer noise
     tensors = load_file(str(args.run_dir / WEIGHTS_NAME))
-    if args.bridge_from is not None:
-        bridge = {k: v for k, v in load_file(str(args.bridge_from / WEIGHTS_NAME)).items() if k.startswith("bridge.")}
-        if not bridge or set(bridge) != {k for k in tensors if k.startswith("bridge.")}:
-            raise SystemExit(f"{args.bridge_from} holds no bridge matching {args.run_dir}'s")
-        tensors.update(bridge)
+    for source, prefixes in ((args.bridge_from, ("bridge.",)), (args.projections_from, CONTRASTIVE_HEAD)):
+        if source is not None:
+            tensors.update(_part(source, prefixes, tensors))
     tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
     out = args.out or PRETRAINED_ROOT / args.name
     out.mkdir(parents=True, exist_ok=True)
