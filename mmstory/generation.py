@@ -19,6 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from mmstory.decoding import QUANTIZE, FastDecoder
 from mmstory.images import ImageInput, ImageProcessor, load_image
+from mmstory.metrics import content_word_recall
 from mmstory.model import IMAGE_PLACEHOLDER, StoryModel
 from mmstory.safety import ContentFilter
 
@@ -301,9 +302,12 @@ class StoryTeller:
             image_embeds = self.model.image_embedding(pooled)
             scores = [self._agreement(c, image_embeds) for c in candidates]
             timings["rerank_s"] = time.perf_counter() - t
-        # the best agreement among the candidates that meet the length request (all of them, when none does)
+        # among the candidates that meet the length request (all of them, when none does), those that speak of the most
+        # pictures (a content word of each picture's caption), then the best image agreement: in an album the mean
+        # agreement alone lets a story about one picture win
         fits = [meets_budget(c, budget) for c in candidates]
-        best = max(range(len(candidates)), key=lambda i: (fits[i], scores[i]))
+        covers = [caption_coverage(c, captions) for c in candidates]
+        best = max(range(len(candidates)), key=lambda i: (fits[i], covers[i], scores[i]))
         story = candidates[best]
         if stream and story.startswith(emitted) and len(story) > len(emitted):
             yield story[len(emitted):]
@@ -356,6 +360,13 @@ def word_budget(length: str | int) -> int:
     if length not in LENGTHS:
         raise StoryInputError(f"unknown length {length!r}; use one of {sorted(LENGTHS)} or a number of words")
     return LENGTHS[length]
+
+
+def caption_coverage(story: str, captions: Sequence[str]) -> float:
+    """Share of the captions (one per picture) that the story shares at least one content word with."""
+    recalls = [content_word_recall(story, [caption], min_captions=1) for caption in captions]
+    scored = [r for r in recalls if r is not None]
+    return sum(r > 0 for r in scored) / len(scored) if scored else 0.0
 
 
 def meets_budget(story: str, budget: int) -> bool:

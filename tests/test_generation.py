@@ -11,6 +11,7 @@ from mmstory.generation import (
     StoryTeller,
     WordBudget,
     build_instruction,
+    caption_coverage,
     finish_story,
     meets_budget,
     split_sentences,
@@ -39,9 +40,18 @@ def test_reranking_picks_the_best_scoring_candidate(tiny_teller):
     scores = [tiny_teller._agreement(c, image_embeds) for c in result.candidates]
     assert len(result.candidates) == 4
     eligible = [i for i, c in enumerate(result.candidates) if meets_budget(c, 20)] or range(4)
-    best = max(eligible, key=lambda i: scores[i])  # the best score among candidates of the requested length
+    # of the candidates of the requested length, those that mention the most pictures, then the best score
+    best = max(eligible, key=lambda i: (caption_coverage(result.candidates[i], result.captions), scores[i]))
     assert result.story == result.candidates[best]
     assert result.score == pytest.approx(scores[best])
+
+
+def test_caption_coverage_counts_the_pictures_a_story_mentions():
+    captions = ["A dog runs on the grass.", "A red car parked at night."]
+    assert caption_coverage("The dog chased a ball all day.", captions) == 0.5
+    assert caption_coverage("The dog slept in the car.", captions) == 1.0
+    assert caption_coverage("Nothing happened.", captions) == 0.0
+    assert caption_coverage("Anything.", []) == 0.0
 
 
 def test_result_carries_captions_settings_timings_and_serialises(tiny_teller):
