@@ -395,6 +395,9 @@ class StoryModel(nn.Module):
 
     def load_trained_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load saved tensors; every saved tensor must find its place (shape and name)."""
+        if "text_projection.weight" in tensors:  # saved before the text projection became a ProjectionHead
+            tensors = {("text_projection.linear.weight" if k == "text_projection.weight" else k): v
+                       for k, v in tensors.items()}
         own = self.state_dict()
         unexpected = sorted(set(tensors) - set(own))
         if unexpected:

@@ -53,6 +53,14 @@ def test_text_head_mlp_trains_and_round_trips(tmp_path):
     assert torch.equal(StoryModel.from_pretrained(tmp_path / "m").text_embedding(CAPTIONS), before)
 
 
+def test_weights_saved_with_a_plain_linear_text_projection_still_load(tiny_model):
+    tensors = tiny_model.trained_state_dict()
+    tensors["text_projection.weight"] = tensors.pop("text_projection.linear.weight")  # the name before the MLP head
+    fresh = create_model(get_model_config("tiny"))
+    fresh.load_trained_state(tensors)
+    assert torch.equal(fresh.text_projection.linear.weight, tiny_model.text_projection.linear.weight)
+
+
 def test_caption_batch_labels_only_caption_and_eos(tiny_model):
     prefix = torch.zeros(3, tiny_model.config.bridge.num_queries, tiny_model.decoder.config.hidden_size)
     embeds, mask, labels = tiny_model._caption_batch(prefix, CAPTIONS)
