@@ -605,14 +605,19 @@ class Trainer:
         """Corpus CIDEr-D of greedy caption-decoder captions, one per dev image (every rank computes the same)."""
         if model.caption_decoder is None:
             raise ValueError("best_metric cider_d needs a caption decoder")
-        split, captions = self.dev_split, []
+        split, captions = self.dev_split, {}
         for start in range(0, len(split.records), self.config.batch_size):
             keys = range(start, min(start + self.config.batch_size, len(split.records)))
             batch = split.collate([split.dataset[(i, 0)] for i in keys])
             inputs = _model_inputs(batch, self.accelerator.device)
             inputs.pop("text_pooled", None)
-            captions += model.generate_captions(**inputs, num_beams=1, captioner="caption_decoder")
-        scores, _ = caption_scores([r.captions for r in split.records], captions, use_java=False)
+            written = model.generate_captions(**inputs, num_beams=1, captioner="caption_decoder")
+            # from pixels, an undecodable image arrives as its neighbour: score each image that was read, once,
+            # against its own references
+            for name, caption in zip(batch["names"], written):
+                captions.setdefault(name, caption)
+        references = {item_name(r.image): r.captions for r in split.records}
+        scores, _ = caption_scores([references[name] for name in captions], list(captions.values()), use_java=False)
         return scores["CIDEr-D"] * 100
 
     def _sample_captions(self, model: StoryModel) -> None:

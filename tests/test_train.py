@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from mmstory import StoryModel, create_model
 from mmstory.config import to_yaml
+from mmstory.metrics import caption_scores
 from mmstory.train import (
     DEFAULT_LR,
     TrainConfig,
@@ -256,6 +257,24 @@ def test_best_checkpoint_follows_the_chosen_dev_loss(tmp_path: Path):
     assert report["best"]["value"] == best["caption_decoder_loss"] and report["best"]["step"] == best["step"]
     with pytest.raises(ValueError, match="best_metric"):
         tiny_config(csv, tmp_path / "other", "best_metric=bleu")
+
+
+def test_dev_cider_from_pixels_leaves_an_undecodable_image_out(tmp_path: Path, monkeypatch):
+    import mmstory.train as train_module
+
+    csv = write_dataset(tmp_path / "data", 4)
+    (tmp_path / "data" / "images" / "p1.jpg").write_bytes(b"not an image")  # the pixel dataset lends p2 in its place
+    scored = []
+
+    def recording_scores(references, captions, **kwargs):
+        scored.append(references)
+        return caption_scores(references, captions, **kwargs)
+
+    monkeypatch.setattr(train_module, "caption_scores", recording_scores)
+    trainer = Trainer(tiny_config(csv, tmp_path / "run", f"data.dev.path={csv}", "best_metric=cider_d"))
+    assert trainer._dev_cider(trainer.model) >= 0
+    expected = {f"p{i}.jpg": [f"a photo with stripes number {i % 4}", f"stripes and noise {i % 4}"] for i in (0, 2, 3)}
+    assert sorted(map(sorted, scored[0])) == sorted(map(sorted, expected.values()))  # p2 once, p1 not at all
 
 
 def test_self_critical_stage_trains_the_caption_decoder_and_keeps_the_best_dev_cider(tmp_path: Path):
