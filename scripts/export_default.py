@@ -21,12 +21,16 @@ from safetensors.torch import load_file, save_file
 from mmstory.config import ModelConfig
 from mmstory.factory import PRETRAINED_ROOT, get_model_config
 from mmstory.model import CONFIG_NAME, WEIGHTS_NAME
+from mmstory.train import latest_checkpoint
 
 CONTRASTIVE_HEAD = ("image_projection.", "text_projection.", "logit_scale")
 
 
 def _part(source: Path, prefixes: tuple[str, ...], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors under `prefixes` in another run's weights; they must match the main run's set of names."""
+    """The tensors under `prefixes` in another run's weights (a checkpoint, or a run's output directory: its latest
+    checkpoint); they must match the main run's set of names."""
+    if not (source / WEIGHTS_NAME).is_file():
+        source = latest_checkpoint(source) or source
     part = {k: v for k, v in load_file(str(source / WEIGHTS_NAME)).items() if k.startswith(prefixes)}
     if not part or set(part) != {k for k in tensors if k.startswith(prefixes)}:
         raise SystemExit(f"{source} holds no {'/'.join(prefixes)} tensors matching the main run's")
@@ -38,7 +42,8 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="a save_pretrained() directory, e.g. runs/flickr8k/best")
     parser.add_argument("--bridge-from", type=Path, default=None, help="take the bridge's tensors from this run")
     parser.add_argument("--projections-from", type=Path, default=None,
-                        help="take the contrastive head (image/text projections, temperature) from this checkpoint")
+                        help="take the contrastive head (image/text projections, temperature) from this checkpoint "
+                             "or from the latest checkpoint of this run directory")
     parser.add_argument("--name", default="mmstory-small")
     parser.add_argument("--captioner", choices=["decoder", "caption_decoder"], default="caption_decoder",
                         help="which path writes captions at inference (choose by dev-split metrics)")

@@ -40,7 +40,7 @@ wait $stage2 && stamp "stage 2 (bridge), log in runs/flickr8k_stage2.log"
 wait $stage1
 
 $BIN/python scripts/export_default.py runs/flickr8k_scst/best --bridge-from runs/flickr8k_bridge/best \
-    --projections-from "runs/flickr8k/$(cat runs/flickr8k/latest)" --captioner caption_decoder
+    --projections-from runs/flickr8k --captioner caption_decoder
 stamp "export"
 OMP_NUM_THREADS=2 $BIN/mmstory eval --model mmstory-small --data ../shared/data/flickr8k --split dev \
     --captioner caption_decoder --tasks captioning,retrieval --stories 0 --out runs/eval-mmstory-small/report.json \
