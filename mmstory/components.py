@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,13 +40,17 @@ class VisionEncoder(nn.Module):
 
     def class_names(self) -> list[str]:
         """Names of the classifier's classes (ImageNet-1k: the first synonym of each, e.g. 'Egyptian cat')."""
+        return [synonyms[0] for synonyms in self.class_synonyms()]
+
+    def class_synonyms(self) -> list[list[str]]:
+        """Every name of each class, most common first (ImageNet-1k's WordNet lemmas, e.g. ['tabby', 'tabby cat'])."""
         from timm.data import ImageNetInfo
 
         classes = self._classifier().out_features
         if classes != 1000:
             raise ValueError(f"class names are known for ImageNet-1k's 1000 classes; this head has {classes}")
         info = ImageNetInfo()
-        return [info.index_to_description(i).split(",")[0].strip() for i in range(classes)]
+        return [[name.strip() for name in info.index_to_description(i).split(",")] for i in range(classes)]
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "open_clip":
@@ -296,22 +302,32 @@ class CaptionDecoder(nn.Module):
     @torch.no_grad()
     def generate(self, image_tokens: torch.Tensor, max_new_tokens: int | None = None, num_beams: int = 1,
                  length_penalty: float = 1.0, repetition_penalty: float = 1.0,
-                 tag_ids: torch.Tensor | None = None) -> list[list[int]]:
-        """Greedy (num_beams=1) or beam search; returns compact ids without BOS/EOS, one list per image."""
+                 tag_ids: torch.Tensor | None = None,
+                 required: Sequence[Sequence[int] | None] | None = None) -> list[list[int]]:
+        """Greedy (num_beams=1) or beam search; returns compact ids without BOS/EOS, one list per image.
+        `required` (beam search only): per image, compact ids of which the caption must contain one, or None."""
         if num_beams == 1:
+            if required is not None and any(r is not None for r in required):
+                raise ValueError("required words need beam search (num_beams > 1)")
             steps = min(max_new_tokens or self.max_length, self.max_length)
             return self._decode_batch(image_tokens, steps, repetition_penalty, tag_ids)
-        found = self.candidates(image_tokens, max_new_tokens, num_beams, length_penalty, repetition_penalty, tag_ids)
+        found = self.candidates(image_tokens, max_new_tokens, num_beams, length_penalty, repetition_penalty, tag_ids,
+                                required)
         return [rows[0][1] for rows in found]
 
     @torch.no_grad()
     def candidates(self, image_tokens: torch.Tensor, max_new_tokens: int | None = None, num_beams: int = 3,
                    length_penalty: float = 1.0, repetition_penalty: float = 1.0,
-                   tag_ids: torch.Tensor | None = None) -> list[list[tuple[float, list[int]]]]:
-        """Beam search's finished captions per image, best first, as (length-normalised log-probability, ids)."""
+                   tag_ids: torch.Tensor | None = None,
+                   required: Sequence[Sequence[int] | None] | None = None) -> list[list[tuple[float, list[int]]]]:
+        """Beam search's finished captions per image, best first, as (length-normalised log-probability, ids);
+        `required`: per image, compact ids of which every caption must contain one (constrained search), or None."""
         steps = min(max_new_tokens or self.max_length, self.max_length)
+        required = [None] * image_tokens.shape[0] if required is None else list(required)
+        if len(required) != image_tokens.shape[0]:
+            raise ValueError(f"required has {len(required)} entries for {image_tokens.shape[0]} images")
         return [self._beam_search(image_tokens[i: i + 1], steps, num_beams, length_penalty, repetition_penalty,
-                                  None if tag_ids is None else tag_ids[i: i + 1])
+                                  None if tag_ids is None else tag_ids[i: i + 1], required[i])
                 for i in range(image_tokens.shape[0])]
 
     @torch.no_grad()
@@ -354,37 +370,58 @@ class CaptionDecoder(nn.Module):
         return [_strip(row.tolist(), self.EOS, self.PAD) for row in ids[:, 1:]]
 
     def _beam_search(self, image_tokens: torch.Tensor, steps: int, beams: int, length_penalty: float,
-                     repetition_penalty: float, tag_ids: torch.Tensor | None = None) -> list[tuple[float, list[int]]]:
+                     repetition_penalty: float, tag_ids: torch.Tensor | None = None,
+                     required: Sequence[int] | None = None) -> list[tuple[float, list[int]]]:
+        """Beam search for one image. With `required` (compact ids of one word's forms), constrained beam search
+        (Anderson et al., 2017): a second bank of `beams` hypotheses that have not written one of them yet, and
+        only captions that contain one finish; if none does within `steps`, the open hypotheses are returned."""
         ids = torch.full((1, 1), self.BOS, dtype=torch.long, device=image_tokens.device)
         scores = torch.zeros(1, device=ids.device)
+        has_word = torch.tensor([required is None], device=ids.device)
         state = self.start(image_tokens, tag_ids)
         finished: list[tuple[float, list[int]]] = []
         for step in range(steps):
             logits = _penalise_repeats(self.step(state, ids[:, -1]), ids[:, 1:], repetition_penalty)
             logprobs = scores[:, None] + logits.log_softmax(-1)
-            top_scores, top_index = logprobs.view(-1).topk(2 * beams)
-            vocab = logits.shape[-1]
-            next_rows, next_scores, sources = [], [], []
-            for score, index in zip(top_scores.tolist(), top_index.tolist()):
-                row, token = divmod(index, vocab)
-                sequence = ids[row, 1:].tolist() + [token]
-                if token == self.EOS:
-                    finished.append((score / (len(sequence) ** length_penalty), sequence[:-1]))
-                else:
-                    next_rows.append(sequence)
-                    next_scores.append(score)
-                    sources.append(row)
-                if len(next_rows) == beams:
-                    break
+            vocab = logprobs.shape[-1]
+            # bank 1: hypotheses that contain the word (all of them when none is required); an open hypothesis
+            # without it joins bank 1 by writing it, and stays in bank 2 (where it cannot end) otherwise
+            banks = [(logprobs.masked_fill(~has_word[:, None], float("-inf")), True)]
+            if required is not None:
+                forms = list(required)
+                banks[0][0][:, forms] = logprobs[:, forms]
+                without = logprobs.masked_fill(has_word[:, None], float("-inf"))
+                without[:, forms + [self.EOS]] = float("-inf")
+                banks.append((without, False))
+            next_rows, next_scores, sources, next_has = [], [], [], []
+            for bank, contains in banks:
+                top_scores, top_index = bank.view(-1).topk(min(2 * beams, bank.numel()))
+                kept = 0
+                for score, index in zip(top_scores.tolist(), top_index.tolist()):
+                    if score == float("-inf") or kept == beams:
+                        break
+                    row, token = divmod(index, vocab)
+                    sequence = ids[row, 1:].tolist() + [token]
+                    if token == self.EOS:
+                        finished.append((score / (len(sequence) ** length_penalty), sequence[:-1]))
+                    else:
+                        next_rows.append(sequence)
+                        next_scores.append(score)
+                        sources.append(row)
+                        next_has.append(contains)
+                        kept += 1
             best_finished = max((f[0] for f in finished), default=float("-inf"))
             best_open = max(next_scores, default=float("-inf")) / ((step + 2) ** length_penalty)
             if not next_rows or (len(finished) >= beams and best_finished > best_open):
                 break
             ids = torch.tensor([[self.BOS] + row for row in next_rows], device=ids.device)
             scores = torch.tensor(next_scores, device=ids.device)
+            has_word = torch.tensor(next_has, device=ids.device)
             state.select(torch.tensor(sources, device=ids.device))
-        if not finished:
-            finished = [(s / (len(r) ** length_penalty), r) for s, r in zip(scores.tolist(), ids[:, 1:].tolist())]
+        if not finished:  # out of steps: the open hypotheses, those with the required word if any has it
+            open_rows = [(s / (len(r) ** length_penalty), r, has) for s, r, has
+                         in zip(scores.tolist(), ids[:, 1:].tolist(), has_word.tolist())]
+            finished = [(s, r) for s, r, has in open_rows if has] or [(s, r) for s, r, _ in open_rows]
         return sorted(finished, key=lambda item: -item[0])[:beams]
 
 

@@ -91,6 +91,9 @@ class ModelConfig:
     story_prefix: bool = True  # the story writer reads the images' visual prefixes (False: captions only)
     caption_rerank: float = 0.0  # beam-search captions reranked by log-prob + this x image-text cosine (CoCa head)
     caption_beams: int = 3  # the beams captions are decoded with unless a caller says otherwise
+    # > 0: when the vision backbone's ImageNet classifier is at least this sure of a class whose name ends in a
+    # common caption word ('Egyptian cat' -> cat), beam search must write that word (constrained beam search)
+    caption_concepts: float = 0.0
 
     def __post_init__(self) -> None:
         if self.captioner not in CAPTIONERS:

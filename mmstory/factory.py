@@ -41,6 +41,9 @@ def mmstory_small() -> ModelConfig:
         # training this keeps >= 90% of dev images' captions distinct at the best CIDEr-D (grid in the README)
         caption_rerank=120.0,
         caption_beams=10,
+        # ImageNet classes the classifier is >= 50% sure of put their word into the caption ('Egyptian cat' -> cat):
+        # on dev 90 of 1,000 images get one, CIDEr-D 55.3 -> 55.4 (README)
+        caption_concepts=0.5,
     )
 
 

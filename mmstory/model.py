@@ -28,6 +28,7 @@ IMAGE_PLACEHOLDER = "<image>"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CAPTION_SYSTEM = "You describe photographs accurately in one short sentence."
+CONCEPT_VOCABULARY = 2000  # concept words come from the caption decoder's this many most frequent tokens
 
 
 @dataclass
@@ -140,6 +141,41 @@ class StoryModel(nn.Module):
         decoder = self.caption_decoder
         tags = decoder.compact_table()[self._class_tokens[top.cpu()]].flatten(1)  # -1 padding -> PAD
         return tags.masked_fill(tags == decoder.UNK, decoder.PAD).to(image_pooled.device)  # unknown words: empty
+
+    def concept_words(self, image_pooled: torch.Tensor, threshold: float) -> list[tuple[int, ...] | None]:
+        """Per image, the caption decoder's compact ids of the word its caption must contain (singular or plural),
+        or None: the head noun (last word) of the backbone's top ImageNet class, when the classifier gives that class
+        at least `threshold`. Novel-object captioning with a tagger's words as constraints (Anderson et al., 2017):
+        the classifier knows a thousand classes; the caption data shows cats in 17 of Flickr8k's 6,000 images."""
+        if self.caption_decoder is None:
+            raise ValueError("concept words constrain the caption decoder; this model has none")
+        confidence, top = self.vision.class_logits(image_pooled.float()).softmax(-1).max(-1)
+        words = self._class_words()[top.cpu()].tolist()
+        return [tuple(w for w in forms if w >= 0) if c >= threshold and forms[0] >= 0 else None
+                for c, forms in zip(confidence.tolist(), words)]
+
+    def _class_words(self) -> torch.Tensor:
+        """Class -> [compact id of the word, of its plural] (-1 where there is none). The word: the head noun of
+        the class's first name whose head noun is a single token among the caption decoder's CONCEPT_VOCABULARY
+        most frequent, so one the training captions use often enough to write around. Rebuilt when the fitted
+        vocabulary changes."""
+        decoder = self.caption_decoder
+        key = (decoder.token_ids.data_ptr(), decoder.token_ids._version)
+        if getattr(self, "_class_words_key", None) != key:
+            table = decoder.compact_table()
+
+            def compact(word: str) -> int:
+                ids = self.tokenizer(" " + word, add_special_tokens=False).input_ids
+                rank = int(table[ids[0]]) if len(ids) == 1 else -1
+                return rank if decoder.SPECIALS <= rank < decoder.SPECIALS + CONCEPT_VOCABULARY else -1
+
+            words = []
+            for synonyms in self.vision.class_synonyms():
+                heads = [name.split()[-1] for name in synonyms]
+                usable = [head for head in heads if compact(head) >= 0]
+                words.append([compact(usable[0]), compact(usable[0] + "s")] if usable else [-1, -1])
+            self._class_words_table, self._class_words_key = torch.tensor(words, dtype=torch.long), key
+        return self._class_words_table
 
     # --- prompts ---------------------------------------------------------------------------------------------------
     def format_prompt(self, user_text: str, system: str | None = None) -> str:
@@ -305,12 +341,15 @@ class StoryModel(nn.Module):
     def generate_captions(self, pixel_values: torch.Tensor | None = None, *, image_tokens: torch.Tensor | None = None,
                           image_pooled: torch.Tensor | None = None, max_new_tokens: int | None = None,
                           num_beams: int | None = None, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
-                          captioner: str | None = None, rerank: float | None = None) -> list[str]:
+                          captioner: str | None = None, rerank: float | None = None,
+                          concepts: float | None = None) -> list[str]:
         """One caption per image, batched, from the configured captioning path.
 
         `rerank` (default: the config's `caption_rerank`) > 0 picks, among the caption decoder's beams, the one with
         the best log-probability + rerank x cosine agreement with the image under the contrastive head: beam search
         alone favours the captions most common in the training data over the ones specific to the picture.
+        `concepts` (default: the config's `caption_concepts`) > 0 makes the caption decoder's beam search write the
+        word of a class the image classifier is that sure of (`concept_words`).
         """
         if image_tokens is None:
             image_tokens, image_pooled = self.encode_image(pixel_values)
@@ -318,14 +357,18 @@ class StoryModel(nn.Module):
         max_new_tokens = max_new_tokens or self.config.max_caption_tokens
         rerank = self.config.caption_rerank if rerank is None else rerank
         num_beams = self.config.caption_beams if num_beams is None else num_beams
+        concepts = self.config.caption_concepts if concepts is None else concepts
         if captioner == "caption_decoder":
             if self.caption_decoder is None:
                 raise ValueError("this model has no caption decoder; use captioner='decoder'")
+            required = None
+            if concepts > 0 and num_beams > 1 and image_pooled is not None:
+                required = self.concept_words(image_pooled, concepts)
             if rerank > 0 and num_beams > 1 and image_pooled is not None:
                 return self._reranked_captions(image_tokens, image_pooled, max_new_tokens, num_beams, length_penalty,
-                                               repetition_penalty, rerank)
+                                               repetition_penalty, rerank, required)
             compact = self.caption_decoder.generate(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
-                                                    repetition_penalty, self.image_tags(image_pooled))
+                                                    repetition_penalty, self.image_tags(image_pooled), required)
             ids = self.caption_decoder.to_tokenizer(compact)
         else:
             prefix = self.visual_prefix(image_tokens, image_pooled)
@@ -341,9 +384,9 @@ class StoryModel(nn.Module):
 
     def _reranked_captions(self, image_tokens: torch.Tensor, image_pooled: torch.Tensor, max_new_tokens: int,
                            num_beams: int, length_penalty: float, repetition_penalty: float,
-                           weight: float) -> list[str]:
+                           weight: float, required: list[tuple[int, ...] | None] | None = None) -> list[str]:
         found = self.caption_decoder.candidates(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
-                                                repetition_penalty, self.image_tags(image_pooled))
+                                                repetition_penalty, self.image_tags(image_pooled), required)
         texts = [self._decode_compact([ids for _, ids in rows]) for rows in found]
         flat = [t for rows in texts for t in rows]
         agreement = self.text_embedding(flat) @ self.image_embedding(image_pooled).T  # [candidates, images]

@@ -59,6 +59,7 @@ def main() -> None:
     config.caption_decoder_weight = reference.caption_decoder_weight
     config.caption_rerank = reference.caption_rerank  # inference settings, chosen on dev after training
     config.caption_beams = reference.caption_beams
+    config.caption_concepts = reference.caption_concepts
     config.story_prefix = args.bridge_from is not None  # an untrained bridge would only feed the writer noise
     tensors = load_file(str(args.run_dir / WEIGHTS_NAME))
     for source, prefixes in ((args.bridge_from, ("bridge.",)), (args.projections_from, CONTRASTIVE_HEAD)):

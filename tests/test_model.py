@@ -216,6 +216,27 @@ def test_caption_rerank_picks_the_beam_with_the_best_combined_score(tiny_model):
                                                  skip_special_tokens=True).strip() for rows in found]
 
 
+def test_constrained_beam_search_writes_a_required_word(tiny_model):
+    tiny_model.eval()
+    decoder = tiny_model.caption_decoder
+    with torch.no_grad():
+        tokens, _ = tiny_model.encode_image(_pixels(tiny_model, n=2))
+        free = decoder.candidates(tokens, 6, num_beams=3)
+        written = {t for rows in free for _, ids in rows for t in ids}
+        usable = (~decoder._unusable).nonzero()[:, 0].tolist()
+        word, plural = [t for t in usable if t not in written and t != decoder.EOS][:2]  # words no free beam writes
+        found = decoder.candidates(tokens, 6, num_beams=3, required=[(word,), None])
+        either = decoder.candidates(tokens, 6, num_beams=3, required=[(word, plural), (plural,)])
+        with pytest.raises(ValueError, match="beam search"):
+            decoder.generate(tokens, 6, num_beams=1, required=[(word,), None])
+        with pytest.raises(ValueError, match="entries"):
+            decoder.candidates(tokens, 6, num_beams=3, required=[(word,)])
+    assert found[1] == free[1]  # no constraint for this image: plain beam search
+    assert found[0] and all(word in ids for _, ids in found[0])
+    assert found[0] == sorted(found[0], key=lambda r: -r[0])
+    assert all(word in ids or plural in ids for _, ids in either[0]) and all(plural in ids for _, ids in either[1])
+
+
 def test_caption_decoder_compact_vocabulary():
     config = get_model_config("tiny")
     config.caption_decoder.vocab_size = 12
