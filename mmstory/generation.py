@@ -169,12 +169,14 @@ class StoryTeller:
     @torch.no_grad()
     def caption(self, images: ImageInput | Sequence[ImageInput], num_beams: int | None = None,
                 max_new_tokens: int | None = None,
-                repetition_penalty: float = 1.2, captioner: str | None = None) -> list[str]:
-        """One caption per image, batched."""
+                repetition_penalty: float = 1.2, captioner: str | None = None,
+                concepts: float | None = None) -> list[str]:
+        """One caption per image, batched. `concepts`: the classifier confidence above which a class's word must
+        appear (default: the model config's `caption_concepts`; 0 turns it off)."""
         tokens, pooled = self._encode(self._load_images(images))
         return self.model.generate_captions(image_tokens=tokens, image_pooled=pooled, num_beams=num_beams,
                                             max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-                                            captioner=captioner)
+                                            captioner=captioner, concepts=concepts)
 
     # --- stories ---------------------------------------------------------------------------------------------------
     def generate_story(self, images: ImageInput | Sequence[ImageInput], prompt: str | None = None, *,
