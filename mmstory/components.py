@@ -375,6 +375,7 @@ class CaptionDecoder(nn.Module):
         """Beam search for one image. With `required` (compact ids of one word's forms), constrained beam search
         (Anderson et al., 2017): a second bank of `beams` hypotheses that have not written one of them yet, and
         only captions that contain one finish; if none does within `steps`, the open hypotheses are returned."""
+        required = list(required) if required else None  # no forms: no constraint
         ids = torch.full((1, 1), self.BOS, dtype=torch.long, device=image_tokens.device)
         scores = torch.zeros(1, device=ids.device)
         has_word = torch.tensor([required is None], device=ids.device)
@@ -388,10 +389,9 @@ class CaptionDecoder(nn.Module):
             # without it joins bank 1 by writing it, and stays in bank 2 (where it cannot end) otherwise
             banks = [(logprobs.masked_fill(~has_word[:, None], float("-inf")), True)]
             if required is not None:
-                forms = list(required)
-                banks[0][0][:, forms] = logprobs[:, forms]
+                banks[0][0][:, required] = logprobs[:, required]
                 without = logprobs.masked_fill(has_word[:, None], float("-inf"))
-                without[:, forms + [self.EOS]] = float("-inf")
+                without[:, required + [self.EOS]] = float("-inf")
                 banks.append((without, False))
             next_rows, next_scores, sources, next_has = [], [], [], []
             for bank, contains in banks:

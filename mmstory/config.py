@@ -103,6 +103,8 @@ class ModelConfig:
         for name in ("contrastive_weight", "caption_weight", "caption_decoder_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if not 0.0 <= self.caption_concepts <= 1.0:
+            raise ValueError(f"caption_concepts is a classifier confidence in [0, 1], got {self.caption_concepts}")
 
     # --- I/O -----------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

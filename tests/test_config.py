@@ -21,6 +21,10 @@ def test_unknown_keys_and_bad_values_fail_loudly():
     data["decoder"]["train"] = "sometimes"
     with pytest.raises(ValueError, match="train must be one of"):
         from_dict(ModelConfig, data)
+    data = get_model_config("tiny").to_dict()
+    data["caption_concepts"] = 50
+    with pytest.raises(ValueError, match="caption_concepts"):
+        from_dict(ModelConfig, data)
 
 
 def test_registry_lists_models():

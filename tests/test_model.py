@@ -232,6 +232,7 @@ def test_constrained_beam_search_writes_a_required_word(tiny_model):
         with pytest.raises(ValueError, match="entries"):
             decoder.candidates(tokens, 6, num_beams=3, required=[(word,)])
     assert found[1] == free[1]  # no constraint for this image: plain beam search
+    assert decoder.candidates(tokens, 6, num_beams=3, required=[(), ()]) == free  # no forms: no constraint
     assert found[0] and all(word in ids for _, ids in found[0])
     assert found[0] == sorted(found[0], key=lambda r: -r[0])
     assert all(word in ids or plural in ids for _, ids in either[0]) and all(plural in ids for _, ids in either[1])
