@@ -380,7 +380,7 @@ class StoryModel(nn.Module):
                                         length_penalty=length_penalty, pad_token_id=self.tokenizer.pad_token_id)
             ids = out.tolist()
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return [t.strip() for t in texts]
+        return [tidy_caption(t) for t in texts]
 
     def _reranked_captions(self, image_tokens: torch.Tensor, image_pooled: torch.Tensor, max_new_tokens: int,
                            num_beams: int, length_penalty: float, repetition_penalty: float,
@@ -395,7 +395,7 @@ class StoryModel(nn.Module):
             scores = [logprob + weight * float(agreement[start + j, image]) for j, (logprob, _) in enumerate(rows)]
             chosen.append(texts[image][max(range(len(rows)), key=scores.__getitem__)])
             start += len(rows)
-        return chosen
+        return [tidy_caption(t) for t in chosen]
 
     @torch.no_grad()
     def caption_log_likelihood(self, image_tokens: torch.Tensor, captions: list[str],
@@ -470,6 +470,12 @@ def normalize_caption(text: str) -> str:
     text = re.sub(r"\s+", " ", str(text)).strip()
     text = re.sub(r"\s+([.,!?;:])", r"\1", text)
     return text
+
+
+def tidy_caption(text: str) -> str:
+    """Reattach the clitics the crowd captions detach ('the cat 's face' -> "the cat's face"); metrics re-split them
+    with the PTB tokenizer, so scores do not change."""
+    return re.sub(r"\s+('s|'re|n't)\b", r"\1", text.strip())
 
 
 def _default_lora_targets(module: nn.Module) -> list[str]:

@@ -285,3 +285,13 @@ def test_perplexity():
     assert metrics.perplexity(10 * math.log(4), 10) == pytest.approx(4.0)
     with pytest.raises(ValueError):
         metrics.perplexity(1.0, 0)
+
+
+def test_tidy_caption_reattaches_clitics_without_changing_scores():
+    from mmstory.model import tidy_caption
+
+    detached, tidy = "the cat 's face is n't green .", "the cat's face isn't green ."
+    assert tidy_caption(" " + detached) == tidy
+    references = [["a cat sits on the wall .", "the cat 's face is green"]]
+    assert caption_scores(references, [detached], use_java=False)[0] == caption_scores(references, [tidy],
+                                                                                       use_java=False)[0]
