@@ -304,12 +304,14 @@ class StoryTeller:
             image_embeds = self.model.image_embedding(pooled)
             scores = [self._agreement(c, image_embeds) for c in candidates]
             timings["rerank_s"] = time.perf_counter() - t
-        # among the candidates that meet the length request (all of them, when none does), those that speak of the most
+        # among the candidates the content filter passes, those that meet the length request (all of them, when none
+        # does), those that speak of the most
         # pictures (a content word of each picture's caption), then the best image agreement: in an album the mean
         # agreement alone lets a story about one picture win
+        clean = [not self.filter.check(c).blocked for c in candidates]  # a candidate the filter passes comes first
         fits = [meets_budget(c, budget) for c in candidates]
         covers = [caption_coverage(c, captions) for c in candidates]
-        best = max(range(len(candidates)), key=lambda i: (fits[i], covers[i], scores[i]))
+        best = max(range(len(candidates)), key=lambda i: (clean[i], fits[i], covers[i], scores[i]))
         story = candidates[best]
         if stream and story.startswith(emitted) and len(story) > len(emitted):
             yield story[len(emitted):]
@@ -424,6 +426,11 @@ def finish_story(text: str, budget: int) -> str:
     """
     text = re.sub(r"\s+\n", "\n", text.replace("\r", "")).strip()
     text = re.sub(r"^(title:.*\n|#+.*\n)", "", text, flags=re.IGNORECASE).strip()
+    paragraphs = text.split("\n")
+    for i, paragraph in enumerate(paragraphs[1:], start=1):  # the chat model's note to the user after the story
+        if _NOTE_TO_USER.search(paragraph):
+            text = "\n".join(paragraphs[:i]).strip()
+            break
     limit = budget * 1.15
     kept, words = [], 0
     sentences = split_sentences(text)
@@ -442,6 +449,11 @@ def finish_story(text: str, budget: int) -> str:
         cut = max(story.rfind(ch) for ch in ".!?")
         story = story[: cut + 1] if cut > len(story) // 2 else story.rstrip(" \"'“”‘’,;:-") + "."
     return story
+
+
+# what an instruction-tuned writer appends after the story, addressed to the user rather than the reader
+_NOTE_TO_USER = re.compile(r"\b(would you like|let me know|me to write|feel free to|i hope you|hope you enjoy(ed)?|"
+                           r"here is (your|the) story|here's (your|the) story|paste)\b", re.IGNORECASE)
 
 
 def _clause_within(sentence: str, max_words: int) -> str | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 # A deliberately small default list of unambiguous terms; deployments extend or replace it.
 DEFAULT_BLOCKLIST = (
     "behead", "beheading", "child porn", "dismember", "dismembered", "gore", "kill yourself", "massacre",
-    "nazi", "porn", "pornographic", "rape", "raped", "slaughter", "suicide", "torture", "tortured",
+    "nazi", "porn", "pornographic", "rape", "raped", "sex", "sexual", "slaughter", "suicide", "torture", "tortured",
 )
 
 

@@ -141,6 +141,27 @@ def test_output_filter_acts_on_the_generated_story(tiny_model):
     assert result.filtered and "content filter" in result.notice
 
 
+def test_a_note_to_the_user_after_the_story_is_dropped():
+    story = "The cat sat on the wall. It watched the birds all day."
+    note = "What would you like me to write? You can just paste the text here below!"
+    assert finish_story(f"{story}\n{note}", 200) == story
+    assert finish_story(f"{story}\n\nI hope you enjoyed this story.", 200) == story
+    two = f"{story}\nAt dusk it went home to sleep."  # a story of two paragraphs keeps both
+    assert finish_story(two, 200) == two.replace("\n", " ")
+
+
+def test_a_candidate_the_content_filter_passes_is_preferred(tiny_model):
+    teller = StoryTeller(tiny_model, dtype="float32")
+    result = teller.generate_story(make_photo(0), seed=1, length=20, max_new_tokens=24, num_candidates=4)
+    words = sorted(set(re.findall(r"\w+", result.story)) - set(re.findall(r"\w+", " ".join(
+        c for c in result.candidates if c != result.story))))
+    assert words, result.candidates  # a word only the chosen candidate has
+    strict = StoryTeller(tiny_model, dtype="float32", content_filter=ContentFilter(blocklist=words))
+    again = strict.generate_story(make_photo(0), seed=1, length=20, max_new_tokens=24, num_candidates=4)
+    assert again.candidates == result.candidates
+    assert again.story != result.story and not again.filtered  # another, clean candidate won
+
+
 def test_length_helpers():
     assert word_budget("short") == 80 and word_budget(120) == 120 and word_budget("150") == 150
     text = "One two three. Four five six seven! Eight nine ten eleven twelve? Thirteen fourteen"
