@@ -304,11 +304,10 @@ class StoryTeller:
             image_embeds = self.model.image_embedding(pooled)
             scores = [self._agreement(c, image_embeds) for c in candidates]
             timings["rerank_s"] = time.perf_counter() - t
-        # among the candidates the content filter passes, those that meet the length request (all of them, when none
-        # does), those that speak of the most
-        # pictures (a content word of each picture's caption), then the best image agreement: in an album the mean
-        # agreement alone lets a story about one picture win
-        clean = [not self.filter.check(c).blocked for c in candidates]  # a candidate the filter passes comes first
+        # among the candidates the content filter passes (all of them, when none does), those that meet the length
+        # request, then those that speak of the most pictures (a content word of each picture's caption), then the
+        # best image agreement: in an album the mean agreement alone lets a story about one picture win
+        clean = [not self.filter.check(c).blocked for c in candidates]
         fits = [meets_budget(c, budget) for c in candidates]
         covers = [caption_coverage(c, captions) for c in candidates]
         best = max(range(len(candidates)), key=lambda i: (clean[i], fits[i], covers[i], scores[i]))
