@@ -387,9 +387,10 @@ class CaptionDecoder(nn.Module):
             vocab = logprobs.shape[-1]
             # bank 1: hypotheses that contain the word (all of them when none is required); an open hypothesis
             # without it joins bank 1 by writing it, and stays in bank 2 (where it cannot end) otherwise
-            banks = [(logprobs.masked_fill(~has_word[:, None], float("-inf")), True)]
+            with_word = logprobs.masked_fill(~has_word[:, None], float("-inf"))
+            banks = [(with_word, True)]
             if required is not None:
-                banks[0][0][:, required] = logprobs[:, required]
+                with_word[:, required] = logprobs[:, required]
                 without = logprobs.masked_fill(has_word[:, None], float("-inf"))
                 without[:, required + [self.EOS]] = float("-inf")
                 banks.append((without, False))

@@ -307,14 +307,14 @@ class StoryTeller:
         # among the candidates the content filter passes (all of them, when none does), those that meet the length
         # request, then those that speak of the most pictures (a content word of each picture's caption), then the
         # best image agreement: in an album the mean agreement alone lets a story about one picture win
-        clean = [not self.filter.check(c).blocked for c in candidates]
+        verdicts = [self.filter.check(c) for c in candidates]
         fits = [meets_budget(c, budget) for c in candidates]
         covers = [caption_coverage(c, captions) for c in candidates]
-        best = max(range(len(candidates)), key=lambda i: (clean[i], fits[i], covers[i], scores[i]))
+        best = max(range(len(candidates)), key=lambda i: (not verdicts[i].blocked, fits[i], covers[i], scores[i]))
         story = candidates[best]
         if stream and story.startswith(emitted) and len(story) > len(emitted):
             yield story[len(emitted):]
-        verdict = self.filter.check(story)
+        verdict = verdicts[best]
         notice = None
         if verdict.blocked:
             story, notice = self.filter.redact(story), verdict.message

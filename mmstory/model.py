@@ -157,12 +157,11 @@ class StoryModel(nn.Module):
     def _class_words(self) -> torch.Tensor:
         """Class -> [compact id of the word, of its plural] (-1 where there is none). The word: the head noun of
         the class's first name whose head noun is a single token among the caption decoder's CONCEPT_VOCABULARY
-        most frequent, so one the training captions use often enough to write around. Rebuilt when the fitted
-        vocabulary changes."""
+        most frequent, so one the training captions use often enough to write around. Rebuilt with the decoder's
+        compact table, i.e. when the fitted vocabulary changes."""
         decoder = self.caption_decoder
-        key = (decoder.token_ids.data_ptr(), decoder.token_ids._version)
-        if getattr(self, "_class_words_key", None) != key:
-            table = decoder.compact_table()
+        table = decoder.compact_table()
+        if getattr(self, "_class_words_source", None) is not table:
 
             def compact(word: str) -> int:
                 ids = self.tokenizer(" " + word, add_special_tokens=False).input_ids
@@ -171,10 +170,9 @@ class StoryModel(nn.Module):
 
             words = []
             for synonyms in self.vision.class_synonyms():
-                heads = [name.split()[-1] for name in synonyms]
-                usable = [head for head in heads if compact(head) >= 0]
-                words.append([compact(usable[0]), compact(usable[0] + "s")] if usable else [-1, -1])
-            self._class_words_table, self._class_words_key = torch.tensor(words, dtype=torch.long), key
+                head = next((name.split()[-1] for name in synonyms if compact(name.split()[-1]) >= 0), None)
+                words.append([compact(head), compact(head + "s")] if head else [-1, -1])
+            self._class_words_table, self._class_words_source = torch.tensor(words, dtype=torch.long), table
         return self._class_words_table
 
     # --- prompts ---------------------------------------------------------------------------------------------------
