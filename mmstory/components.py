@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -116,20 +117,45 @@ class _ResamplerLayer(nn.Module):
         return queries + self.mlp(self.norm_mlp(queries))
 
 
+class GroupedLinear(nn.Module):
+    """`groups` independent linear maps, one per slice of the input: [B, groups*in] -> [B, groups*out].
+
+    The weight is stacked [groups*out, in] so that one group is exactly `nn.Linear` (same layout, same
+    initialisation draws); no torch layer groups a linear map without a convolution's extra axis.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, groups: int = 1):
+        super().__init__()
+        self.groups, self.in_dim, self.out_dim = groups, in_dim, out_dim
+        self.weight = nn.Parameter(torch.empty(groups * out_dim, in_dim))
+        self.bias = nn.Parameter(torch.empty(groups * out_dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's initialisation
+        nn.init.uniform_(self.bias, -1 / math.sqrt(in_dim), 1 / math.sqrt(in_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return F.linear(x, self.weight, self.bias)
+        x = x.unflatten(-1, (self.groups, self.in_dim))
+        out = torch.einsum("...gi,goi->...go", x, self.weight.view(self.groups, self.out_dim, self.in_dim))
+        return out.flatten(-2) + self.bias
+
+
 class ProjectionHead(nn.Module):
     """A linear map into the shared image-text space, plus (hidden > 0) a residual MLP beside it.
 
     On a frozen encoder's pooled features a linear head is all CLIP-style training can adapt; the MLP lets the head
     re-weight what the frozen features mix (on Flickr8k dev, on MiniLM's side, it lifted image->text R@1 by 1-3 points).
+    `groups` > 1 stacks that many independent heads side by side ([B, groups*out]); they share only the MLP's input
+    LayerNorm (see `StoryModel.contrastive_heads`).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: int = 0, dropout: float = 0.1):
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 0, dropout: float = 0.1, groups: int = 1):
         super().__init__()
-        self.linear = nn.Linear(in_dim, out_dim, bias=False)
+        self.linear = nn.Linear(in_dim, groups * out_dim, bias=False)
         self.mlp = None
         if hidden > 0:
-            self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
-                                     nn.Linear(hidden, out_dim))
+            self.mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, groups * hidden), nn.GELU(),
+                                     nn.Dropout(dropout), GroupedLinear(hidden, out_dim, groups))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         out = self.linear(features)

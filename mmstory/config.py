@@ -81,6 +81,9 @@ class ModelConfig:
     name: str = "custom"
     embed_dim: int = 256  # shared image-text embedding space
     text_head_hidden: int = 0  # > 0: a residual MLP of this width joins the text side's linear projection
+    # independent contrastive heads, each trained with its own InfoNCE; retrieval scores with the mean of their
+    # cosines (a deep ensemble in one dot product: embeddings are contrastive_heads x embed_dim wide)
+    contrastive_heads: int = 1
     init_temperature: float = 0.07
     contrastive_weight: float = 1.0
     caption_weight: float = 1.0  # captioning loss through the causal-LM decoder
@@ -103,6 +106,8 @@ class ModelConfig:
         for name in ("contrastive_weight", "caption_weight", "caption_decoder_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.contrastive_heads < 1:
+            raise ValueError(f"contrastive_heads must be >= 1, got {self.contrastive_heads}")
         if not 0.0 <= self.caption_concepts <= 1.0:
             raise ValueError(f"caption_concepts is a classifier confidence in [0, 1], got {self.caption_concepts}")
 
@@ -145,10 +150,22 @@ def _convert(hint: Any, value: Any) -> Any:
         for arg in typing.get_args(hint):
             if dataclasses.is_dataclass(arg) and isinstance(value, dict):
                 return from_dict(arg, value)
-        return value
+        return _number(value) if float in typing.get_args(hint) else value
+    if hint is float:
+        return _number(value)
     if origin is tuple and isinstance(value, list):
         return tuple(value)
     return value
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-8` (no dot) as a string: take it as the number it spells, or say what is wrong."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
 
 
 def to_yaml(obj: Any) -> str:

@@ -28,7 +28,7 @@ def mmstory_small() -> ModelConfig:
         vision=PartConfig("packaged:efficientnet-lite2"),
         text=PartConfig("packaged:all-minilm-l6-v2"),
         decoder=PartConfig("packaged:smollm2-135m-instruct"),
-        # sized so that the trained tensors ship in under 20 MB (bf16) and train in minutes per epoch on two cores
+        # sized so that the trained tensors ship in about 22 MB (bf16) and train in minutes per epoch on two cores
         bridge=BridgeConfig(kind="resampler", num_queries=16, width=256, depth=2, heads=4),
         # image_tags: EfficientNet's own top-5 ImageNet classes, as words, join the caption decoder's memory: they name
         # things Flickr8k rarely shows (a cat, an espresso) that the caption data alone cannot teach
@@ -36,6 +36,9 @@ def mmstory_small() -> ModelConfig:
                                              image_tags=5, tag_tokens=4),
         embed_dim=256,
         text_head_hidden=1024,
+        # an ensemble of 4 heads, trained side by side in their own stage (configs/flickr8k_heads.yaml): on Flickr8k
+        # dev, image->text R@1 rises about 3 points over one head (README)
+        contrastive_heads=4,
         captioner="caption_decoder",  # chosen by dev-split metrics (see the model card in the README)
         # 10 beams, the one chosen by log-prob + 120 x the contrastive head's image-text cosine: after self-critical
         # training this keeps >= 90% of dev images' captions distinct at the best CIDEr-D (grid in the README)

@@ -8,16 +8,28 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                     heads: int = 1) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of matched (image, text) pairs; row i of each is a positive pair.
 
-    Embeddings are expected L2-normalised; `logit_scale` is exp(learned log-scale), i.e. 1/temperature.
+    Embeddings are expected L2-normalised; `logit_scale` is exp(learned log-scale), i.e. 1/temperature. With `heads`
+    > 1 the embeddings are that many heads' outputs side by side, and each head gets its own InfoNCE (the mean is
+    returned): trained apart like this, the heads make a deep ensemble rather than one wider head.
     """
     if image_embeds.shape != text_embeds.shape:
         raise ValueError(f"image and text embeddings differ in shape: {image_embeds.shape} vs {text_embeds.shape}")
-    logits = logit_scale * image_embeds @ text_embeds.t()
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
+    if image_embeds.shape[-1] % heads:
+        raise ValueError(f"embedding width {image_embeds.shape[-1]} does not split into {heads} heads")
+    if heads == 1:
+        logits = (logit_scale * image_embeds @ text_embeds.t()).unsqueeze(0)
+    else:  # each head's cosines, whatever the scale of its slice
+        image = F.normalize(image_embeds.unflatten(-1, (heads, -1)), dim=-1).transpose(0, 1)  # [heads, B, D]
+        text = F.normalize(text_embeds.unflatten(-1, (heads, -1)), dim=-1).transpose(0, 1)
+        logits = logit_scale * image @ text.transpose(1, 2)  # [heads, B, B]
+    targets = torch.arange(logits.shape[1], device=logits.device).expand(heads, -1)
+    per_image = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    per_text = F.cross_entropy(logits.transpose(1, 2).flatten(0, 1), targets.flatten())
+    return 0.5 * (per_image + per_text)
 
 
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

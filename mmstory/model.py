@@ -50,8 +50,9 @@ class StoryModel(nn.Module):
         self.tokenizer.padding_side = "right"
         hidden = self.decoder.config.hidden_size
 
-        self.image_projection = nn.Linear(self.vision.pooled_dim, config.embed_dim, bias=False)
-        self.text_projection = ProjectionHead(self.text.dim, config.embed_dim, config.text_head_hidden)
+        heads = config.contrastive_heads
+        self.image_projection = nn.Linear(self.vision.pooled_dim, heads * config.embed_dim, bias=False)
+        self.text_projection = ProjectionHead(self.text.dim, config.embed_dim, config.text_head_hidden, groups=heads)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         b = config.bridge
         if b.kind == "resampler":
@@ -110,8 +111,16 @@ class StoryModel(nn.Module):
         """1 / temperature of the contrastive head, capped at 100 as in CLIP."""
         return self.logit_scale.clamp(max=math.log(100)).exp()
 
+    def _shared_space(self, projected: torch.Tensor) -> torch.Tensor:
+        """Each contrastive head's output L2-normalised, the heads concatenated and scaled by 1/sqrt(heads): a unit
+        vector whose dot product with another is the mean of the heads' cosines, so one matrix product scores with
+        the whole ensemble (and a single head is plain CLIP)."""
+        heads = self.config.contrastive_heads
+        unit = F.normalize(projected.unflatten(-1, (heads, self.config.embed_dim)), dim=-1)
+        return unit.flatten(-2) / math.sqrt(heads)
+
     def image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_projection(pooled.float()), dim=-1)
+        return self._shared_space(self.image_projection(pooled.float()))
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """Pooled text-encoder features [B, Dt] (before projection); no graph through a frozen encoder."""
@@ -123,7 +132,7 @@ class StoryModel(nn.Module):
     def text_embedding(self, texts: list[str] | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised text embeddings in the shared space, from texts or cached pooled features."""
         pooled = self.encode_text(texts) if pooled is None else pooled
-        return F.normalize(self.text_projection(pooled.float()), dim=-1)
+        return self._shared_space(self.text_projection(pooled.float()))
 
     def visual_prefix(self, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         return self.bridge(tokens, pooled).to(self.decoder.dtype)
@@ -228,7 +237,8 @@ class StoryModel(nn.Module):
         if cfg.contrastive_weight > 0:
             scale = self.contrastive_scale()
             text = self.text_embedding(captions, pooled=text_pooled)
-            out.contrastive_loss = contrastive_loss(self.image_embedding(image_pooled), text, scale)
+            out.contrastive_loss = contrastive_loss(self.image_embedding(image_pooled), text, scale,
+                                                    heads=cfg.contrastive_heads)
             out.loss = out.loss + cfg.contrastive_weight * out.contrastive_loss
         if cfg.caption_weight > 0:
             embeds, mask, labels = self._caption_batch(self.visual_prefix(image_tokens, image_pooled), captions)

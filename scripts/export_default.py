@@ -2,9 +2,8 @@
 
     python scripts/export_default.py runs/flickr8k/best --bridge-from runs/flickr8k_bridge/best
 
-The bridge's tensors come from `--bridge-from` (stage 2), the contrastive head's from `--projections-from` (stage 1
-selects `best/` by caption CIDEr-D, while the head's own dev recall still rises to the last step), and everything else
-from the first run.
+The bridge's tensors come from `--bridge-from` (stage 2), the contrastive heads' from `--projections-from` (the heads
+stage, configs/flickr8k_heads.yaml: its last checkpoint), and everything else from the first run.
 Trained tensors are stored in bfloat16 (they load back into float32 parameters), which keeps the shipped file small;
 the config keeps the stage-1 loss weights so that fine-tuning from the shipped model trains every head again.
 """
@@ -26,11 +25,14 @@ from mmstory.train import latest_checkpoint
 CONTRASTIVE_HEAD = ("image_projection.", "text_projection.", "logit_scale")
 
 
+def _weights_dir(source: Path) -> Path:
+    """A checkpoint, or a run's output directory: its latest checkpoint."""
+    return source if (source / WEIGHTS_NAME).is_file() else latest_checkpoint(source) or source
+
+
 def _part(source: Path, prefixes: tuple[str, ...], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors under `prefixes` in another run's weights (a checkpoint, or a run's output directory: its latest
-    checkpoint); they must match the main run's set of names."""
-    if not (source / WEIGHTS_NAME).is_file():
-        source = latest_checkpoint(source) or source
+    """The tensors under `prefixes` in another run's weights; they must match the main run's set of names."""
+    source = _weights_dir(source)
     part = {k: v for k, v in load_file(str(source / WEIGHTS_NAME)).items() if k.startswith(prefixes)}
     if not part or set(part) != {k for k in tensors if k.startswith(prefixes)}:
         raise SystemExit(f"{source} holds no {'/'.join(prefixes)} tensors matching the main run's")
@@ -60,6 +62,9 @@ def main() -> None:
     config.caption_rerank = reference.caption_rerank  # inference settings, chosen on dev after training
     config.caption_beams = reference.caption_beams
     config.caption_concepts = reference.caption_concepts
+    if args.projections_from is not None:  # as many heads as the run they come from trained
+        heads = ModelConfig.load_json(_weights_dir(args.projections_from) / CONFIG_NAME).contrastive_heads
+        config.contrastive_heads = heads
     config.story_prefix = args.bridge_from is not None  # an untrained bridge would only feed the writer noise
     tensors = load_file(str(args.run_dir / WEIGHTS_NAME))
     for source, prefixes in ((args.bridge_from, ("bridge.",)), (args.projections_from, CONTRASTIVE_HEAD)):

@@ -25,6 +25,10 @@ def test_unknown_keys_and_bad_values_fail_loudly():
     data["caption_concepts"] = 50
     with pytest.raises(ValueError, match="caption_concepts"):
         from_dict(ModelConfig, data)
+    data = get_model_config("tiny").to_dict()
+    data["contrastive_heads"] = 0
+    with pytest.raises(ValueError, match="contrastive_heads"):
+        from_dict(ModelConfig, data)
 
 
 def test_registry_lists_models():

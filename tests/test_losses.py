@@ -73,3 +73,16 @@ def test_self_critical_loss_value_and_direction():
     assert torch.all(logits.grad[0, 2] == 0)  # padding gets no gradient
     with pytest.raises(ValueError, match="shapes differ"):
         self_critical_loss(logprobs, mask, torch.ones(3))
+
+
+def test_infonce_with_heads_is_the_mean_of_each_heads_infonce():
+    torch.manual_seed(0)
+    image, text = torch.randn(5, 3, 4), torch.randn(5, 3, 4)  # 5 pairs, 3 heads of width 4
+    unit = torch.nn.functional.normalize
+    scale = torch.tensor(7.0)
+    per_head = [contrastive_loss(unit(image[:, h], dim=-1), unit(text[:, h], dim=-1), scale) for h in range(3)]
+    # the model's layout: each head's slice normalised, side by side, scaled by 1/sqrt(heads)
+    side_by_side = [unit(x, dim=-1).flatten(1) / math.sqrt(3) for x in (image, text)]
+    assert torch.allclose(contrastive_loss(*side_by_side, scale, heads=3), torch.stack(per_head).mean())
+    with pytest.raises(ValueError, match="does not split into 5 heads"):
+        contrastive_loss(*side_by_side, scale, heads=5)

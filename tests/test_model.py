@@ -61,6 +61,46 @@ def test_weights_saved_with_a_plain_linear_text_projection_still_load(tiny_model
     assert torch.equal(fresh.text_projection.linear.weight, tiny_model.text_projection.linear.weight)
 
 
+def test_grouped_linear_is_nn_linear_for_one_group_and_independent_maps_for_several():
+    from mmstory.components import GroupedLinear
+
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(6, 4)
+    torch.manual_seed(0)
+    single = GroupedLinear(6, 4)  # same layout and initialisation draws: old checkpoints and runs are unchanged
+    assert torch.equal(single.weight, reference.weight) and torch.equal(single.bias, reference.bias)
+    x = torch.randn(2, 12)
+    grouped = GroupedLinear(6, 4, groups=2)
+    halves = [torch.nn.functional.linear(x[:, 6 * g: 6 * g + 6], grouped.weight[4 * g: 4 * g + 4],
+                                         grouped.bias[4 * g: 4 * g + 4]) for g in range(2)]
+    assert torch.allclose(grouped(x), torch.cat(halves, dim=-1), atol=1e-6)
+
+
+def test_contrastive_heads_score_with_the_mean_of_their_cosines_and_round_trip(tmp_path):
+    config = get_model_config("tiny")
+    config.contrastive_heads, config.text_head_hidden = 3, 16
+    model = create_model(config).eval()
+    d = config.embed_dim
+    pooled = model.encode_image(_pixels(model))[1]
+    images, texts = model.image_embedding(pooled), model.text_embedding(CAPTIONS)
+    assert images.shape == (3, 3 * d) and torch.allclose(images.norm(dim=-1), torch.ones(3))
+    raw_images = model.image_projection(pooled).unflatten(-1, (3, d))
+    raw_texts = model.text_projection(model.encode_text(CAPTIONS)).unflatten(-1, (3, d))
+    cosines = torch.stack([torch.nn.functional.cosine_similarity(raw_images[:, None, h], raw_texts[None, :, h], dim=-1)
+                           for h in range(3)])
+    assert torch.allclose(images @ texts.T, cosines.mean(0), atol=1e-6)
+    model.train()
+    model(_pixels(model), CAPTIONS).contrastive_loss.backward()
+    grads = model.text_projection.mlp[4].weight.grad.view(3, d, 16)
+    assert all(g.abs().sum() > 0 for g in grads)  # every head learns
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    assert torch.equal(StoryModel.from_pretrained(tmp_path / "m").text_embedding(CAPTIONS), texts)
+    config.contrastive_heads = 1
+    with pytest.raises(ValueError, match="shape mismatch"):  # a one-head model cannot take three heads' weights
+        create_model(config).load_trained_state(model.trained_state_dict())
+
+
 def test_caption_batch_labels_only_caption_and_eos(tiny_model):
     prefix = torch.zeros(3, tiny_model.config.bridge.num_queries, tiny_model.decoder.config.hidden_size)
     embeds, mask, labels = tiny_model._caption_batch(prefix, CAPTIONS)

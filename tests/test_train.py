@@ -72,15 +72,20 @@ def test_config_yaml_round_trip_and_overrides(tmp_path: Path):
         TrainConfig.load(TINY, ["optim.lr.bridges=0.1"])
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainConfig.load(TINY, ["mixed_precision=fp8"])
+    assert TrainConfig.load(TINY, ["optim.eps=1e-8"]).optim.eps == 1e-8  # YAML 1.1 reads 1e-8 as a string
+    with pytest.raises(ValueError, match="expected a number, got 'small'"):
+        TrainConfig.load(TINY, ["optim.eps=small"])
 
 
-@pytest.mark.parametrize("name", ["flickr8k", "flickr8k_scst", "flickr8k_bridge"])
+@pytest.mark.parametrize("name", ["flickr8k", "flickr8k_scst", "flickr8k_bridge", "flickr8k_heads"])
 def test_flickr8k_configs_point_at_the_shared_data(name):
     config = TrainConfig.load(ROOT / "configs" / f"{name}.yaml")
     assert config.model.name == "mmstory-small" and config.data.use_feature_cache
     if name == "flickr8k_scst":  # stage 1b starts from stage 1's best model and trains the caption decoder alone
         assert config.caption_objective == "scst" and config.model.init_from == "runs/flickr8k/best"
-        assert config.model.overrides == {"contrastive_weight": 0.0, "caption_weight": 0.0}
+        assert config.model.overrides == {"contrastive_weight": 0.0, "caption_weight": 0.0, "contrastive_heads": 1}
+    if name == "flickr8k_heads":  # the contrastive heads alone, as many as the registry says
+        assert config.model.overrides == {"caption_weight": 0.0, "caption_decoder_weight": 0.0}
     if not (FLICKR8K / "captions.csv").is_file():
         pytest.skip("../shared/data/flickr8k is not present on this machine")
     for source in (config.data.train, config.data.dev):
