@@ -97,6 +97,10 @@ class ModelConfig:
     # > 0: when the vision backbone's ImageNet classifier is at least this sure of a class whose name ends in a
     # common caption word ('Egyptian cat' -> cat), beam search must write that word (constrained beam search)
     caption_concepts: float = 0.0
+    # > 0: the model keeps the pooled image features of this many training images (`mmstory train` fills them), and
+    # caption reranking scores log p(image | caption) against them instead of the bare cosine: a caption that fits many
+    # training images as well as this one loses (a pragmatic listener, as in discriminative captioning)
+    caption_distractors: int = 0
 
     def __post_init__(self) -> None:
         if self.captioner not in CAPTIONERS:
@@ -106,6 +110,8 @@ class ModelConfig:
         for name in ("contrastive_weight", "caption_weight", "caption_decoder_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.caption_distractors < 0:
+            raise ValueError(f"caption_distractors must be >= 0, got {self.caption_distractors}")
         if self.contrastive_heads < 1:
             raise ValueError(f"contrastive_heads must be >= 1, got {self.contrastive_heads}")
         if not 0.0 <= self.caption_concepts <= 1.0:

@@ -54,6 +54,8 @@ class StoryModel(nn.Module):
         self.image_projection = nn.Linear(self.vision.pooled_dim, heads * config.embed_dim, bias=False)
         self.text_projection = ProjectionHead(self.text.dim, config.embed_dim, config.text_head_hidden, groups=heads)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        if config.caption_distractors:  # training images' pooled features; zero until `set_distractors`
+            self.register_buffer("distractor_pooled", torch.zeros(config.caption_distractors, self.vision.pooled_dim))
         b = config.bridge
         if b.kind == "resampler":
             self.bridge = ResamplerBridge(self.vision.token_dim, self.vision.num_tokens, hidden, b.num_queries,
@@ -355,7 +357,9 @@ class StoryModel(nn.Module):
 
         `rerank` (default: the config's `caption_rerank`) > 0 picks, among the caption decoder's beams, the one with
         the best log-probability + rerank x cosine agreement with the image under the contrastive head: beam search
-        alone favours the captions most common in the training data over the ones specific to the picture.
+        alone favours the captions most common in the training data over the ones specific to the picture. With
+        distractors (`caption_distractors`) the cosine is taken relative to the training images' (log p(image |
+        caption), over the temperature), so that a caption as true of many other pictures does not win.
         `concepts` (default: the config's `caption_concepts`) > 0 makes the caption decoder's beam search write the
         word of a class the image classifier is that sure of (`concept_words`).
         """
@@ -397,13 +401,40 @@ class StoryModel(nn.Module):
                                                 repetition_penalty, self.image_tags(image_pooled), required)
         texts = [self._decode_compact([ids for _, ids in rows]) for rows in found]
         flat = [t for rows in texts for t in rows]
-        agreement = self.text_embedding(flat) @ self.image_embedding(image_pooled).T  # [candidates, images]
+        agreement = self.caption_agreement(flat, image_pooled)
         chosen, start = [], 0
         for image, rows in enumerate(found):
             scores = [logprob + weight * float(agreement[start + j, image]) for j, (logprob, _) in enumerate(rows)]
             chosen.append(texts[image][max(range(len(rows)), key=scores.__getitem__)])
             start += len(rows)
         return [tidy_caption(t) for t in chosen]
+
+    def caption_agreement(self, captions: list[str], image_pooled: torch.Tensor) -> torch.Tensor:
+        """[captions, images] agreement for caption reranking: the cosine under the contrastive head, less (with
+        distractors) logsumexp over the distractor images' logits / scale, i.e. log p(image | caption) / scale among
+        the training images, which a caption as true of many of them does not win."""
+        embedded = self.text_embedding(captions)
+        agreement = embedded @ self.image_embedding(image_pooled).T
+        if self.has_distractors():
+            scale = self.contrastive_scale()
+            logits = scale * embedded @ self.image_embedding(self.distractor_pooled).T
+            agreement = agreement - (torch.logsumexp(logits, dim=1) / scale)[:, None]
+        return agreement
+
+    def has_distractors(self) -> bool:
+        return hasattr(self, "distractor_pooled") and bool(self.distractor_pooled.any())
+
+    @torch.no_grad()
+    def set_distractors(self, pooled: torch.Tensor) -> None:
+        """Keep these training images' pooled features: at most `caption_distractors` rows (fewer shrink it)."""
+        if not self.config.caption_distractors:
+            raise ValueError("this model keeps no distractors (caption_distractors is 0)")
+        pooled = pooled[: self.config.caption_distractors].float()
+        if len(pooled) == 0:
+            raise ValueError("no distractor images given")
+        if len(pooled) < self.config.caption_distractors:
+            self.config.caption_distractors = len(pooled)
+        self.distractor_pooled = pooled.to(self.logit_scale.device).clone()
 
     @torch.no_grad()
     def caption_log_likelihood(self, image_tokens: torch.Tensor, captions: list[str],

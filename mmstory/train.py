@@ -396,6 +396,8 @@ class Trainer:
         decoder = self.model.caption_decoder
         if decoder is not None and decoder.needs_vocabulary:  # its compact vocabulary comes from the training captions
             self.model.fit_caption_vocabulary([c for r in self.train_split.records for c in r.captions])
+        if self.model.config.caption_distractors:  # frozen-encoder features of training images, for caption reranking
+            self.model.set_distractors(self._distractor_features(self.model.config.caption_distractors))
         self.reward = None
         if config.caption_objective == "scst":
             if decoder is None or self.model.config.contrastive_weight > 0 or self.model.config.caption_weight > 0:
@@ -461,6 +463,23 @@ class Trainer:
             acc.print(f"text features ({name}): {len(text.lookup)} captions, {text.encoded} encoded, "
                       f"{text.seconds:.1f} s")
         return text
+
+    @torch.no_grad()
+    def _distractor_features(self, count: int) -> torch.Tensor:
+        """Pooled features of `count` training images, picked by the run's seed (its own generator: the global RNG,
+        and with it the run, stays as it was)."""
+        split, device = self.train_split, self.model.logit_scale.device
+        order = np.random.default_rng(self.config.seed).permutation(len(split.records))[:count]
+        pooled, was_training = [], self.model.training
+        self.model.eval()  # a frozen encoder's batch norm on its running statistics, as when the cache was built
+        for start in range(0, len(order), self.config.batch_size):
+            batch = split.collate([split.dataset[(int(i), 0)] for i in order[start: start + self.config.batch_size]])
+            inputs = _model_inputs(batch, device)
+            if "image_pooled" not in inputs:
+                inputs["image_pooled"] = self.model.encode_image(inputs["pixel_values"])[1]
+            pooled.append(inputs["image_pooled"].float().cpu())
+        self.model.train(was_training)
+        return torch.cat(pooled)
 
     def _sampler(self, epoch: int, start: int = 0) -> EpochBatchSampler:
         acc = self.accelerator

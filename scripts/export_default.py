@@ -2,8 +2,9 @@
 
     python scripts/export_default.py runs/flickr8k/best --bridge-from runs/flickr8k_bridge/best
 
-The bridge's tensors come from `--bridge-from` (stage 2), the contrastive heads' from `--projections-from` (the heads
-stage, configs/flickr8k_heads.yaml: its last checkpoint), and everything else from the first run.
+The bridge's tensors come from `--bridge-from` (stage 2), the contrastive heads' (and the distractor images that caption
+reranking compares against) from `--projections-from` (the heads stage, configs/flickr8k_heads.yaml), and everything
+else from the first run.
 Trained tensors are stored in bfloat16 (they load back into float32 parameters), which keeps the shipped file small;
 the config keeps the stage-1 loss weights so that fine-tuning from the shipped model trains every head again.
 """
@@ -22,7 +23,7 @@ from mmstory.factory import PRETRAINED_ROOT, get_model_config
 from mmstory.model import CONFIG_NAME, WEIGHTS_NAME
 from mmstory.train import latest_checkpoint
 
-CONTRASTIVE_HEAD = ("image_projection.", "text_projection.", "logit_scale")
+CONTRASTIVE_HEAD = ("image_projection.", "text_projection.", "logit_scale", "distractor_pooled")
 
 
 def _weights_dir(source: Path) -> Path:
@@ -34,7 +35,7 @@ def _part(source: Path, prefixes: tuple[str, ...], tensors: dict[str, torch.Tens
     """The tensors under `prefixes` in another run's weights; they must match the main run's set of names."""
     source = _weights_dir(source)
     part = {k: v for k, v in load_file(str(source / WEIGHTS_NAME)).items() if k.startswith(prefixes)}
-    if not part or set(part) != {k for k in tensors if k.startswith(prefixes)}:
+    if not part or not {k for k in tensors if k.startswith(prefixes)} <= set(part):
         raise SystemExit(f"{source} holds no {'/'.join(prefixes)} tensors matching the main run's")
     return part
 
@@ -62,9 +63,9 @@ def main() -> None:
     config.caption_rerank = reference.caption_rerank  # inference settings, chosen on dev after training
     config.caption_beams = reference.caption_beams
     config.caption_concepts = reference.caption_concepts
-    if args.projections_from is not None:  # as many heads as the run they come from trained
-        heads = ModelConfig.load_json(_weights_dir(args.projections_from) / CONFIG_NAME).contrastive_heads
-        config.contrastive_heads = heads
+    if args.projections_from is not None:  # as many heads (and distractor images) as the run they come from has
+        heads = ModelConfig.load_json(_weights_dir(args.projections_from) / CONFIG_NAME)
+        config.contrastive_heads, config.caption_distractors = heads.contrastive_heads, heads.caption_distractors
     config.story_prefix = args.bridge_from is not None  # an untrained bridge would only feed the writer noise
     tensors = load_file(str(args.run_dir / WEIGHTS_NAME))
     for source, prefixes in ((args.bridge_from, ("bridge.",)), (args.projections_from, CONTRASTIVE_HEAD)):

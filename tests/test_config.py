@@ -29,6 +29,10 @@ def test_unknown_keys_and_bad_values_fail_loudly():
     data["contrastive_heads"] = 0
     with pytest.raises(ValueError, match="contrastive_heads"):
         from_dict(ModelConfig, data)
+    data = get_model_config("tiny").to_dict()
+    data["caption_distractors"] = -1
+    with pytest.raises(ValueError, match="caption_distractors"):
+        from_dict(ModelConfig, data)
 
 
 def test_registry_lists_models():

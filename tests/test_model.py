@@ -101,6 +101,31 @@ def test_contrastive_heads_score_with_the_mean_of_their_cosines_and_round_trip(t
         create_model(config).load_trained_state(model.trained_state_dict())
 
 
+def test_distractors_turn_caption_agreement_into_log_p_image_given_caption(tmp_path):
+    config = get_model_config("tiny")
+    config.caption_distractors = 3
+    model = create_model(config).eval()
+    pooled = model.encode_image(_pixels(model, n=5))[1]
+    assert not model.has_distractors()  # zeros until filled: the bare cosine
+    assert torch.allclose(model.caption_agreement(CAPTIONS, pooled[:2]),
+                          model.text_embedding(CAPTIONS) @ model.image_embedding(pooled[:2]).T)
+    model.set_distractors(pooled)  # keeps the first 3
+    assert model.has_distractors() and torch.equal(model.distractor_pooled, pooled[:3])
+    scale = model.contrastive_scale()
+    texts = model.text_embedding(CAPTIONS)
+    logits = scale * texts @ model.image_embedding(pooled[:3]).T
+    expected = texts @ model.image_embedding(pooled[3:]).T - torch.logsumexp(logits, dim=1, keepdim=True) / scale
+    assert torch.allclose(model.caption_agreement(CAPTIONS, pooled[3:]), expected, atol=1e-6)
+    model.save_pretrained(tmp_path / "m")
+    assert torch.equal(StoryModel.from_pretrained(tmp_path / "m").distractor_pooled, model.distractor_pooled)
+    model.set_distractors(pooled[:2])  # fewer images than asked for: the setting follows, so the saved model loads
+    assert model.config.caption_distractors == 2
+    with pytest.raises(ValueError, match="no distractor images"):
+        model.set_distractors(pooled[:0])
+    with pytest.raises(ValueError, match="keeps no distractors"):
+        create_model(get_model_config("tiny")).set_distractors(pooled)
+
+
 def test_caption_batch_labels_only_caption_and_eos(tiny_model):
     prefix = torch.zeros(3, tiny_model.config.bridge.num_queries, tiny_model.decoder.config.hidden_size)
     embeds, mask, labels = tiny_model._caption_batch(prefix, CAPTIONS)

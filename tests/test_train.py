@@ -225,6 +225,22 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def test_trainer_fills_the_distractor_images_without_touching_the_run(tmp_path: Path):
+    csv = write_dataset(tmp_path / "data", 6)
+    banks, rng = {}, {}
+    cached = ["data.use_feature_cache=true", f"data.feature_cache_dir={tmp_path / 'cache'}"]
+    for name, extra in (("none", []), ("pixels", ["model.overrides.caption_distractors=4"]),
+                        ("cache_build", cached),  # encoding the cache draws from the RNG; reusing it does not
+                        ("cache_none", cached), ("cache", ["model.overrides.caption_distractors=4", *cached])):
+        trainer = Trainer(tiny_config(csv, tmp_path / name, *extra))
+        rng[name] = torch.get_rng_state()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        banks[name] = model.distractor_pooled.clone() if model.has_distractors() else None
+    assert banks["none"] is None and banks["pixels"].shape[0] == 4
+    assert torch.allclose(banks["pixels"], banks["cache"], atol=1e-2)  # the same 4 images; the cache is fp16
+    assert torch.equal(rng["none"], rng["pixels"]) and torch.equal(rng["cache_none"], rng["cache"])  # same runs
+
+
 @pytest.mark.parametrize("use_cache", [False, True], ids=["pixels", "feature-cache"])
 def test_bad_data_is_skipped_and_reported(tmp_path: Path, use_cache: bool):
     csv, expected = _bad_dataset(tmp_path / "data")
