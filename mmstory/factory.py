@@ -40,8 +40,8 @@ def mmstory_small() -> ModelConfig:
         # dev, image->text R@1 rises about 3 points over one head (README)
         contrastive_heads=4,
         captioner="caption_decoder",  # chosen by dev-split metrics (see the model card in the README)
-        # 10 beams, the one chosen by log-prob + 120 x the contrastive head's image-text cosine: after self-critical
-        # training this keeps >= 90% of dev images' captions distinct at the best CIDEr-D (grid in the README)
+        # 10 beams, the one chosen by log-prob + 120 x the image-caption agreement under the contrastive heads: after
+        # self-critical training this keeps >= 90% of dev images' captions distinct at the best CIDEr-D (README)
         caption_rerank=120.0,
         caption_beams=10,
         # ImageNet classes the classifier is >= 50% sure of put their word into the caption ('Egyptian cat' -> cat):

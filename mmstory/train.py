@@ -397,6 +397,9 @@ class Trainer:
         if decoder is not None and decoder.needs_vocabulary:  # its compact vocabulary comes from the training captions
             self.model.fit_caption_vocabulary([c for r in self.train_split.records for c in r.captions])
         if self.model.config.caption_distractors:  # frozen-encoder features of training images, for caption reranking
+            if self.model.config.vision.train != "frozen":
+                raise ValueError("caption_distractors keeps image features taken once, so it needs a frozen vision "
+                                 "encoder: set model.overrides.caption_distractors: 0 to train the vision encoder")
             self.model.set_distractors(self._distractor_features(self.model.config.caption_distractors))
         self.reward = None
         if config.caption_objective == "scst":

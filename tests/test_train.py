@@ -239,6 +239,9 @@ def test_trainer_fills_the_distractor_images_without_touching_the_run(tmp_path: 
     assert banks["none"] is None and banks["pixels"].shape[0] == 4
     assert torch.allclose(banks["pixels"], banks["cache"], atol=1e-2)  # the same 4 images; the cache is fp16
     assert torch.equal(rng["none"], rng["pixels"]) and torch.equal(rng["cache_none"], rng["cache"])  # same runs
+    with pytest.raises(ValueError, match="needs a frozen vision encoder"):  # features taken once would go stale
+        Trainer(tiny_config(csv, tmp_path / "lora", "model.overrides.caption_distractors=4",
+                            "model.overrides.vision={spec: 'timm:test_efficientnet', pretrained: false, train: full}"))
 
 
 @pytest.mark.parametrize("use_cache", [False, True], ids=["pixels", "feature-cache"])
