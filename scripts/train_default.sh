@@ -17,6 +17,7 @@ if [ -z "${RESUME:-}" ]; then  # fail now, not after the feature caches, if an e
     done
 fi
 make setup
+mkdir -p runs  # the stages' logs go there (a fresh clone has no runs/)
 BIN=.venv/bin
 export OMP_NUM_THREADS=1
 start=$(date +%s)
