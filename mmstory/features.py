@@ -133,8 +133,10 @@ class FeatureCache:
         vision = self.vision.to(device).eval()
         vision.to(memory_format=torch.channels_last)  # CNNs such as EfficientNet-Lite run faster in NHWC on CPU
         processor = ImageProcessor(vision.image_size, vision.mean, vision.std)
+        # its own generator: encoding must not draw from the global RNG, or a run that builds its cache would train
+        # differently from one that finds it built
         loader = DataLoader(_DecodeDataset(images, processor, self.max_pixels), batch_size=batch_size,
-                            num_workers=num_workers, collate_fn=_collate_decoded)
+                            num_workers=num_workers, collate_fn=_collate_decoded, generator=torch.Generator())
         pending = _Pending()
         try:
             for batch in tqdm(loader, desc="encoding features", unit="batch", disable=not progress):

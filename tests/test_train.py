@@ -230,7 +230,7 @@ def test_trainer_fills_the_distractor_images_without_touching_the_run(tmp_path: 
     banks, rng = {}, {}
     cached = ["data.use_feature_cache=true", f"data.feature_cache_dir={tmp_path / 'cache'}"]
     for name, extra in (("none", []), ("pixels", ["model.overrides.caption_distractors=4"]),
-                        ("cache_build", cached),  # encoding the cache draws from the RNG; reusing it does not
+                        ("cache_build", cached),  # encodes the cache; the next two find it
                         ("cache_none", cached), ("cache", ["model.overrides.caption_distractors=4", *cached])):
         trainer = Trainer(tiny_config(csv, tmp_path / name, *extra))
         rng[name] = torch.get_rng_state()
@@ -239,6 +239,7 @@ def test_trainer_fills_the_distractor_images_without_touching_the_run(tmp_path: 
     assert banks["none"] is None and banks["pixels"].shape[0] == 4
     assert torch.allclose(banks["pixels"], banks["cache"], atol=1e-2)  # the same 4 images; the cache is fp16
     assert torch.equal(rng["none"], rng["pixels"]) and torch.equal(rng["cache_none"], rng["cache"])  # same runs
+    assert torch.equal(rng["cache_build"], rng["cache_none"])  # building the cache draws nothing from the RNG either
     with pytest.raises(ValueError, match="needs a frozen vision encoder"):  # features taken once would go stale
         Trainer(tiny_config(csv, tmp_path / "lora", "model.overrides.caption_distractors=4",
                             "model.overrides.vision={spec: 'timm:test_efficientnet', pretrained: false, train: full}"))
