@@ -417,9 +417,17 @@ class StoryModel(nn.Module):
         agreement = embedded @ self.image_embedding(image_pooled).T
         if self.has_distractors():
             scale = self.contrastive_scale()
-            logits = scale * embedded @ self.image_embedding(self.distractor_pooled).T
+            logits = scale * embedded @ self._distractor_embeddings().T
             agreement = agreement - (torch.logsumexp(logits, dim=1) / scale)[:, None]
         return agreement
+
+    def _distractor_embeddings(self) -> torch.Tensor:
+        """The distractors in the shared space, computed once per state of the weights and buffer (not per call)."""
+        weight, bank = self.image_projection.weight, self.distractor_pooled
+        key = (weight.data_ptr(), weight._version, bank.data_ptr(), bank._version, torch.is_grad_enabled())
+        if getattr(self, "_distractor_cache", (None,))[0] != key:
+            self._distractor_cache = (key, self.image_embedding(bank))
+        return self._distractor_cache[1]
 
     def has_distractors(self) -> bool:
         return hasattr(self, "distractor_pooled") and bool(self.distractor_pooled.any())

@@ -27,7 +27,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -471,18 +471,26 @@ class Trainer:
     def _distractor_features(self, count: int) -> torch.Tensor:
         """Pooled features of `count` training images, picked by the run's seed (its own generator: the global RNG,
         and with it the run, stays as it was)."""
-        split, device = self.train_split, self.model.logit_scale.device
+        split = self.train_split
         order = np.random.default_rng(self.config.seed).permutation(len(split.records))[:count]
         pooled, was_training = [], self.model.training
         self.model.eval()  # a frozen encoder's batch norm on its running statistics, as when the cache was built
-        for start in range(0, len(order), self.config.batch_size):
-            batch = split.collate([split.dataset[(int(i), 0)] for i in order[start: start + self.config.batch_size]])
-            inputs = _model_inputs(batch, device)
+        for _, inputs in self._image_batches(split, order, self.model.logit_scale.device):  # not prepared yet
             if "image_pooled" not in inputs:
                 inputs["image_pooled"] = self.model.encode_image(inputs["pixel_values"])[1]
             pooled.append(inputs["image_pooled"].float().cpu())
         self.model.train(was_training)
         return torch.cat(pooled)
+
+    def _image_batches(self, split: Split, records: Iterable[int],
+                       device: torch.device | str) -> Iterator[tuple[dict, dict[str, torch.Tensor]]]:
+        """Batches of the given records' images (first caption), as the batch and its image inputs on `device`."""
+        records = [int(i) for i in records]
+        for start in range(0, len(records), self.config.batch_size):
+            batch = split.collate([split.dataset[(i, 0)] for i in records[start: start + self.config.batch_size]])
+            inputs = _model_inputs(batch, device)
+            inputs.pop("text_pooled", None)
+            yield batch, inputs
 
     def _sampler(self, epoch: int, start: int = 0) -> EpochBatchSampler:
         acc = self.accelerator
@@ -628,11 +636,7 @@ class Trainer:
         if model.caption_decoder is None:
             raise ValueError("best_metric cider_d needs a caption decoder")
         split, captions = self.dev_split, {}
-        for start in range(0, len(split.records), self.config.batch_size):
-            keys = range(start, min(start + self.config.batch_size, len(split.records)))
-            batch = split.collate([split.dataset[(i, 0)] for i in keys])
-            inputs = _model_inputs(batch, self.accelerator.device)
-            inputs.pop("text_pooled", None)
+        for batch, inputs in self._image_batches(split, range(len(split.records)), self.accelerator.device):
             written = model.generate_captions(**inputs, num_beams=1, captioner="caption_decoder")
             # from pixels, an undecodable image arrives as its neighbour: score each image that was read, once,
             # against its own references
