@@ -156,12 +156,21 @@ def _convert(hint: Any, value: Any) -> Any:
         for arg in typing.get_args(hint):
             if dataclasses.is_dataclass(arg) and isinstance(value, dict):
                 return from_dict(arg, value)
+        if str in typing.get_args(hint):
+            return _word(value)
         return _number(value) if float in typing.get_args(hint) else value
     if hint is float:
         return _number(value)
+    if hint is str:
+        return _word(value)
     if origin is tuple and isinstance(value, list):
         return tuple(value)
     return value
+
+
+def _word(value: Any) -> Any:
+    """YAML 1.1 reads `mixed_precision: no` as False: a text field takes a boolean back as the word no / yes."""
+    return ("yes" if value else "no") if isinstance(value, bool) else value
 
 
 def _number(value: Any) -> Any:

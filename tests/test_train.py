@@ -75,6 +75,11 @@ def test_config_yaml_round_trip_and_overrides(tmp_path: Path):
     assert TrainConfig.load(TINY, ["optim.eps=1e-8"]).optim.eps == 1e-8  # YAML 1.1 reads 1e-8 as a string
     with pytest.raises(ValueError, match="expected a number, got 'small'"):
         TrainConfig.load(TINY, ["optim.eps=small"])
+    # YAML 1.1 reads `no` as False: a text field gets the word back, a flag stays a flag
+    loaded = TrainConfig.load(TINY, ["mixed_precision=no", "progress=no"])
+    assert (loaded.mixed_precision, loaded.progress) == ("no", False)
+    (tmp_path / "no.yaml").write_text(TINY.read_text().replace('mixed_precision: "no"', "mixed_precision: no"))
+    assert TrainConfig.load(tmp_path / "no.yaml").mixed_precision == "no"
 
 
 @pytest.mark.parametrize("name", ["flickr8k", "flickr8k_scst", "flickr8k_bridge", "flickr8k_heads"])
