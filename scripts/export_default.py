@@ -7,7 +7,7 @@ reranking compares against) from `--projections-from` (the heads stage, configs/
 else from the first run.
 Trained tensors are stored in bfloat16 and the distractor images' features in float8 (e4m3; they only feed a
 logsumexp, and dev captions did not change measurably); all load back into float32, and the shipped file stays small.
-the config keeps the stage-1 loss weights so that fine-tuning from the shipped model trains every head again.
+The config keeps the stage-1 loss weights so that fine-tuning from the shipped model trains every head again.
 """
 
 from __future__ import annotations
