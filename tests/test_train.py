@@ -88,7 +88,10 @@ def test_flickr8k_configs_point_at_the_shared_data(name):
     assert config.model.name == "mmstory-small" and config.data.use_feature_cache
     if name == "flickr8k_scst":  # stage 1b starts from stage 1's best model and trains the caption decoder alone
         assert config.caption_objective == "scst" and config.model.init_from == "runs/flickr8k/best"
-        assert config.model.overrides == {"contrastive_weight": 0.0, "caption_weight": 0.0, "contrastive_heads": 1}
+        assert config.model.overrides == {"contrastive_weight": 0.0, "caption_weight": 0.0, "contrastive_heads": 1,
+                                          "text_head_hidden": 1024}
+    if name != "flickr8k_heads":  # stages 1, 1b and 2 keep the one 1,024-wide head they were tuned with (reproducible)
+        assert (config.model.overrides["contrastive_heads"], config.model.overrides["text_head_hidden"]) == (1, 1024)
     if name == "flickr8k_heads":  # the contrastive heads alone, as many as the registry says
         assert config.model.overrides == {"caption_weight": 0.0, "caption_decoder_weight": 0.0}
     if not (FLICKR8K / "captions.csv").is_file():
