@@ -3,8 +3,10 @@ decoder from the stored features instead of running the CNN/ViT every step (hour
 
 Layout: `<root>/<encoder slug>-<fingerprint>/shard-<id>.safetensors`. The fingerprint hashes the encoder spec, its
 weights, image size and normalisation, and the storage dtype, so a changed encoder gets a fresh directory. Inside,
-each shard holds `tokens` [n, N, D] and `pooled` [n, D] and, in its metadata, the identity of each row's file
-(path + size + mtime, or shard + offset for tar members): a changed file no longer matches and is encoded again.
+each shard holds `tokens` [n, N, D] and `pooled` [n, D] and, in its metadata, the identity of each row's file: its
+size and the SHA-256 of its bytes (of the shard's, plus the offset, for tar members). A changed file no longer matches
+and is encoded again; a copied, moved or touched one still does. `digests.json` remembers each path's digest with its
+size and mtime, so files whose size and mtime have not changed are not read again (as git's index does).
 Images that fail to decode are remembered with their reason, so later runs report them without decoding again.
 Shards are written to a temporary file and renamed, so a killed encoder leaves only complete shards behind.
 """
@@ -32,13 +34,24 @@ from mmstory.data import ImageCaptions, ImageRef, Key, Skipped, TarMember, item_
 from mmstory.images import MAX_PIXELS, ImageError, ImageProcessor
 
 Location = tuple[str, int]  # (shard file, row)
+DIGESTS_NAME = "digests.json"
 
 
-def file_identity(image: ImageRef) -> str:
-    """What makes a cached entry valid: the file's resolved path, size and modification time (raises OSError)."""
+def file_identity(image: ImageRef, digests: dict[str, list] | None = None) -> str:
+    """What makes a cached entry valid: the file's size and content digest (raises OSError). `digests` (path -> [size,
+    mtime, digest]) spares reading a file whose size and mtime are those it was last hashed with."""
     path = image.shard if isinstance(image, TarMember) else Path(image)
     stat = path.stat()
-    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key, seen = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+    known = (digests or {}).get(key)
+    if known is not None and known[:2] == seen:
+        digest = known[2]
+    else:
+        with open(path, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        if digests is not None:
+            digests[key] = [*seen, digest]
+    identity = f"{stat.st_size}|{digest}"
     return f"{identity}#{image.offset}" if isinstance(image, TarMember) else identity
 
 
@@ -100,12 +113,16 @@ class FeatureCache:
         start = time.perf_counter()
         identities: list[str | None] = []
         skipped: list[Skipped] = []
+        digests = self._digests()
+        before = dict(digests)
         for record in records:
             try:
-                identities.append(file_identity(record.image))
+                identities.append(file_identity(record.image, digests))
             except OSError:
                 identities.append(None)
                 skipped.append(Skipped(item_name(record.image), "no such file"))
+        if digests != before:
+            self._save_digests(digests)
         found, bad = self.index()
         todo = sorted({i: n for n, i in enumerate(identities) if i and i not in found and i not in bad}.values())
         reused = sum(1 for i in identities if i and (i in found or i in bad))
@@ -126,6 +143,18 @@ class FeatureCache:
                 skipped.append(Skipped(item_name(record.image), bad.get(identity, "not encoded")))
         return CachedFeatures(kept, locations, skipped, encoded=len(todo), reused=reused,
                               seconds=time.perf_counter() - start)
+
+    def _digests(self) -> dict[str, list]:
+        try:
+            return json.loads((self.directory / DIGESTS_NAME).read_text())
+        except (OSError, ValueError):  # none yet, or unreadable: files are hashed again
+            return {}
+
+    def _save_digests(self, digests: dict[str, list]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f".tmp-{uuid.uuid4().hex[:12]}.json"
+        tmp.write_text(json.dumps(digests))
+        os.replace(tmp, self.directory / DIGESTS_NAME)  # runs sharing the cache each write a whole file
 
     @torch.no_grad()
     def _encode(self, images: list[ImageRef], identities: list[str], batch_size: int, num_workers: int,

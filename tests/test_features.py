@@ -1,8 +1,11 @@
-"""The feature cache: encodes once, matches the encoder, and is invalidated by a changed file or encoder."""
+"""The feature cache: encodes once, matches the encoder, and is invalidated by a changed file or encoder (not by a
+copied, moved or touched one)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,6 +78,23 @@ def test_a_changed_file_is_encoded_again(tiny_model, images, tmp_path: Path):
     after = second.dataset().features(2)[1]
     assert not torch.allclose(before.float(), after.float())
     torch.testing.assert_close(after.float(), _direct(tiny_model, images[2].image)[1], atol=2e-2, rtol=2e-3)
+
+
+def test_touched_and_copied_files_are_not_encoded_again(tiny_model, images, tmp_path: Path):
+    cache = FeatureCache(tmp_path / "cache", tiny_model.vision, tiny_model.config.vision.spec)
+    first = cache.build(images, progress=False)
+    for record in images:  # what a restore or a copy without -p does: new mtimes, same bytes
+        stat = record.image.stat()
+        os.utime(record.image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    copy = tmp_path / "copied"
+    shutil.copytree(images[0].image.parent, copy)
+    moved = [ImageCaptions(copy / r.image.name, r.captions) for r in images]
+    for records in (images, moved):
+        again = cache.build(records, progress=False)
+        assert (again.encoded, again.reused) == (0, 5) and again.locations == first.locations
+    # each path's digest is remembered with the size and mtime it was taken at: one entry per path, current
+    digests = json.loads((cache.directory / "digests.json").read_text())
+    assert len(digests) == 10 and digests[str(images[0].image.resolve())][1] == images[0].image.stat().st_mtime_ns
 
 
 def test_a_changed_encoder_gets_its_own_cache(tiny_model, images, tmp_path: Path):
