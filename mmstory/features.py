@@ -118,9 +118,10 @@ class FeatureCache:
         for record in records:
             try:
                 identities.append(file_identity(record.image, digests))
-            except OSError:
+            except OSError as error:  # its bytes are read now, so a file without read permission fails here
                 identities.append(None)
-                skipped.append(Skipped(item_name(record.image), "no such file"))
+                reason = "no such file" if isinstance(error, FileNotFoundError) else f"unreadable: {error.strerror}"
+                skipped.append(Skipped(item_name(record.image), reason))
         if digests != before:
             self._save_digests(digests)
         found, bad = self.index()

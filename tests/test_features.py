@@ -116,12 +116,15 @@ def test_bad_images_are_reported_and_remembered(tiny_model, images, tmp_path: Pa
     folder = images[0].image.parent
     (folder / "empty.png").write_bytes(b"")
     (folder / "text.png").write_text("hello")
-    records = images + [ImageCaptions(folder / n, ["x"]) for n in ("empty.png", "text.png", "missing.png")]
+    (folder / "folder.png").mkdir()  # exists, but has no bytes to read
+    bad = ("empty.png", "text.png", "missing.png", "folder.png")
+    records = images + [ImageCaptions(folder / n, ["x"]) for n in bad]
     cache = FeatureCache(tmp_path / "cache", tiny_model.vision, tiny_model.config.vision.spec)
     first = cache.build(records, batch_size=3, progress=False)
     reasons = {s.item: s.reason for s in first.skipped}
     assert reasons == {str(folder / "missing.png"): "no such file", str(folder / "empty.png"): "the file is empty",
-                       str(folder / "text.png"): reasons[str(folder / "text.png")]}
+                       str(folder / "text.png"): reasons[str(folder / "text.png")],
+                       str(folder / "folder.png"): "unreadable: Is a directory"}
     assert reasons[str(folder / "text.png")].startswith("not a readable image")
     assert [r.image.name for r in first.records] == [f"p{i}.png" for i in range(5)]
     second = cache.build(records, progress=False)  # bad files are not decoded again, but still reported
