@@ -3,8 +3,8 @@ decoder from the stored features instead of running the CNN/ViT every step (hour
 
 Layout: `<root>/<encoder slug>-<fingerprint>/shard-<id>.safetensors`. The fingerprint hashes the encoder spec, its
 weights, image size and normalisation, and the storage dtype, so a changed encoder gets a fresh directory. Inside,
-each shard holds `tokens` [n, N, D] and `pooled` [n, D] and, in its metadata, the identity of each row's file: its
-size and the SHA-256 of its bytes (of the shard's, plus the offset, for tar members). A changed file no longer matches
+each shard holds `tokens` [n, N, D] and `pooled` [n, D] and, in its metadata, the identity of each row's file: the
+SHA-256 of its bytes (of the shard's, plus the offset, for tar members). A changed file no longer matches
 and is encoded again; a copied, moved or touched one still does. `digests.json` remembers each path's digest with its
 size and mtime, so files whose size and mtime have not changed are not read again (as git's index does).
 Images that fail to decode are remembered with their reason, so later runs report them without decoding again.
@@ -38,8 +38,8 @@ DIGESTS_NAME = "digests.json"
 
 
 def file_identity(image: ImageRef, digests: dict[str, list] | None = None) -> str:
-    """What makes a cached entry valid: the file's size and content digest (raises OSError). `digests` (path -> [size,
-    mtime, digest]) spares reading a file whose size and mtime are those it was last hashed with."""
+    """What makes a cached entry valid: the file's content digest (raises OSError). `digests` (path -> [size, mtime,
+    digest]) spares reading a file whose size and mtime are those it was last hashed with."""
     path = image.shard if isinstance(image, TarMember) else Path(image)
     stat = path.stat()
     key, seen = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
@@ -51,8 +51,7 @@ def file_identity(image: ImageRef, digests: dict[str, list] | None = None) -> st
             digest = hashlib.file_digest(handle, "sha256").hexdigest()
         if digests is not None:
             digests[key] = [*seen, digest]
-    identity = f"{stat.st_size}|{digest}"
-    return f"{identity}#{image.offset}" if isinstance(image, TarMember) else identity
+    return f"{digest}#{image.offset}" if isinstance(image, TarMember) else digest
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
