@@ -62,6 +62,30 @@ def pack_linear(weight: torch.Tensor, quantize: str | None, dtype: torch.dtype) 
     raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
 
 
+def effective_weight(linear: torch.nn.Module) -> torch.Tensor:
+    """The weight [N, K] a linear layer multiplies by, PEFT LoRA adapters included, as a detached tensor.
+
+    A `peft` LoRA layer keeps its adapters apart from `.weight` (which is the base layer's): the decode step must
+    use W + scaling * B @ A of every active adapter, or each token after the prompt is decoded without them. The
+    sum is a new float32 tensor (rounded once, by `pack_linear`); the layer itself is not touched, so it can keep
+    training and save its adapters separately. Dropout is no part of the weight (it is inactive at inference).
+    """
+    if not hasattr(linear, "base_layer"):  # a plain layer
+        return linear.weight.detach()
+    weight = linear.get_base_layer().weight.detach()
+    if not (linear.disable_adapters or linear.merged):  # (merged by peft: forward then uses the base layer alone)
+        if not hasattr(linear, "lora_A"):
+            raise ValueError(f"FastDecoder merges LoRA adapters only, got {type(linear).__name__}")
+        adapters = [name for name in linear.active_adapters if name in linear.lora_A]
+        if any(name in linear.lora_variant or linear.lora_bias.get(name, False) for name in adapters):
+            raise ValueError("FastDecoder merges plain LoRA adapters only (no DoRA or other variants, no lora_bias)")
+        if adapters:
+            with torch.no_grad():  # peft's own delta: scaling * B @ A, transposed for fan_in_fan_out layouts
+                weight = weight.float() + sum(linear.get_delta_weight(name).detach().float() for name in adapters)
+    # F.linear's [out, in]: fan_in_fan_out layers (GPT-2's Conv1D) store the transpose
+    return weight.t() if getattr(linear, "fan_in_fan_out", False) else weight
+
+
 def _linear(x: torch.Tensor, weight: tuple[torch.Tensor, ...]) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     if len(weight) == 1:
@@ -142,6 +166,10 @@ class FastDecoder:
     [B, T] the same way (rows that stop early are padded); `stream` yields each step's tokens as they are chosen.
     Greedy decoding with `quantize=None` equals `transformers` greedy `generate` token for token (a bf16 near-tie
     between the top two tokens may break the other way on some CPUs).
+
+    PEFT LoRA adapters on the projections (or the output head) are merged into copies of the weights (the model's
+    own modules are left as they are), so the packed weights are a snapshot: rebuild the decoder after training on.
+    (In bf16, W + B @ A rounds differently from transformers' unmerged adapter forward: near-ties flip more often.)
     """
 
     def __init__(self, model, quantize: str | None = None, compile: bool = True, max_length: int | None = None):
@@ -170,13 +198,14 @@ class FastDecoder:
             self._layers.append(_Layer(
                 norm1=layer.input_layernorm.weight.detach().to(self.dtype),
                 norm2=layer.post_attention_layernorm.weight.detach().to(self.dtype),
-                qkv=pack_linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), quantize,
-                                self.dtype),
-                out=pack_linear(attn.o_proj.weight, quantize, self.dtype),
-                gate_up=pack_linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), quantize, self.dtype),
-                down=pack_linear(mlp.down_proj.weight, quantize, self.dtype)))
+                qkv=pack_linear(torch.cat([effective_weight(attn.q_proj), effective_weight(attn.k_proj),
+                                           effective_weight(attn.v_proj)]), quantize, self.dtype),
+                out=pack_linear(effective_weight(attn.o_proj), quantize, self.dtype),
+                gate_up=pack_linear(torch.cat([effective_weight(mlp.gate_proj), effective_weight(mlp.up_proj)]),
+                                    quantize, self.dtype),
+                down=pack_linear(effective_weight(mlp.down_proj), quantize, self.dtype)))
         self._norm = base.norm.weight.detach().to(self.dtype)
-        head = model.get_output_embeddings().weight
+        head = effective_weight(model.get_output_embeddings())
         self._head = pack_linear(head, quantize, self.dtype)
         self._head_exact = head.detach().to(self.dtype) if quantize else None
         self._embed = model.get_input_embeddings()

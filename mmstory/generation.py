@@ -19,7 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from mmstory.decoding import QUANTIZE, FastDecoder
 from mmstory.images import ImageInput, ImageProcessor, load_image
-from mmstory.metrics import content_word_recall
+from mmstory.metrics import content_word_recall, hallucinated_mentions, object_mentions
 from mmstory.model import IMAGE_PLACEHOLDER, StoryModel
 from mmstory.safety import ContentFilter
 
@@ -232,8 +232,9 @@ class StoryTeller:
             captions = self.model.generate_captions(image_tokens=tokens, image_pooled=pooled, repetition_penalty=1.2)
             timings["caption_s"] = time.perf_counter() - t
             use_prefix = self.model.config.story_prefix
+            hints = self.model.sure_classes(pooled, self.model.config.caption_concepts)
             instruction = build_instruction(captions, prompt, style_text, tone_text, audience_text, budget, previous,
-                                            with_images=use_prefix)
+                                            with_images=use_prefix, hints=hints)
             text_prompt = self.model.format_prompt(instruction)
             prefixes = list(self.model.visual_prefix(tokens, pooled)) if use_prefix else []
             embeds = self.model.prompt_embeddings(text_prompt, prefixes)[None]
@@ -306,11 +307,15 @@ class StoryTeller:
             timings["rerank_s"] = time.perf_counter() - t
         # among the candidates the content filter passes (all of them, when none does), those that meet the length
         # request, then those that speak of the most pictures (a content word of each picture's caption), then the
-        # best image agreement: in an album the mean agreement alone lets a story about one picture win
+        # fewest things the pictures do not show (objects neither a caption nor the classifier named), then the best
+        # image agreement: in an album the mean agreement alone lets a story about one picture win
         verdicts = [self.filter.check(c) for c in candidates]
         fits = [meets_budget(c, budget) for c in candidates]
         covers = [caption_coverage(c, captions) for c in candidates]
-        best = max(range(len(candidates)), key=lambda i: (not verdicts[i].blocked, fits[i], covers[i], scores[i]))
+        seen = captions + [word for words in hints for word in words]
+        unseen = [unseen_object_share(c, seen) for c in candidates]
+        best = max(range(len(candidates)),
+                   key=lambda i: (not verdicts[i].blocked, fits[i], covers[i], scores[i] - unseen[i]))
         story = candidates[best]
         if stream and story.startswith(emitted) and len(story) > len(emitted):
             yield story[len(emitted):]
@@ -349,6 +354,14 @@ class StoryTeller:
         _, pooled = self._encode(self._load_images(images))
         return self._agreement(text, self.model.image_embedding(pooled))
 
+    def answer(self, images: ImageInput | Sequence[ImageInput], question: str, *, max_new_tokens: int = 48,
+               seed: int | None = 0) -> AnswerResult:  # noqa: F821 - defined in mmstory.answering, imported below
+        """Answer a question about the pictures in a sentence or two (an AnswerResult), not a story; see
+        `mmstory.answering`."""
+        from mmstory.answering import answer_question  # imports this module
+
+        return answer_question(self, images, question, max_new_tokens=max_new_tokens, seed=seed)
+
 
 # --- prompt building and text utilities ---------------------------------------------------------------------------
 def word_budget(length: str | int) -> int:
@@ -372,34 +385,43 @@ def caption_coverage(story: str, captions: Sequence[str]) -> float:
     return sum(r > 0 for r in scored) / len(scored) if scored else 0.0
 
 
+def unseen_object_share(story: str, seen: Sequence[str]) -> float:
+    """Share of the story's object words (people, animals, things, places) that no caption or class name names."""
+    mentions = object_mentions(story)
+    return len(hallucinated_mentions(story, seen)) / len(mentions) if mentions else 0.0
+
+
 def meets_budget(story: str, budget: int) -> bool:
     """Within the tolerance a reader would accept for "about N words": 70% to 120% of the budget."""
     return 0.7 * budget <= len(story.split()) <= 1.2 * budget
 
 
 def build_instruction(captions: list[str], prompt: str | None, style: str | None, tone: str | None,
-                      audience: str | None, budget: int, previous: str | None, with_images: bool = True) -> str:
-    """The user message: the pictures (visual prefixes) in order, then a plain request naming what each one shows.
+                      audience: str | None, budget: int, previous: str | None, with_images: bool = True,
+                      hints: Sequence[Sequence[str]] | None = None) -> str:
+    """The user message: the pictures in order, each with what it shows, then one short, direct request.
 
-    Small instruction-tuned LMs follow one short, direct request far better than a list of rules.
+    The same message is built for the writer's training examples (`mmstory.writer_training`), so a trained writer
+    sees at inference exactly the form it learnt from. `hints`: per picture, words the image classifier is sure of.
     """
     kind = style or "a short story"
-    single = len(captions) == 1
-    request = (f"{IMAGE_PLACEHOLDER * len(captions)}\n" if with_images else "") + f"Write {kind} (about {budget} words)"
+    request = f"Write {kind} (about {budget} words)"
     if audience:
         request += f" for {audience}"
     if tone:
         request += f", {tone} in tone,"
-    if single:
-        request += f" about this scene: {_sentence(captions[0])}"
-    else:
-        request += (f" in {len(captions)} parts, one for each scene in this order, with the same characters "
-                    "throughout:\n" + "\n".join(f"Scene {i + 1}: {_sentence(c)}" for i, c in enumerate(captions)))
+    noun = "photo" if len(captions) == 1 else f"{len(captions)} photos, in order"
+    request += f" about this {noun}. Tell only what the photos show, as one story with the same people throughout."
+    lines = [IMAGE_PLACEHOLDER * len(captions)] if with_images else []
+    lines.append(request)
+    for i, caption in enumerate(captions):
+        seen = [w for w in (hints[i] if hints and i < len(hints) else []) if w]
+        lines.append(f"Photo {i + 1}: {_sentence(caption)}" + (f" Also seen: {', '.join(seen)}." if seen else ""))
     if prompt:
-        request += f"\nThe story should be about: {prompt}"
+        lines.append(f"The story should be about: {prompt}")
     if previous:
-        request += f"\nHere is the story so far:\n{previous}\nContinue it from where it stops, without repeating it."
-    return request
+        lines.append(f"Here is the story so far:\n{previous}\nContinue it from where it stops, without repeating it.")
+    return "\n".join(lines)
 
 
 def _sentence(caption: str) -> str:

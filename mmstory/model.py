@@ -95,6 +95,11 @@ class StoryModel(nn.Module):
             for name, param in module.named_parameters():
                 param.requires_grad_("lora_" in name)
 
+    def configure_part(self, part: str, cfg: PartConfig) -> None:
+        """Change how a loaded part trains, e.g. give a pretrained model's writer LoRA adapters to fine-tune."""
+        setattr(self.config, part, cfg)
+        self._set_train_mode(part, cfg)
+
     def train(self, mode: bool = True) -> StoryModel:
         """Frozen backbones stay in eval mode (fixed batch-norm statistics, no dropout) while the rest trains."""
         super().train(mode)
@@ -164,6 +169,18 @@ class StoryModel(nn.Module):
         words = self._class_words()[top.cpu()].tolist()
         return [tuple(w for w in forms if w >= 0) if c >= threshold and forms[0] >= 0 else None
                 for c, forms in zip(confidence.tolist(), words)]
+
+    def sure_classes(self, image_pooled: torch.Tensor, threshold: float) -> list[list[str]]:
+        """Per image, the names of the ImageNet classes the backbone gives at least `threshold` (none at 0, or when
+        it has no classifier): what the story writer may name beside the caption ("Also seen: tabby cat")."""
+        if threshold <= 0:
+            return [[] for _ in range(image_pooled.shape[0])]
+        try:
+            probs = self.vision.class_logits(image_pooled.float()).softmax(-1)
+        except ValueError:
+            return [[] for _ in range(image_pooled.shape[0])]
+        names = self.vision.class_names()
+        return [[names[i].lower() for i in (row >= threshold).nonzero().flatten().tolist()] for row in probs]
 
     def _class_words(self) -> torch.Tensor:
         """Class -> [compact id of the word, of its plural] (-1 where there is none). The word: the head noun of

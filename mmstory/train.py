@@ -876,6 +876,13 @@ def prepare_features(config: TrainConfig) -> None:
               + (f"; {text.encoded} of {len(text.lookup)} captions encoded" if text is not None else ""), flush=True)
 
 
+def _task(path: str) -> str | None:
+    """`task: writer` marks a config for the story writer's fine-tuning; anything else trains the StoryModel."""
+    file = Path(path)
+    data = yaml.safe_load(file.read_text()) if file.is_file() else None
+    return data.get("task") if isinstance(data, dict) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmstory train", description="Train a StoryModel from a YAML config.")
     parser.add_argument("--config", required=True, help="YAML file (see configs/tiny.yaml)")
@@ -891,6 +898,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare-only", action="store_true",
                         help="build the feature caches (data.use_feature_cache) and exit without training")
     args = parser.parse_args(argv)
+    if _task(args.config) == "writer":  # the story writer's own loop (mmstory.writer_training)
+        from mmstory.writer_training import load_config, train_writer
+
+        writer = load_config(args.config, args.overrides)
+        for name in ("output_dir", "max_steps", "epochs", "batch_size", "seed"):
+            if getattr(args, name) is not None:
+                setattr(writer, name, getattr(args, name))
+        print(json.dumps(train_writer(writer, resume=args.resume)))
+        return 0
     config = TrainConfig.load(args.config, args.overrides)
     for name in ("output_dir", "max_steps", "epochs", "batch_size", "seed"):
         if getattr(args, name) is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
@@ -328,3 +331,103 @@ def test_a_failed_compile_falls_back_to_eager_decoding(tiny):
     with pytest.warns(RuntimeWarning, match="decoding without it"):
         tokens = fast.generate(embeds, max_new_tokens=6)
     assert torch.equal(tokens, eager)
+
+
+# --- PEFT LoRA adapters (as StoryModel's `train: lora` injects them) ----------------------------------------------
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def with_lora(model, seed: int = 0, adapters: Sequence[str] = ("default",), active: Sequence[str] | None = None):
+    """`model` with random LoRA adapters on every projection. peft starts B at zero (a no-op adapter that would hide
+    a decoder ignoring it), so B is drawn at random too; dropout is on, as in training, and must not matter."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # a second adapter: meant
+        torch.manual_seed(seed)
+        for name in adapters:
+            inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=PROJECTIONS),
+                                    model, adapter_name=name)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter(list(active or adapters))
+    return model.eval()
+
+
+def lora_layers(model) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def merged_by_hand(linear) -> torch.Tensor:
+    """W + scaling * B @ A summed over the active adapters, written out (not peft's merge) to check against."""
+    weight = linear.base_layer.weight.detach().clone()
+    for name in linear.active_adapters:
+        weight += linear.scaling[name] * linear.lora_B[name].weight.detach() @ linear.lora_A[name].weight.detach()
+    return weight
+
+
+@pytest.mark.parametrize("adapters, active", [(("default",), None), (("default", "other"), None),
+                                              (("default", "other"), ("other",))],
+                         ids=["one", "two-active", "one-of-two-active"])
+def test_lora_greedy_equals_transformers(adapters, active):
+    """The decode step multiplies by the merged weights: the tokens of transformers' (unmerged) LoRA forward."""
+    model = with_lora(tiny_decoder()[0], adapters=adapters, active=active)
+    model.generation_config.eos_token_id = None
+    embeds = prompt(model, 2, seed=43)
+    expected = hf_generate(model, embeds, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    got = FastDecoder(model, compile=False).generate(embeds, max_new_tokens=40, pad_token_id=0)
+    assert torch.equal(got, expected)
+    for layer in lora_layers(model):  # the adapters must matter, or this test proves nothing
+        layer.enable_adapters(False)
+    without = hf_generate(model, embeds, max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    assert not torch.equal(without, expected)
+    # ... and a decoder built while they are off decodes without them, as transformers then does
+    assert torch.equal(FastDecoder(model, compile=False).generate(embeds, max_new_tokens=40), without)
+
+
+def test_lora_decoder_leaves_the_model_as_it_was():
+    """Merging happens in copies: the model keeps its separate adapters (training, save_pretrained) unmerged."""
+    model = with_lora(tiny_decoder()[0])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    FastDecoder(model, quantize="int8", compile=False)
+    FastDecoder(model, compile=False)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert not any(layer.merged for layer in lora_layers(model))
+
+
+def test_lora_int8_decoder_close_to_transformers():
+    model = with_lora(tiny_decoder()[0], seed=1)
+    model.generation_config.eos_token_id = None
+    embeds = prompt(model, 1, seed=47)
+    int8 = FastDecoder(model, quantize="int8", compile=False)
+    a = hf_generate(model, embeds, max_new_tokens=8, do_sample=False)[0]
+    b = int8.generate(embeds, max_new_tokens=8)[0]
+    assert a[0] == b[0] and (a == b).float().mean() >= 0.5  # as test_int8_weights_close_to_dense
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_lora_quantized_weights_are_the_merged_weights(quantize):
+    """int8/int4 quantize W + scaling * B @ A: the packed weights restore the merged ones, not the base ones."""
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = with_lora(LlamaForCausalLM(config), seed=2)
+    decoder = FastDecoder(model, quantize=quantize, compile=False)
+    for layer, packed in zip(model.model.layers, decoder._layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for linears, weight in (([attn.q_proj, attn.k_proj, attn.v_proj], packed.qkv), ([attn.o_proj], packed.out),
+                                ([mlp.gate_proj, mlp.up_proj], packed.gate_up), ([mlp.down_proj], packed.down)):
+            merged = torch.cat([merged_by_hand(linear) for linear in linears])
+            base = torch.cat([linear.base_layer.weight.detach() for linear in linears])
+            restored = _linear(torch.eye(merged.shape[1], dtype=torch.bfloat16), weight).t().float()
+            error, adapters = (restored - merged).abs().mean(), (merged - base).abs().mean()
+            assert error < adapters / 2, f"{quantize}: off the merged weight by {error:.4f} (adapters: {adapters:.4f})"
