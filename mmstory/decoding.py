@@ -32,6 +32,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+LLAMA_STYLE = ("llama", "mistral")
 QUANTIZE = (None, "int8", "int4")
 INT4_GROUP = 32
 HEAD_REFINE = 256  # tokens rescored with the exact output head when weights are quantized
@@ -178,8 +179,11 @@ class FastDecoder:
         config = model.config
         base = getattr(model, "model", None)
         layers = getattr(base, "layers", None)
-        if layers is None or not hasattr(base, "rotary_emb") or getattr(config, "hidden_act", "silu") != "silu" or (
-                getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
+        # the model types whose layers are exactly what the step computes (Gemma, say, also scales its embeddings,
+        # norms queries and keys, and uses GELU: it decodes with transformers)
+        if (getattr(config, "model_type", None) not in LLAMA_STYLE or layers is None
+                or not hasattr(base, "rotary_emb") or getattr(config, "hidden_act", "silu") != "silu"
+                or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
             raise ValueError(f"FastDecoder supports Llama-style decoders (RMSNorm, RoPE, SiLU MLP, no biases); "
                              f"got {type(model).__name__}")
         self.model = model.eval()

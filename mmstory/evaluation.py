@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,20 +30,26 @@ from mmstory.metrics import (
     content_word_recall,
     distinct_caption_fraction,
     distinct_n,
+    grounding_gap,
+    hallucinated_mentions,
+    hallucination_stats,
     java_available,
     length_stats,
+    object_mentions,
     perplexity,
     recall_at_k,
     recall_curve,
     repeated_ngram_rate,
     retrieval_metrics,
     retrieval_ranks,
+    staying_on_picture,
 )
 
 TASKS = ("captioning", "retrieval", "stories")
 CAPTIONS_PER_IMAGE = 5
 NUM_EXAMPLES = 5
 NOT_PLOTTED = frozenset({"step", "epoch", "world_size"})  # training-log bookkeeping, not metrics
+JUDGE_SPEC = "packaged:gemma3-270m"  # a larger LM than the 135M story writer, so fluency is not self-judged
 
 
 # --- data ------------------------------------------------------------------------------------------------------------
@@ -159,10 +166,14 @@ def rerank_image_to_text(model, image_tokens: torch.Tensor, image_pooled: torch.
     return scores.scatter(1, top, rescored + offset).numpy()
 
 
-@torch.no_grad()
 def story_perplexity(model, texts: Sequence[str]) -> float | None:
     """Perplexity of the texts under the plain decoder (no image, no prompt: just BOS then the text)."""
-    tokenizer, decoder = model.tokenizer, model.decoder
+    return lm_perplexity(model.decoder, model.tokenizer, texts)
+
+
+@torch.no_grad()
+def lm_perplexity(decoder, tokenizer, texts: Sequence[str]) -> float | None:
+    """Corpus perplexity of the texts under a causal LM: BOS then each text, no prompt; None when all are empty."""
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     limit = getattr(decoder.config, "max_position_embeddings", 2048) - 1
     device = decoder.get_input_embeddings().weight.device
@@ -178,12 +189,87 @@ def story_perplexity(model, texts: Sequence[str]) -> float | None:
     return perplexity(total_nll, total_tokens) if total_tokens else None
 
 
-def story_metrics(teller, records: Sequence[ImageCaptions], image_embeds: torch.Tensor, length: str | int = "short",
-                  candidates: int = 3, seed: int = 0, progress: bool = False) -> dict:
-    """Write one story per image and measure length, diversity, grounding and fluency."""
-    from tqdm import tqdm
+@dataclass
+class JudgeLM:
+    """A causal LM other than the writer that scores the stories' fluency (a writer rates its own text too kindly)."""
 
-    from mmstory.generation import word_budget
+    spec: str
+    decoder: torch.nn.Module
+    tokenizer: object
+
+    @classmethod
+    def load(cls, spec: str = JUDGE_SPEC, dtype: torch.dtype = torch.float32) -> JudgeLM:
+        """Load a decoder spec (raises `specs.SpecError`, saying what to install, when it is missing)."""
+        from mmstory.specs import load_decoder
+
+        decoder, tokenizer = load_decoder(spec, dtype=dtype)
+        return cls(spec, decoder.eval(), tokenizer)
+
+    def perplexity(self, texts: Sequence[str]) -> float | None:
+        return lm_perplexity(self.decoder, self.tokenizer, texts)
+
+
+def try_load_judge(spec: str | None = JUDGE_SPEC) -> tuple[JudgeLM | None, str | None]:
+    """(judge, None), or (None, why not) where the judge's weights are not installed: the eval runs without it."""
+    from mmstory.specs import SpecError
+
+    if spec is None:
+        return None, "judge perplexity skipped: no judge LM given"
+    try:
+        return JudgeLM.load(spec), None
+    except SpecError as err:
+        return None, f"judge perplexity skipped: {err}"
+
+
+def score_stories(records: Sequence[ImageCaptions], stories: Sequence[str], seconds: Sequence[float | None] | None,
+                  length: str | int = "short", judge: JudgeLM | None = None, seed: int = 0,
+                  judge_note: str | None = None) -> dict:
+    """Every text-only story metric, for stories from any writer (records[i] holds story i's reference captions).
+
+    Length against the request, diversity, repetition, consensus content-word recall with the own image and a
+    shuffled one (the grounding gap), made-up objects (CHAIR), staying on the picture from the first to the last
+    third, and perplexity under a judge LM (None skips it; the report's judge note says why).
+    """
+    from mmstory.generation import split_sentences, word_budget
+
+    if len(records) != len(stories):
+        raise ValueError(f"{len(records)} records but {len(stories)} stories")
+    if not stories:
+        raise ValueError("no stories to score")
+    references = [r.captions for r in records]
+    recalls = [content_word_recall(story, refs) for story, refs in zip(stories, references)]
+    scored = [r for r in recalls if r is not None]
+    timed = [s for s in (seconds or []) if s is not None]
+    t = time.perf_counter()
+    judge_info = {"spec": None if judge is None else judge.spec,
+                  "perplexity": None if judge is None else judge.perplexity(stories),
+                  "seconds": None if judge is None else time.perf_counter() - t,
+                  "input": "BOS + story text, no prompt", "note": judge_note}
+    if judge is None and judge_note is None:
+        judge_info["note"] = f"judge perplexity skipped: no judge LM given (e.g. {JUDGE_SPEC})"
+    return {
+        "count": len(stories),
+        "length": length_stats([len(s.split()) for s in stories], word_budget(length)),
+        **{f"distinct_{n}": distinct_n(stories, n) for n in (1, 2, 3)},
+        "repeated_4gram_rate": float(np.mean([repeated_ngram_rate(story, 4) for story in stories])),
+        "content_word_recall": float(np.mean(scored)) if scored else None,
+        "content_word_recall_images": len(scored),
+        "grounding_gap": grounding_gap(stories, references, seed=seed),
+        "hallucination": hallucination_stats(stories, references),
+        "staying_on_picture": staying_on_picture([split_sentences(s) for s in stories], references),
+        "judge": judge_info,
+        "seconds_per_story": float(np.mean(timed)) if timed else None,
+        "per_story": [{"content_word_recall": r, "object_mentions": len(object_mentions(story)),
+                       "hallucinated": hallucinated_mentions(story, refs)}
+                      for story, refs, r in zip(stories, references, recalls)],
+    }
+
+
+def story_metrics(teller, records: Sequence[ImageCaptions], image_embeds: torch.Tensor, length: str | int = "short",
+                  candidates: int = 3, seed: int = 0, progress: bool = False, judge: JudgeLM | None = None,
+                  judge_note: str | None = None) -> dict:
+    """Write one story per image and measure length, diversity, grounding, made-up objects and fluency."""
+    from tqdm import tqdm
 
     model = teller.model
     stories, seconds, filtered = [], [], 0
@@ -195,25 +281,24 @@ def story_metrics(teller, records: Sequence[ImageCaptions], image_embeds: torch.
     agreement = (image_embeds.float() @ text_embeddings(model, stories).float().T).numpy()  # [images, stories]
     matched = np.diag(agreement)
     mismatched = agreement[~np.eye(len(stories), dtype=bool)]
-    recalls = [content_word_recall(story, record.captions) for story, record in zip(stories, records)]
-    scored = [r for r in recalls if r is not None]
-    rep4 = [repeated_ngram_rate(story, 4) for story in stories]
+    scores = score_stories(records, stories, seconds, length, judge=judge, seed=seed, judge_note=judge_note)
+    per_story = scores.pop("per_story")
     return {
-        "count": len(stories),
+        "count": scores.pop("count"),
         "filtered_by_content_filter": filtered,
-        "length": length_stats([len(s.split()) for s in stories], word_budget(length)),
-        **{f"distinct_{n}": distinct_n(stories, n) for n in (1, 2, 3)},
-        "repeated_4gram_rate": float(np.mean(rep4)),
+        **{key: scores.pop(key) for key in ("length", "distinct_1", "distinct_2", "distinct_3",
+                                            "repeated_4gram_rate")},
         "grounding": {
             "agreement": float(matched.mean()),
             "agreement_other_images": float(mismatched.mean()) if mismatched.size else None,
-            "content_word_recall": float(np.mean(scored)) if scored else None,
-            "content_word_recall_images": len(scored),
+            "content_word_recall": scores.pop("content_word_recall"),
+            "content_word_recall_images": scores.pop("content_word_recall_images"),
         },
-        "perplexity": story_perplexity(model, stories),
-        "seconds_per_story": float(np.mean(seconds)),
-        "examples": [{"image": item_name(record.image), "story": story, "agreement": float(a), "content_word_recall": r}
-                     for record, story, a, r in zip(records, stories, matched, recalls)],
+        "perplexity": story_perplexity(model, stories),  # under the writer itself
+        "judge_perplexity": scores["judge"]["perplexity"],
+        **scores,
+        "examples": [{"image": item_name(record.image), "story": story, "agreement": float(a), **extra}
+                     for record, story, a, extra in zip(records, stories, matched, per_story)],
     }
 
 
@@ -222,12 +307,13 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
              repetition_penalty: float = 1.2, max_new_tokens: int | None = None, captioner: str | None = None,
              stories: int = 20, story_length: str | int = "short", story_candidates: int = 3, batch_size: int = 32,
              captions_per_image: int = CAPTIONS_PER_IMAGE, use_java: bool | None = None, dtype: str = "bfloat16",
-             seed: int = 0, rerank_top_k: int = 20, rerank_weight: float = 0.1, progress: bool = False) -> dict:
+             seed: int = 0, rerank_top_k: int = 20, rerank_weight: float = 0.1, progress: bool = False,
+             judge: JudgeLM | None = None, judge_note: str | None = None) -> dict:
     """Evaluate a StoryModel on (image, reference captions) records; returns the report as a dict.
 
     The model is wrapped in a StoryTeller (which casts the decoder to `dtype`), so the numbers are those of the
     product as served. Decoding settings default to StoryTeller.caption's (the config's caption_beams,
-    repetition penalty 1.2).
+    repetition penalty 1.2). `judge` (a JudgeLM) adds the stories' perplexity under a larger LM; None skips it.
     """
     from mmstory import __version__
     from mmstory.generation import StoryTeller, word_budget
@@ -263,7 +349,7 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
                      "seed": seed, "captioning": {**caption_kwargs, "captioner": captioner or model.config.captioner},
                      "captions_per_image": captions_per_image, "stories": stories, "story_length": story_length,
                      "rerank_top_k": rerank_top_k if rerank else 0, "rerank_weight": rerank_weight,
-                     "story_candidates": story_candidates,
+                     "story_candidates": story_candidates, "judge": judge.spec if judge is not None else None,
                      "use_java": use_java, "java_on_path": java_available()},
         "counts": {"images": len(records), "images_evaluated": len(good), "images_skipped": len(unreadable),
                    "reference_captions": sum(len(r) for r in references), "dropped_captions": len(dropped)},
@@ -300,7 +386,7 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
     if "stories" in tasks and stories > 0:
         t = time.perf_counter()
         report["stories"] = story_metrics(teller, good[:stories], image_embeds[:stories], story_length,
-                                          story_candidates, seed, progress)
+                                          story_candidates, seed, progress, judge=judge, judge_note=judge_note)
         timings["stories_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - begin
     timings["images_per_s"] = len(good) / timings["images_s"]
@@ -419,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank-top-k", type=int, default=20,
                    help="image->text retrieval: re-score each image's top K texts with the caption decoder (0: off)")
     p.add_argument("--rerank-weight", type=float, default=0.1, help="weight of the caption decoder's PMI score")
+    p.add_argument("--judge", default=None, metavar="SPEC",
+                   help=f"score the stories' perplexity under this decoder spec too, e.g. {JUDGE_SPEC} "
+                        "(default: off; a missing package is noted in the report, not an error)")
     p.add_argument("--no-java", action="store_true", help="skip METEOR/SPICE even where java is installed")
     p.add_argument("--out", default="eval_report.json", help="where to write the JSON report")
     p.add_argument("--plots", default=None, help="folder for PNG plots (default: beside the report)")
@@ -448,7 +537,16 @@ def summary(report: dict) -> str:
         lines.append(f"stories: {s['length']['mean_words']:.0f}/{s['length']['requested_words']} words  "
                      f"distinct-2 {s['distinct_2']:.2f}  rep-4 {s['repeated_4gram_rate']:.3f}  "
                      f"agreement {s['grounding']['agreement']:.3f}  perplexity {ppl}")
+        gap, chair = s["grounding_gap"]["gap"], s["hallucination"]["chair_i"]
+        judge = s["judge"]["perplexity"]
+        lines.append(f"stories: grounding gap {_fmt(gap)}  CHAIR_i {_fmt(chair)}  "
+                     f"CHAIR_s {s['hallucination']['chair_s']:.2f}  judge perplexity {_fmt(judge, 1)}"
+                     + (f"  ({s['judge']['note']})" if s["judge"]["note"] else ""))
     return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,6 +566,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"mmstory eval: cannot load model {args.model!r}: {err}", file=sys.stderr)
         return 2
+    judge, judge_note = (None, None)
+    if args.judge and "stories" in tasks and args.stories > 0:
+        judge, judge_note = try_load_judge(args.judge)
+        if judge_note:
+            print(f"mmstory eval: {judge_note}", file=sys.stderr)
     try:
         report = evaluate(model, records, tasks=tasks, num_beams=args.num_beams,
                           repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
@@ -475,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                           story_candidates=args.story_candidates,
                           batch_size=args.batch_size, use_java=False if args.no_java else None, dtype=args.dtype,
                           seed=args.seed, rerank_top_k=args.rerank_top_k, rerank_weight=args.rerank_weight,
-                          progress=sys.stderr.isatty())
+                          progress=sys.stderr.isatty(), judge=judge, judge_note=judge_note)
     except ValueError as err:
         print(f"mmstory eval: {err}", file=sys.stderr)
         return 2

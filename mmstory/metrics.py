@@ -261,3 +261,216 @@ def perplexity(total_nll: float, total_tokens: int) -> float:
     if total_tokens <= 0:
         raise ValueError("no tokens")
     return math.exp(total_nll / total_tokens)
+
+
+# --- objects in stories (CHAIR-style hallucination) ------------------------------------------------------------------
+# Concrete things a photo can show, as "canonical: surface forms" (the canonical word is a form too); ";" separates
+# groups on a line. Groups are coarse on purpose, as CHAIR's synonym lists are: a story's "lake" on a photo whose
+# captions say "water" is not made up, nor its "mother" beside a captioned "woman". Single tokens only: "hot dog"
+# counts a dog and "ice cream" ice, rare in both captions and stories. Left out: forms that are as often a verb or a
+# figure of speech (stick, leaves, swing, slide, sign, waves, top, suit), body parts (every person has them), and the
+# sky, sun and clouds, which nearly every outdoor photo shows and its captions almost never name.
+_OBJECT_TEXT = """
+# people (one group, as in CHAIR: captions and stories name the same person many ways)
+person: persons people man men woman women boy boys girl girls child children kid kids baby babies toddler toddlers
+  lady ladies guy guys gentleman adult adults teenager teenagers teen teens youth player players crowd audience team
+  friend friends family families mother father mom mum dad parent parents brother brothers sister sisters son sons
+  daughter daughters grandmother grandfather grandma grandpa wife husband rider riders biker bikers cyclist cyclists
+  skier skiers surfer surfers skateboarder skateboarders snowboarder snowboarders climber climbers swimmer swimmers
+  dancer dancers runner runners hiker hikers trainer trainers worker workers tourist tourists spectators
+  pedestrians performer performers
+  musician musicians singer farmer fisherman policeman officer soldier soldiers prince princess king queen knight
+# animals
+dog: dogs puppy puppies pup pups hound poodle terrier retriever collie labrador spaniel beagle greyhound dachshund
+cat: cats kitten kittens kitty; horse: horses pony ponies foal stallion; cow: cows cattle bull bulls calf calves
+sheep: lamb lambs; goat: goats; pig: pigs piglet; donkey: donkeys mule; camel: camels; llama: llamas alpaca
+bird: birds duck ducks duckling goose geese swan swans seagull seagulls gull gulls pigeon pigeons parrot owl owls
+  eagle hawk crow chicken chickens hen rooster penguin penguins
+fish: fishes goldfish; bear: bears; elephant: elephants; giraffe: giraffes; zebra: zebras; lion: lions lioness
+tiger: tigers; monkey: monkeys ape gorilla; deer: reindeer; rabbit: rabbits bunny bunnies; squirrel: squirrels
+mouse: mice rat rats; snake: snakes; frog: frogs toad; turtle: turtles tortoise; butterfly: butterflies
+insect: insects bug bugs bee bees ant ants spider spiders; dolphin: dolphins; whale: whales; shark: sharks
+fox: foxes; wolf: wolves; kangaroo: kangaroos; dinosaur: dinosaurs; dragon: dragons; unicorn: unicorns
+monster: monsters ghost ghosts; robot: robots; alien: aliens; fairy: fairies
+# vehicles and things that carry people
+car: cars taxi taxis jeep jeeps suv vehicle vehicles; van: vans; truck: trucks lorry; bus: buses
+bike: bikes bicycle bicycles motorcycle motorcycles motorbike motorbikes scooter scooters
+boat: boats ship ships canoe canoes kayak kayaks raft rafts sailboat sailboats yacht; train: trains locomotive
+airplane: airplanes plane planes jet jets aircraft; helicopter: helicopters; rocket: rockets spaceship
+skateboard: skateboards; surfboard: surfboards; snowboard: snowboards; sled: sleds sleigh toboggan
+wagon: wagons cart carts; stroller: strollers pram; tractor: tractors; wheelchair: wheelchairs
+# sports and play
+ball: balls; football: footballs soccer rugby; basketball: basketballs; baseball: baseballs softball
+tennis; hockey; golf; volleyball; frisbee: frisbees; racket: rackets racquet; helmet: helmets
+kite: kites; balloon: balloons; toy: toys teddy; doll: dolls; trampoline: trampolines; ramp: ramps
+rope: ropes; net: nets; leash: leashes; collar: collars; pole: poles
+# clothing
+shirt: shirts t-shirt t-shirts tshirt blouse; jacket: jackets coat coats vest hoodie sweater sweaters sweatshirt parka
+hat: hats cap caps beanie; dress: gown; skirt: skirts; shorts; pants: jeans trousers leggings
+shoe: shoes boot boots sneakers sandals; glasses: sunglasses goggles spectacles; uniform: uniforms jersey jerseys
+costume: costumes mask masks; swimsuit: swimsuits bikini wetsuit; scarf: scarves; glove: gloves mittens
+bag: bags backpack backpacks purse handbag suitcase luggage; apron: aprons
+# home, furniture and things people hold
+chair: chairs stool; bench: benches; table: tables desk desks; bed: beds; couch: couches sofa sofas
+door: doors doorway; window: windows; stairs: staircase stairway steps; wall: walls
+fence: fences railing railings gate gates; roof: roofs; lamp: lamps lantern lanterns; tv: television
+computer: computers laptop laptops; phone: phones cellphone telephone; book: books magazine newspaper
+camera: cameras; clock: clocks; mirror: mirrors; umbrella: umbrellas parasol; box: boxes; bottle: bottles
+cup: cups mug mugs; plate: plates; bowl: bowls; basket: baskets; bucket: buckets pail; blanket: blankets
+pillow: pillows; painting: paintings; flag: flags; tent: tents; map: maps; treasure; sword: swords
+crown: crowns; wand: wands; castle: castles palace; statue: statues sculpture sculptures; bridge: bridges
+guitar: guitars; drum: drums; piano: pianos; microphone: microphones; violin: violins
+# food
+food: meal snack snacks; cake: cakes cupcake cupcakes; pizza: pizzas; sandwich: sandwiches; bread
+apple: apples; banana: bananas; fruit: fruits; vegetables: vegetable; cookie: cookies; candy: sweets
+coffee; tea; wine; beer; egg: eggs; hamburger: hamburgers burger burgers
+# places and scenery
+beach: beaches shore shores sand sandy seashore coast
+water: lake lakes pond ponds river rivers stream streams creek ocean oceans sea seas pool pools puddle puddles
+  waterfall waterfalls fountain fountains
+snow: snowy snowfall; ice: icy; grass: grassy lawn lawns; field: fields meadow meadows pasture
+forest: forests woods wooded jungle; tree: trees bush bushes shrubs; flower: flowers rose roses daisy daisies; leaf
+mountain: mountains hill hills hillside peak; rock: rocks rocky boulder boulders stone stones cliff cliffs
+street: streets road roads sidewalk sidewalks alley avenue highway crosswalk; path: paths trail trails
+city: cities town towns downtown village; park: parks; playground: playgrounds; garden: gardens
+yard: yards backyard; kitchen: kitchens; bathroom: bathrooms; bedroom: bedrooms
+restaurant: restaurants cafe diner; store: stores shop shops market supermarket; stage: stages
+building: buildings skyscraper skyscrapers tower towers; house: houses cabin cottage hut
+church: churches; school: schools classroom; farm: farms barn; stadium: stadiums arena; desert: deserts
+cave: caves; dock: docks pier piers; tire: tires; mud: muddy; fire: fires campfire bonfire flames
+"""
+
+
+def _parse_objects(text: str) -> dict[str, str]:
+    """Surface form -> canonical group from the "canonical: forms" text; a form in two groups is an error."""
+    groups: dict[str, list[str]] = {}
+    entries: list[str] = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].rstrip()
+        if not line.strip():
+            continue
+        if line.startswith(" ") and entries:  # a continuation of the previous line's last group
+            entries[-1] += " " + line.strip()
+        else:
+            entries += [part.strip() for part in line.split(";") if part.strip()]
+    for entry in entries:
+        name, _, forms = entry.partition(":")
+        groups[name.strip()] = [name.strip(), *forms.split()]
+    lookup: dict[str, str] = {}
+    for name, forms in groups.items():
+        for form in forms:
+            if lookup.setdefault(form, name) != name:
+                raise ValueError(f"object form {form!r} is in two groups: {lookup[form]!r} and {name!r}")
+    return lookup
+
+
+OBJECT_FORMS: dict[str, str] = _parse_objects(_OBJECT_TEXT)  # surface form -> canonical object
+OBJECT_GROUPS: frozenset[str] = frozenset(OBJECT_FORMS.values())
+
+
+def object_mentions(text: str) -> list[str]:
+    """The canonical objects a text names, one per mention, in order (the same `words` tokens as every metric)."""
+    return [OBJECT_FORMS[w] for w in words(text) if w in OBJECT_FORMS]
+
+
+def reference_objects(captions: Sequence[str]) -> set[str]:
+    """Objects any of an image's reference captions names: what a story may speak of without making it up."""
+    return {obj for caption in captions for obj in object_mentions(caption)}
+
+
+def hallucinated_mentions(text: str, captions: Sequence[str]) -> list[str]:
+    """A text's object mentions that no reference caption of its image names (CHAIR's hallucinated objects)."""
+    allowed = reference_objects(captions)
+    return [obj for obj in object_mentions(text) if obj not in allowed]
+
+
+def hallucination_stats(texts: Sequence[str], references: Sequence[Sequence[str]], top: int = 10) -> dict:
+    """CHAIR_i (made-up mentions / all mentions, pooled), CHAIR_s (share of texts with one) and mentions per text.
+
+    CHAIR_i is None when the texts name no object at all; `top_hallucinated` lists the most frequent made-up objects
+    so a reader can see what the number is made of.
+    """
+    if len(texts) != len(references):
+        raise ValueError(f"{len(texts)} texts but {len(references)} reference groups")
+    if not texts:
+        raise ValueError("no texts")
+    mentions = [object_mentions(t) for t in texts]
+    made_up = [hallucinated_mentions(t, refs) for t, refs in zip(texts, references)]
+    total, bad = sum(map(len, mentions)), sum(map(len, made_up))
+    return {"chair_i": bad / total if total else None, "chair_s": sum(bool(m) for m in made_up) / len(texts),
+            "mentions_per_story": total / len(texts), "mentions": total, "hallucinated": bad,
+            "top_hallucinated": Counter(o for m in made_up for o in m).most_common(top)}
+
+
+# --- grounding gap and staying on the picture ------------------------------------------------------------------------
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """A seeded random permutation of range(n) with no fixed point: every text is paired with another image."""
+    if n < 2:
+        raise ValueError(f"a derangement needs at least 2 items, got {n}")
+    rng = np.random.default_rng(seed)
+    while True:  # rejection sampling: uniform over derangements, ~e tries on average
+        perm = rng.permutation(n)
+        if not (perm == np.arange(n)).any():
+            return perm.tolist()
+
+
+def mean_recall(texts: Sequence[str], references: Sequence[Sequence[str]],
+                min_captions: int = 3) -> tuple[float | None, int]:
+    """Mean `content_word_recall` over the pairs whose references share content words; (mean or None, pairs)."""
+    recalls = [content_word_recall(t, refs, min_captions) for t, refs in zip(texts, references)]
+    scored = [r for r in recalls if r is not None]
+    return (float(np.mean(scored)) if scored else None), len(scored)
+
+
+def grounding_gap(texts: Sequence[str], references: Sequence[Sequence[str]], seed: int = 0,
+                  min_captions: int = 3) -> dict:
+    """Content-word recall with each text's own image minus that with a shuffled (deranged) pairing.
+
+    What the picture adds: generic text that would fit any photo scores the same both ways. Each reference group is
+    used once in both pairings, so only the pairing differs. Shuffled and gap are None with fewer than 2 texts.
+    """
+    if len(texts) != len(references):
+        raise ValueError(f"{len(texts)} texts but {len(references)} reference groups")
+    own, images = mean_recall(texts, references, min_captions)
+    shuffled = None
+    if len(texts) >= 2:
+        perm = derangement(len(texts), seed)
+        shuffled, _ = mean_recall(texts, [references[j] for j in perm], min_captions)
+    gap = own - shuffled if own is not None and shuffled is not None else None
+    return {"own": own, "shuffled": shuffled, "gap": gap, "images": images, "seed": seed}
+
+
+def first_last_thirds(sentences: Sequence[str]) -> tuple[str, str]:
+    """The first and the last third of a story's sentences as text (at least one sentence each).
+
+    With fewer than 3 sentences: the first and the last sentence (the same one for a one-sentence story).
+    """
+    if not sentences:
+        return "", ""
+    k = max(1, len(sentences) // 3)
+    return " ".join(sentences[:k]), " ".join(sentences[-k:])
+
+
+def on_picture_rate(texts: Sequence[str], references: Sequence[Sequence[str]]) -> float | None:
+    """1 - CHAIR_i: the share of object mentions the references name; None when no text names an object."""
+    chair_i = hallucination_stats(texts, references)["chair_i"] if texts else None
+    return None if chair_i is None else 1.0 - chair_i
+
+
+def staying_on_picture(story_sentences: Sequence[Sequence[str]], references: Sequence[Sequence[str]],
+                       min_captions: int = 3) -> dict:
+    """On-picture rate and consensus content-word recall in the first and the last third of each story.
+
+    A story that starts with the photo and drifts into invention shows a negative last - first. Takes each story
+    already split into sentences, so that the splitter is the writer's own (`generation.split_sentences`).
+    """
+    if len(story_sentences) != len(references):
+        raise ValueError(f"{len(story_sentences)} stories but {len(references)} reference groups")
+    firsts, lasts = zip(*(first_last_thirds(s) for s in story_sentences)) if story_sentences else ((), ())
+    out: dict = {}
+    for name, part in (("first", firsts), ("last", lasts)):
+        out[name] = {"on_picture": on_picture_rate(part, references),
+                     "content_word_recall": mean_recall(part, references, min_captions)[0]}
+    out["last_minus_first"] = {key: (None if out["first"][key] is None or out["last"][key] is None
+                                     else out["last"][key] - out["first"][key]) for key in out["first"]}
+    return out

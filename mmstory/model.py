@@ -27,6 +27,8 @@ from mmstory.specs import is_reproducible, load_decoder, load_text_encoder, load
 IMAGE_PLACEHOLDER = "<image>"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's own file names, for the story writer's LoRA
+ADAPTER_CONFIG_NAME = "adapter_config.json"
 CAPTION_SYSTEM = "You describe photographs accurately in one short sentence."
 CONCEPT_VOCABULARY = 2000  # concept words come from the caption decoder's this many most frequent tokens
 
@@ -494,10 +496,16 @@ class StoryModel(nn.Module):
         return keep
 
     def save_pretrained(self, directory: str | Path) -> Path:
+        """config.json + model.safetensors; a LoRA writer's adapters go beside them in PEFT's own format
+        (adapter_config.json + adapter_model.safetensors), so `peft.PeftModel.from_pretrained` loads them too."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_json(directory / CONFIG_NAME)
-        save_file(self.trained_state_dict(), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        tensors = self.trained_state_dict()
+        adapters = {k: tensors.pop(k) for k in list(tensors) if k.startswith("decoder.") and "lora_" in k}
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        if adapters:
+            save_writer_adapters(adapters, self.config.decoder, directory)
         return directory
 
     def load_trained_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -523,10 +531,38 @@ class StoryModel(nn.Module):
         config = ModelConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
         model = cls(config)
         weights = directory / WEIGHTS_NAME
-        if weights.is_file():
-            model.load_trained_state(load_file(str(weights)))
+        tensors = load_file(str(weights)) if weights.is_file() else {}
+        if (directory / ADAPTER_WEIGHTS_NAME).is_file():
+            tensors.update(load_writer_adapters(directory))
+        if tensors:
+            model.load_trained_state(tensors)
         model.eval()
         return model
+
+
+def save_writer_adapters(adapters: dict[str, torch.Tensor], part: PartConfig, directory: Path) -> None:
+    """The writer's LoRA tensors under PEFT's names ("base_model.model.<module>.lora_A.weight") and its config."""
+    from peft import LoraConfig
+
+    peft_names = {"base_model.model." + k[len("decoder."):].replace(".default.", "."): v for k, v in adapters.items()}
+    save_file(peft_names, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapters})
+    config = LoraConfig(r=part.lora_r, lora_alpha=part.lora_alpha, lora_dropout=part.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=part.spec)
+    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True,
+                                                            default=sorted) + "\n")
+
+
+def load_writer_adapters(directory: Path) -> dict[str, torch.Tensor]:
+    """PEFT-named adapter tensors back under this model's names (peft's injected adapter is called "default")."""
+    out = {}
+    for name, tensor in load_file(str(directory / ADAPTER_WEIGHTS_NAME)).items():
+        if not name.startswith("base_model.model.") or ".lora_" not in name:
+            raise ValueError(f"{directory / ADAPTER_WEIGHTS_NAME}: {name!r} is not a LoRA tensor of PEFT's format")
+        module, rest = name[len("base_model.model."):].split(".lora_", 1)
+        kind, leaf = rest.split(".", 1)
+        out[f"decoder.{module}.lora_{kind}.default.{leaf}"] = tensor
+    return out
 
 
 def normalize_caption(text: str) -> str:

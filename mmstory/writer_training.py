@@ -161,7 +161,8 @@ class WriterTrainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(adapter_state(self.model), str(tmp / "adapters.safetensors"))
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()},  # rng: LoRA dropout
+                   tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": self.step, "best": self.best,
                                                     "config": asdict(self.config)}))
         tmp.rename(final)  # a checkpoint appears whole or not at all
@@ -171,7 +172,9 @@ class WriterTrainer:
 
     def _load(self, directory: Path) -> None:
         self.model.load_state_dict(load_file(str(directory / "adapters.safetensors")), strict=False)
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        saved = torch.load(directory / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
         state = json.loads((directory / "state.json").read_text())
         self.step, self.best = state["step"], state["best"]
         print(f"mmstory train: resumed from {directory} at step {self.step}")

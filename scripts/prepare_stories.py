@@ -4,8 +4,9 @@ Source: VIST, "Visual Storytelling" (Huang et al., NAACL 2016), test split, as r
 "Commonsense Knowledge Aware Concept Selection for Diverse and Informative Visual Storytelling" (Chen et al., AAAI
 2021; MIT licence; github.com/sairin1202/ Commonsense-Knowledge-Aware-Concept-Selection-For-Diverse-and-
 Informative-Visual-Storytelling): `visualstorytelling/reference/test_desc_reference.json` (VIST's
-descriptions-in-isolation, up to 3 per photo), `visualstorytelling/reference/test_reference.json` (5 stories-in-sequence per album) and
-`result/results.csv` (each album's photo sequence, in the same album order as `result/mcsm+RNN.json`). VIST's photos
+descriptions-in-isolation, up to 3 per photo), `visualstorytelling/reference/test_reference.json` (5
+stories-in-sequence per album) and `result/results.csv` (each album's photo sequence, in the same album order as
+`result/mcsm+RNN.json`). VIST's photos
 are not used. Nothing here is committed: the output is a JSONL file per split under --out.
 
     python scripts/prepare_stories.py --source /path/to/that/repository --out ~/.cache/mmstory/stories/vist

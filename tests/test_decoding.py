@@ -431,3 +431,13 @@ def test_lora_quantized_weights_are_the_merged_weights(quantize):
             restored = _linear(torch.eye(merged.shape[1], dtype=torch.bfloat16), weight).t().float()
             error, adapters = (restored - merged).abs().mean(), (merged - base).abs().mean()
             assert error < adapters / 2, f"{quantize}: off the merged weight by {error:.4f} (adapters: {adapters:.4f})"
+
+
+def test_decoders_that_are_not_llama_style_are_refused():
+    """Gemma 3 has RoPE and RMSNorm too, but also scaled embeddings, query/key norms and GELU."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    with pytest.raises(ValueError, match="Llama-style"):
+        FastDecoder(Gemma3ForCausalLM(config), compile=False)
