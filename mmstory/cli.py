@@ -12,7 +12,7 @@ SUBMODULE_COMMANDS = {
     "train": ("mmstory.train", "train or fine-tune a model from a YAML config"),
     "eval": ("mmstory.evaluation", "evaluate captioning, retrieval and stories; write a JSON report"),
     "demo": ("mmstory.serving", "launch the Gradio demo"),
-    "serve": ("mmstory.serving", "launch the demo plus the JSON API (POST /api/story)"),
+    "serve": ("mmstory.serving", "launch the demo plus the JSON API (POST /api/story, /api/answer)"),
     "bench": ("mmstory.benchmark", "measure decode speed, latency and training throughput"),
 }
 
@@ -22,7 +22,9 @@ def _add_story_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--example", action="append", default=[],
                    help="use a bundled example photo (chelsea, coffee, astronaut, rocket, motorcycle)")
     p.add_argument("--model", default="mmstory-small", help="packaged name, directory or hub id")
-    p.add_argument("--prompt", default=None, help="what the story should be about, or a question")
+    p.add_argument("--prompt", default=None,
+                   help="what the story should be about; a question about the pictures (ending with '?' or starting "
+                        "with what/who/where/how/is/does/can/...) is answered in a sentence or two instead")
     p.add_argument("--style", default=None, help="adventure, fairy tale, humor, sci-fi, mystery, bedtime, ... "
                                                   "or 'custom: <your own>'")
     p.add_argument("--tone", default=None, choices=["positive", "neutral", "negative"])
@@ -55,11 +57,57 @@ def _images(args: argparse.Namespace) -> list:
     return images
 
 
+def _print_answer(result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for i, caption in enumerate(result.captions):
+            print(f"[picture {i + 1}] {caption}", file=sys.stderr)
+        print(result.answer)
+    if result.notice:
+        print(f"mmstory: {result.notice}", file=sys.stderr)
+
+
+def _answer(args: argparse.Namespace, question: str, max_new_tokens: int) -> int:
+    """Check the question and images, then load the model and answer: bad input fails before the model loads."""
+    from mmstory.answering import MAX_ANSWER_TOKENS, check_question
+    from mmstory.generation import MAX_IMAGES, StoryInputError, StoryTeller
+    from mmstory.images import ImageError, load_image
+
+    try:
+        question = check_question(question)
+        if not 1 <= max_new_tokens <= MAX_ANSWER_TOKENS:
+            raise StoryInputError(f"--max-new-tokens for an answer must be between 1 and {MAX_ANSWER_TOKENS}")
+        images = _images(args)
+        if len(images) > MAX_IMAGES:
+            raise StoryInputError(f"too many images ({len(images)}); at most {MAX_IMAGES}")
+        images = [load_image(image) for image in images]
+    except (StoryInputError, ImageError) as err:
+        print(f"mmstory: {err}", file=sys.stderr)
+        return 2
+    teller = StoryTeller.from_pretrained(args.model, dtype=args.dtype,
+                                         quantize=None if args.quantize == "none" else args.quantize)
+    try:
+        result = teller.answer(images, question, max_new_tokens=max_new_tokens, seed=args.seed)
+    except StoryInputError as err:
+        print(f"mmstory: {err}", file=sys.stderr)
+        return 2
+    _print_answer(result, args.json)
+    return 0
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    return _answer(args, args.question, args.max_new_tokens)
+
+
 def cmd_story(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from mmstory.answering import is_question
     from mmstory.generation import StoryInputError, StoryTeller
 
+    if is_question(args.prompt):  # "what is the dog doing?" asks for an answer, not a story
+        return _answer(args, args.prompt, args.max_new_tokens or 48)
     teller = StoryTeller.from_pretrained(args.model, dtype=args.dtype,
                                          quantize=None if args.quantize == "none" else args.quantize)
     previous = Path(args.previous).read_text() if args.previous else None
@@ -122,9 +170,27 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="mmstory", description="Image-to-story models: generate, train, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
-    story = sub.add_parser("story", help="write a story about one or more images")
+    story = sub.add_parser("story", help="write a story about one or more images (a question prompt is answered)")
     _add_story_args(story)
     story.set_defaults(func=cmd_story)
+    answer = sub.add_parser(
+        "answer", help="answer a question about one or more images",
+        description="Answer a question about the pictures in a sentence or two, from their captions and visual "
+                    "prefixes (greedy decoding: the same question gets the same answer). "
+                    "Example: mmstory answer dog.jpg -q 'what is the dog doing?'. "
+                    "`mmstory story IMAGE --prompt 'what is the dog doing?'` answers the same way.")
+    answer.add_argument("images", nargs="*", help="image files")
+    answer.add_argument("-q", "--question", required=True, help="the question, e.g. 'what is the dog doing?'")
+    answer.add_argument("--example", action="append", default=[],
+                        help="use a bundled example photo (chelsea, coffee, astronaut, rocket, motorcycle)")
+    answer.add_argument("--model", default="mmstory-small", help="packaged name, directory or hub id")
+    answer.add_argument("--max-new-tokens", type=int, default=48, help="longest answer, in tokens (1-256)")
+    answer.add_argument("--seed", type=int, default=0)
+    answer.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    answer.add_argument("--quantize", default="int4", choices=["none", "int8", "int4"],
+                        help="story-writer weights in decode steps (as for `mmstory story`)")
+    answer.add_argument("--json", action="store_true", help="print the full AnswerResult as JSON")
+    answer.set_defaults(func=cmd_answer)
     caption = sub.add_parser("caption", help="caption images")
     caption.add_argument("images", nargs="*")
     caption.add_argument("--example", action="append", default=[])

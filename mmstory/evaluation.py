@@ -361,7 +361,7 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
         timings["caption_metrics_s"] = time.perf_counter() - t
         report["captioning"] = {**scores, "distinct_caption_fraction": distinct_caption_fraction(captions),
                                 "unique_captions": len(set(captions)), "notes": notes,
-                                "examples": [{"image": item_name(r.image), "caption": c, "references": r.captions}
+                                "examples": [{"image": item_name(r.image), "caption": c}
                                              for r, c in zip(good[:NUM_EXAMPLES], captions)]}
     if "retrieval" in tasks:
         t = time.perf_counter()

@@ -1,8 +1,10 @@
 """The Gradio demo and the HTTP API: a thin layer over StoryTeller, loaded once per process.
 
 `mmstory demo` serves the Gradio page (and its API, usable from `gradio_client`); `mmstory serve` adds the plain JSON
-endpoint `POST /api/story` on the same server. Both answer `GET /health`. Uploads are decoded only from the bytes sent;
-client-given file names and paths are never used, so nothing outside the upload is ever read.
+endpoints `POST /api/story` and `POST /api/answer` on the same server; both commands answer `GET /health`. A prompt
+that is a question about the pictures ("what is the dog doing?") gets an answer of a sentence or two instead of a
+story, on every surface. Uploads are decoded only from the bytes sent; client-given file names and paths are never
+used, so nothing outside the upload is ever read.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mmstory.answering import MAX_ANSWER_TOKENS, AnswerResult, check_question, is_question
 from mmstory.examples import EXAMPLES, example_image
 from mmstory.generation import (
     AUDIENCES,
@@ -76,6 +79,15 @@ def _optional(hint: Any) -> Any:
 # Every `Decoding` keyword, optional (unset = the Python API's default), so the API follows the Python API as it grows.
 StoryRequest = create_model("StoryRequest", __base__=StoryOptions,
                             **{name: (_optional(hint), None) for name, hint in get_type_hints(Decoding).items()})
+
+
+class AnswerRequest(BaseModel):
+    """The settings of `StoryTeller.answer` (besides the images)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    question: str
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_ANSWER_TOKENS)] | None = None
+    seed: INT64 | None = None
 
 
 class Admission:
@@ -187,9 +199,9 @@ async def _read_request(request: Request, upload_limit: int) -> tuple[list[bytes
                                                   "or application/json with base64 'images'")
 
 
-def _settings(fields: dict[str, Any]) -> dict[str, Any]:
+def _settings(fields: dict[str, Any], schema: type[BaseModel] = StoryRequest) -> dict[str, Any]:
     try:
-        return StoryRequest.model_validate(fields).model_dump(exclude_unset=True)
+        return schema.model_validate(fields).model_dump(exclude_unset=True)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in err.errors())
         raise ApiError(400, "bad_input", f"invalid settings: {problems}") from err
@@ -206,13 +218,14 @@ def _decode_images(images: list[bytes], max_pixels: int) -> list:
         raise ApiError(400, "bad_image", str(err)) from err
 
 
-def _openapi_request_body() -> dict[str, Any]:
+def _openapi_request_body(schema: type[BaseModel] = StoryRequest) -> dict[str, Any]:
     """The request body as OpenAPI describes it (the endpoint parses it itself, to answer every problem as JSON)."""
-    settings = StoryRequest.model_json_schema()
+    settings = schema.model_json_schema()
 
     def with_images(name: str, item: dict[str, str], what: str) -> dict[str, Any]:
         images = {"type": "array", "items": item, "description": f"{what}, in story order"}
-        return {**settings, "properties": {name: images, **settings["properties"]}, "required": [name]}
+        return {**settings, "properties": {name: images, **settings["properties"]},
+                "required": [name, *settings.get("required", [])]}
 
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": with_images("images", {"type": "string"}, "base64 images or data URLs")},
@@ -221,33 +234,58 @@ def _openapi_request_body() -> dict[str, Any]:
 
 
 def add_json_api(app: FastAPI, teller: StoryTeller, queue_size: int, upload_limit: int, max_pixels: int) -> None:
-    """`POST /api/story`: the Python API's `generate_story` over HTTP, bounded and validated."""
+    """`POST /api/story` and `POST /api/answer`: the Python API's `generate_story` and `answer` over HTTP, bounded
+    (one admission queue for both) and validated."""
     admission = Admission(queue_size)
     app.state.admission = admission
     app.add_middleware(BodyLimit, limit=upload_limit)
     app.add_exception_handler(ApiError, lambda request, err: _error_response(err))
     app.add_exception_handler(BodyTooLarge, lambda request, err: _too_large(upload_limit))
 
-    def tell(images: list[bytes], settings: dict[str, Any]) -> StoryResult:
+    def tell(images: list[bytes], settings: dict[str, Any]) -> StoryResult | AnswerResult:
+        if is_question(settings.get("prompt")):  # "what is the dog doing?" asks for an answer, not a story
+            return answer(images, {"question": settings["prompt"], **{key: settings[key] for key in
+                                                                     ("max_new_tokens", "seed") if key in settings}})
         return teller.generate_story(_decode_images(images, max_pixels), **settings)
+
+    def answer(images: list[bytes], settings: dict[str, Any]) -> AnswerResult:
+        question = check_question(settings.pop("question"))  # before the images are decoded
+        return teller.answer(_decode_images(images, max_pixels), question, **settings)
+
+    async def serve(request: Request, schema: type[BaseModel], work) -> JSONResponse:
+        admission.enter()
+        try:
+            images, fields = await _read_request(request, upload_limit)
+            settings = _settings(fields, schema)
+            result = await run_in_threadpool(work, images, settings)
+        except StoryInputError as err:
+            raise ApiError(400, "bad_input", str(err)) from err
+        finally:
+            admission.leave()
+        body = result.to_dict()
+        return JSONResponse(body if "kind" in body else {"kind": "story", **body})
 
     @app.post("/api/story", summary="Write a story about one or more images", openapi_extra=_openapi_request_body())
     async def story(request: Request) -> JSONResponse:
         """Multipart: image file(s) in `image` plus settings as form fields. JSON: `{"images": [base64, ...], ...}`.
 
         Settings are those of `StoryTeller.generate_story` (prompt, style, tone, audience, length, previous and the
-        decoding keywords). Answers the StoryResult as JSON; 4xx with `detail` for bad input, 503 when busy.
+        decoding keywords). Answers the StoryResult as JSON with `"kind": "story"`, or, when the prompt is a question
+        about the pictures, the AnswerResult of `/api/answer` (`"kind": "answer"`; of the settings only
+        max_new_tokens and seed apply); 4xx with `detail` for bad input, 503 when busy.
         """
-        admission.enter()
-        try:
-            images, fields = await _read_request(request, upload_limit)
-            settings = _settings(fields)
-            result = await run_in_threadpool(tell, images, settings)
-        except StoryInputError as err:
-            raise ApiError(400, "bad_input", str(err)) from err
-        finally:
-            admission.leave()
-        return JSONResponse(result.to_dict())
+        return await serve(request, StoryRequest, tell)
+
+    @app.post("/api/answer", summary="Answer a question about one or more images",
+              openapi_extra=_openapi_request_body(AnswerRequest))
+    async def answer_endpoint(request: Request) -> JSONResponse:
+        """Multipart: image file(s) in `image` plus a `question` field. JSON: `{"images": [base64, ...], "question":
+        "what is the dog doing?"}`; optional `max_new_tokens` (1-256) and `seed`.
+
+        Answers the AnswerResult as JSON (`"kind": "answer"`, `answer`, `question`, `captions`, `timings`); 4xx with
+        `detail` for bad input, 503 when busy (the queue is shared with `/api/story`).
+        """
+        return await serve(request, AnswerRequest, answer)
 
 
 # --- the Gradio demo --------------------------------------------------------------------------------------------------
@@ -268,6 +306,15 @@ def _story_views(result: StoryResult, shown: str) -> tuple:
     return shown, grounding, captions, status, result.to_dict()
 
 
+def _answer_views(result: AnswerResult) -> tuple:
+    """The demo's outputs for an answer: the answer in the story box, no grounding, the captions, status, JSON."""
+    captions = [[i + 1, caption] for i, caption in enumerate(result.captions)]
+    status = f"Answered in {result.timings.get('total_s', 0):.1f} s (a question gets an answer, not a story)"
+    if result.notice:
+        status = f"**{result.notice}**  \n{status}"
+    return result.answer, [], captions, status, result.to_dict()
+
+
 def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
     """The Gradio Blocks page; its main event is exposed to `gradio_client` as `/story`."""
 
@@ -275,7 +322,8 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
               temperature: float, top_k: int, top_p: float, repetition_penalty: float, no_repeat_ngram_size: int,
               num_candidates: int, num_beams: int, seed: int | None, max_new_tokens: int, do_sample: bool,
               previous: str = "") -> Iterator[tuple]:
-        """Stream the story (one candidate, no beams) or, with several candidates or beams, show the reranked best."""
+        """Stream the story (one candidate, no beams) or, with several candidates or beams, show the reranked best;
+        a question in the prompt box gets its answer in the story box instead."""
         try:
             images = [load_image(path, max_pixels=max_pixels, name=f"picture {i + 1}")
                       for i, (path, _caption) in enumerate(pictures or [])]
@@ -286,6 +334,11 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
                             num_candidates=int(num_candidates), num_beams=int(num_beams),
                             seed=None if seed is None else int(seed),
                             max_new_tokens=int(max_new_tokens) if max_new_tokens else None, do_sample=do_sample)
+            if is_question(prompt):  # "what is the dog doing?": the answer replaces the story box, no streaming
+                yield gr.skip(), None, None, "Reading the pictures…", gr.skip()
+                yield _answer_views(teller.answer(images or None, prompt, seed=settings["seed"],
+                                                  max_new_tokens=settings["max_new_tokens"] or 48))
+                return
             head = previous.rstrip() + "\n\n" if previous and previous.strip() else ""
             yield head, None, None, "Reading the pictures…", gr.skip()
             if num_candidates == 1 and num_beams == 1:
@@ -300,7 +353,8 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
                 else:
                     yield _story_views(event, head + event.story)
         except (StoryInputError, ImageError) as err:
-            yield gr.skip(), gr.skip(), gr.skip(), f"**Cannot write this story:** {err}", gr.skip()
+            what = "answer this question" if is_question(prompt) else "write this story"
+            yield gr.skip(), gr.skip(), gr.skip(), f"**Cannot {what}:** {err}", gr.skip()
             raise gr.Error(str(err)) from err
 
     with gr.Blocks(title="mmstory: stories from pictures") as demo:
@@ -314,7 +368,8 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
                 gr.Examples(examples=[[[example_image(name)]] for name in EXAMPLES], inputs=[pictures],
                             label="Examples (click one)", elem_id="examples")
                 prompt = gr.Textbox("", label="Prompt (optional)", lines=2, max_length=MAX_PROMPT_CHARS,
-                                    placeholder="what the story should be about, or a question about the pictures")
+                                    placeholder="what the story should be about, or a question about the pictures",
+                                    info="a question (\"what is the dog doing?\") is answered instead of a story")
                 with gr.Row():
                     style = gr.Dropdown([ANY, *STYLES], value=ANY, label="Style", allow_custom_value=True,
                                         info="or type 'custom: your own'")
@@ -367,7 +422,7 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
 # --- the server -------------------------------------------------------------------------------------------------------
 def build_app(teller: StoryTeller, *, model_name: str, json_api: bool = True, queue_size: int = 8,
               max_upload_mb: float = 20, max_pixels: int = MAX_PIXELS) -> FastAPI:
-    """One FastAPI app: `/health`, optionally `POST /api/story`, and the Gradio page mounted at `/`."""
+    """One FastAPI app: `/health`, optionally `POST /api/story` and `/api/answer`, and the Gradio page at `/`."""
     upload_limit = int(max_upload_mb * 2**20)
     app = FastAPI(title="mmstory", summary="Stories from pictures", docs_url="/api/docs", redoc_url=None)
     started = time.time()
@@ -395,7 +450,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     rest = argv[1:] if argv and argv[0] in ("demo", "serve") else argv
     parser = argparse.ArgumentParser(
         prog=f"mmstory {command}",
-        description="Launch the Gradio demo" + (" plus the JSON API (POST /api/story)" if command == "serve" else ""))
+        description="Launch the Gradio demo" + (" plus the JSON API (POST /api/story, POST /api/answer)"
+                                                if command == "serve" else ""))
     parser.add_argument("--model", default="mmstory-small", help="packaged name or a save_pretrained directory")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
@@ -432,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     app = build_app(teller, model_name=str(args.model), json_api=args.command == "serve", queue_size=args.queue_size,
                     max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels)
     print(f"mmstory {args.command}: http://{args.host}:{args.port}/"
-          + (f"  (JSON API: POST http://{args.host}:{args.port}/api/story)" if args.command == "serve" else ""),
+          + (f"  (JSON API: POST http://{args.host}:{args.port}/api/story and /api/answer)"
+             if args.command == "serve" else ""),
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
