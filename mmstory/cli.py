@@ -29,16 +29,15 @@ def _add_story_args(p: argparse.ArgumentParser) -> None:
                                                   "or 'custom: <your own>'")
     p.add_argument("--tone", default=None, choices=["positive", "neutral", "negative"])
     p.add_argument("--audience", default=None, choices=["children", "adults"])
-    p.add_argument("--length", default="medium", help="short, medium, long, or a number of words")
+    p.add_argument("--length", default=None, help="short (the default), medium, long, or a number of words")
     p.add_argument("--continue-from", dest="previous", default=None, help="a file with the story so far")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.92)
-    p.add_argument("--repetition-penalty", type=float, default=1.15)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=4)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--num-candidates", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    from mmstory.generation import Decoding  # the one source of decoding defaults (serving's schema uses it too)
+
+    defaults = Decoding()
+    for name in ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "num_beams",
+                 "num_candidates", "seed"):
+        value = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--quantize", default="int4", choices=["none", "int8", "int4"],
@@ -100,6 +99,14 @@ def cmd_answer(args: argparse.Namespace) -> int:
     return _answer(args, args.question, args.max_new_tokens)
 
 
+def _length(text: str | None) -> str | int:
+    from mmstory.generation import DEFAULT_LENGTH
+
+    if text is None:
+        return DEFAULT_LENGTH
+    return int(text) if text.isdigit() else text
+
+
 def cmd_story(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -112,7 +119,7 @@ def cmd_story(args: argparse.Namespace) -> int:
                                          quantize=None if args.quantize == "none" else args.quantize)
     previous = Path(args.previous).read_text() if args.previous else None
     kwargs = dict(prompt=args.prompt, style=args.style, tone=args.tone, audience=args.audience,
-                  length=int(args.length) if args.length.isdigit() else args.length, previous=previous,
+                  length=_length(args.length), previous=previous,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                   num_beams=args.num_beams, seed=args.seed, max_new_tokens=args.max_new_tokens)

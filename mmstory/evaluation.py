@@ -266,15 +266,16 @@ def score_stories(records: Sequence[ImageCaptions], stories: Sequence[str], seco
 
 
 def story_metrics(teller, records: Sequence[ImageCaptions], image_embeds: torch.Tensor, length: str | int = "short",
-                  candidates: int = 3, seed: int = 0, progress: bool = False, judge: JudgeLM | None = None,
+                  candidates: int | None = None, seed: int = 0, progress: bool = False, judge: JudgeLM | None = None,
                   judge_note: str | None = None) -> dict:
     """Write one story per image and measure length, diversity, grounding, made-up objects and fluency."""
     from tqdm import tqdm
 
     model = teller.model
     stories, seconds, filtered = [], [], 0
+    chosen = {} if candidates is None else {"num_candidates": candidates}
     for record in tqdm(records, desc="stories", unit="story", disable=not progress):
-        result = teller.generate_story(open_image(record.image), length=length, num_candidates=candidates, seed=seed)
+        result = teller.generate_story(open_image(record.image), length=length, seed=seed, **chosen)
         stories.append(result.story)
         seconds.append(result.timings["total_s"])
         filtered += result.filtered
@@ -305,10 +306,10 @@ def story_metrics(teller, records: Sequence[ImageCaptions], image_embeds: torch.
 # --- the whole evaluation --------------------------------------------------------------------------------------------
 def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = TASKS, num_beams: int | None = None,
              repetition_penalty: float = 1.2, max_new_tokens: int | None = None, captioner: str | None = None,
-             stories: int = 20, story_length: str | int = "short", story_candidates: int = 3, batch_size: int = 32,
-             captions_per_image: int = CAPTIONS_PER_IMAGE, use_java: bool | None = None, dtype: str = "bfloat16",
-             seed: int = 0, rerank_top_k: int = 20, rerank_weight: float = 0.1, progress: bool = False,
-             judge: JudgeLM | None = None, judge_note: str | None = None) -> dict:
+             stories: int = 20, story_length: str | int = "short", story_candidates: int | None = None,
+             batch_size: int = 32, captions_per_image: int = CAPTIONS_PER_IMAGE, use_java: bool | None = None,
+             dtype: str = "bfloat16", seed: int = 0, rerank_top_k: int = 20, rerank_weight: float = 0.1,
+             progress: bool = False, judge: JudgeLM | None = None, judge_note: str | None = None) -> dict:
     """Evaluate a StoryModel on (image, reference captions) records; returns the report as a dict.
 
     The model is wrapped in a StoryTeller (which casts the decoder to `dtype`), so the numbers are those of the
@@ -316,7 +317,7 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
     repetition penalty 1.2). `judge` (a JudgeLM) adds the stories' perplexity under a larger LM; None skips it.
     """
     from mmstory import __version__
-    from mmstory.generation import StoryTeller, word_budget
+    from mmstory.generation import Decoding, StoryTeller, word_budget
 
     unknown = set(tasks) - set(TASKS)
     if unknown:
@@ -349,7 +350,8 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
                      "seed": seed, "captioning": {**caption_kwargs, "captioner": captioner or model.config.captioner},
                      "captions_per_image": captions_per_image, "stories": stories, "story_length": story_length,
                      "rerank_top_k": rerank_top_k if rerank else 0, "rerank_weight": rerank_weight,
-                     "story_candidates": story_candidates, "judge": judge.spec if judge is not None else None,
+                     "story_candidates": story_candidates or Decoding.num_candidates,
+                     "judge": judge.spec if judge is not None else None,
                      "use_java": use_java, "java_on_path": java_available()},
         "counts": {"images": len(records), "images_evaluated": len(good), "images_skipped": len(unreadable),
                    "reference_captions": sum(len(r) for r in references), "dropped_captions": len(dropped)},
@@ -497,8 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="captioning path (default: the model's own setting)")
     p.add_argument("--stories", type=int, default=20, help="write stories for the first N images (0: none)")
     p.add_argument("--story-length", default="short", help="short, medium, long, or a number of words")
-    p.add_argument("--story-candidates", type=int, default=3,
-                   help="stories sampled per image and reranked by image agreement, as StoryTeller does")
+    p.add_argument("--story-candidates", type=int, default=None,
+                   help="stories sampled per image and reranked by image agreement (default: StoryTeller's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--seed", type=int, default=0)

@@ -37,9 +37,11 @@ STYLES = {
 TONES = {"positive": "hopeful and warm", "neutral": "even and observant", "negative": "dark and melancholy"}
 AUDIENCES = {"children": "young children, with simple words", "adults": "adult readers"}
 LENGTHS = {"short": 80, "medium": 200, "long": 350}
+DEFAULT_LENGTH = "short"  # what one photo can fill without the writer making things up
 MAX_PROMPT_CHARS = 2000
 MAX_IMAGES = 8
 MAX_WORDS = 1000
+MIN_STORY_SHARE = 0.8  # of the word budget, written before the writer may end the story
 TOKENS_PER_WORD = 1.45  # SmolLM2's tokenizer on English prose, measured on its own stories
 
 
@@ -57,7 +59,7 @@ class Decoding:
     repetition_penalty: float = 1.15
     no_repeat_ngram_size: int = 4
     num_beams: int = 1
-    num_candidates: int = 3
+    num_candidates: int = 6  # more to choose from: fewer unseen objects in the one kept
     seed: int | None = 0
     max_new_tokens: int | None = None  # default: from the word budget
     do_sample: bool = True
@@ -181,7 +183,7 @@ class StoryTeller:
     # --- stories ---------------------------------------------------------------------------------------------------
     def generate_story(self, images: ImageInput | Sequence[ImageInput], prompt: str | None = None, *,
                        style: str | None = None, tone: str | None = None, audience: str | None = None,
-                       length: str | int = "medium", previous: str | None = None, **decoding) -> StoryResult:
+                       length: str | int = DEFAULT_LENGTH, previous: str | None = None, **decoding) -> StoryResult:
         """Write a story about one image or an ordered album; see `Decoding` for the decoding keywords."""
         result = None
         for event in self._run(images, prompt, style, tone, audience, length, previous, decoding, stream=False):
@@ -190,7 +192,7 @@ class StoryTeller:
 
     def stream_story(self, images: ImageInput | Sequence[ImageInput], prompt: str | None = None, *,
                      style: str | None = None, tone: str | None = None, audience: str | None = None,
-                     length: str | int = "medium", previous: str | None = None, **decoding) -> Iterator[str]:
+                     length: str | int = DEFAULT_LENGTH, previous: str | None = None, **decoding) -> Iterator[str]:
         """Yield the story in chunks as it is written (one candidate); the chunks join to the final story."""
         events = self.stream_result(images, prompt, style=style, tone=tone, audience=audience, length=length,
                                     previous=previous, **decoding)
@@ -202,7 +204,7 @@ class StoryTeller:
         keys = ("style", "tone", "audience", "length", "previous")
         named = {k: kwargs.pop(k) for k in keys if k in kwargs}
         yield from self._run(images, prompt, named.get("style"), named.get("tone"), named.get("audience"),
-                             named.get("length", "medium"), named.get("previous"), kwargs, stream=True)
+                             named.get("length", DEFAULT_LENGTH), named.get("previous"), kwargs, stream=True)
 
     def _run(self, images, prompt, style, tone, audience, length, previous, decoding: dict, stream: bool):
         start = time.perf_counter()
@@ -245,7 +247,7 @@ class StoryTeller:
                                       f"of {context} tokens before the story starts); shorten the prompt or the "
                                       "previous story")
             max_new = min(max_new, context - embeds.shape[1])
-            min_new = min(int(budget * 0.8 * TOKENS_PER_WORD), max_new - 1)
+            min_new = min(int(budget * MIN_STORY_SHARE * TOKENS_PER_WORD), max_new - 1)
             stopper = WordBudget(self.model.tokenizer, budget)  # generate() passes only new tokens
             cancel = threading.Event()  # set when a streaming consumer goes away mid-story
             rows = settings.num_candidates if settings.num_beams == 1 else 1  # beam search returns its candidates
@@ -452,6 +454,9 @@ def finish_story(text: str, budget: int) -> str:
         if _NOTE_TO_USER.search(paragraph):
             text = "\n".join(paragraphs[:i]).strip()
             break
+    echo = _REQUEST_ECHO.search(text)
+    if echo:
+        text = text[: echo.start()].strip()
     limit = budget * 1.15
     kept, words = [], 0
     sentences = split_sentences(text)
@@ -472,6 +477,8 @@ def finish_story(text: str, budget: int) -> str:
     return story
 
 
+# the writer going on to a photo of its own, as the request does, or to a chat turn of its own
+_REQUEST_ECHO = re.compile(r"(^|\s)((?i:photo|scene|picture) \d+:|(user|assistant|system)\s*\n)")
 # what an instruction-tuned writer appends after the story, addressed to the user rather than the reader
 _NOTE_TO_USER = re.compile(r"\b(would you like|let me know|me to write|feel free to|i hope you|hope you enjoy(ed)?|"
                            r"here is (your|the) story|here's (your|the) story|paste)\b", re.IGNORECASE)

@@ -34,6 +34,7 @@ from mmstory.answering import MAX_ANSWER_TOKENS, AnswerResult, check_question, i
 from mmstory.examples import EXAMPLES, example_image
 from mmstory.generation import (
     AUDIENCES,
+    DEFAULT_LENGTH,
     LENGTHS,
     MAX_IMAGES,
     MAX_PROMPT_CHARS,
@@ -328,7 +329,7 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
             images = [load_image(path, max_pixels=max_pixels, name=f"picture {i + 1}")
                       for i, (path, _caption) in enumerate(pictures or [])]
             settings = dict(prompt=prompt or None, style=_choice(style), tone=_choice(tone),
-                            audience=_choice(audience), length=length or "medium", previous=previous or None,
+                            audience=_choice(audience), length=length or DEFAULT_LENGTH, previous=previous or None,
                             temperature=temperature, top_k=int(top_k), top_p=top_p,
                             repetition_penalty=repetition_penalty, no_repeat_ngram_size=int(no_repeat_ngram_size),
                             num_candidates=int(num_candidates), num_beams=int(num_beams),
@@ -375,7 +376,7 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
                                         info="or type 'custom: your own'")
                     tone = gr.Dropdown([ANY, *TONES], value=ANY, label="Tone")
                     audience = gr.Dropdown([ANY, *AUDIENCES], value=ANY, label="Audience")
-                    length = gr.Dropdown(list(LENGTHS), value="medium", label="Length", allow_custom_value=True,
+                    length = gr.Dropdown(list(LENGTHS), value=DEFAULT_LENGTH, label="Length", allow_custom_value=True,
                                          info="or a number of words")
                 defaults = Decoding()
                 with gr.Accordion("Advanced decoding", open=False):

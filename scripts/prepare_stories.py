@@ -78,10 +78,16 @@ def albums(source: Path) -> list[dict]:
     return out
 
 
-def records(album: dict, rng: random.Random, per_album: int) -> list[dict]:
-    """The album's stories that share the most with its descriptions, each with one description per photo."""
+def records(album: dict, rng: random.Random, per_album: int, min_described: int = 3, windows: int = 0) -> list[dict]:
+    """The album's stories that share the most with its descriptions, each with one description per photo.
+
+    The photo sequence is that of one of the album's five stories, and the story sharing the most words with the
+    photos' descriptions is, as measured, that one: its i-th sentence shares 2.3x the words with photo i's
+    descriptions that it shares with the other photos'. `windows` adds that many runs of 1-3 consecutive photos with
+    just their sentences (5-sentence stories only), so the writer also learns stories of one or two pictures.
+    """
     photos = [p for p in album["photos"] if p]
-    if len(photos) < 3:
+    if len(photos) < max(3, min_described):
         return []
     seen = set().union(*(content_words(d) for p in photos for d in p))
     usable = [s for s in album["stories"] if "location" not in s and "organization" not in s and len(s.split()) >= 25]
@@ -96,6 +102,13 @@ def records(album: dict, rng: random.Random, per_album: int) -> list[dict]:
         hint = sorted((others - set().union(*(content_words(s) for s in scenes))) & content_words(story))
         out.append({"album": album["album"], "scenes": scenes, "words": hint[:4],
                     "story": detokenize(story, names)})
+    sentences = [s for s in re.split(r"(?<=[.!?]) ", out[0]["story"]) if s] if out else []
+    if len(photos) == 5 and len(sentences) == 5:
+        for _ in range(windows):
+            size = rng.choice((1, 1, 2, 3))
+            start = rng.randrange(5 - size + 1)
+            out.append({"album": album["album"], "scenes": out[0]["scenes"][start: start + size], "words": [],
+                        "story": " ".join(sentences[start: start + size])})
     return out
 
 
@@ -103,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", type=Path, required=True, help="a checkout or bare git directory of the repo")
     parser.add_argument("--out", type=Path, default=Path("~/.cache/mmstory/stories/vist").expanduser())
-    parser.add_argument("--per-album", type=int, default=3, help="stories kept per album (most grounded first)")
+    parser.add_argument("--per-album", type=int, default=1, help="stories kept per album (most grounded first)")
+    parser.add_argument("--min-described", type=int, default=5, help="photos of 5 that must have a description")
+    parser.add_argument("--windows", type=int, default=1, help="runs of 1-3 photos added per 5-sentence story")
     parser.add_argument("--dev-albums", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -113,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = {"dev": all_albums[: args.dev_albums], "train": all_albums[args.dev_albums:]}
     args.out.mkdir(parents=True, exist_ok=True)
     for split, items in splits.items():
-        rows = [r for album in items for r in records(album, rng, args.per_album)]
+        rows = [r for album in items for r in records(album, rng, args.per_album, args.min_described, args.windows)]
         path = args.out / f"{split}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         words = sum(len(r["story"].split()) for r in rows)

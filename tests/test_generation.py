@@ -256,3 +256,14 @@ def test_run_on_sentence_is_cut_at_a_clause_not_dropped():
 def test_request_longer_than_the_writer_context_is_refused_clearly(tiny_teller):
     with pytest.raises(StoryInputError, match="context"):  # the tiny decoder: 4,096 positions of one byte each
         tiny_teller.generate_story(make_photo(0), previous="and then " * 2000, **FAST)
+
+
+def test_a_story_that_goes_on_to_a_photo_of_its_own_is_cut_there():
+    text = ("The boy ran into the woods. He jumped on a rock and laughed. Photo 2: A family gathers around their "
+            "backyard after their morning meal.")
+    assert finish_story(text, budget=20) == "The boy ran into the woods. He jumped on a rock and laughed."
+
+
+def test_a_story_that_goes_on_to_a_chat_turn_of_its_own_is_cut_there():
+    text = "The cat was happy in the room. She slept by the window. user\nWhat about those cute photos?"
+    assert finish_story(text, budget=20) == "The cat was happy in the room. She slept by the window."
