@@ -18,6 +18,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from mmstory.decoding import QUANTIZE, FastDecoder
+from mmstory.devices import DeviceLike, resolve_device
 from mmstory.images import ImageInput, ImageProcessor, load_image
 from mmstory.metrics import content_word_recall, hallucinated_mentions, object_mentions
 from mmstory.model import IMAGE_PLACEHOLDER, StoryModel
@@ -39,7 +40,8 @@ AUDIENCES = {"children": "young children, with simple words", "adults": "adult r
 LENGTHS = {"short": 80, "medium": 200, "long": 350}
 DEFAULT_LENGTH = "short"  # what one photo can fill without the writer making things up
 MAX_PROMPT_CHARS = 2000
-MAX_IMAGES = 8
+MAX_IMAGES = 8  # per story (and per answer); captioning takes any number, CAPTION_BATCH at a time
+CAPTION_BATCH = 32
 MAX_WORDS = 1000
 MIN_STORY_SHARE = 0.8  # of the word budget, written before the writer may end the story
 TOKENS_PER_WORD = 1.45  # SmolLM2's tokenizer on English prose, measured on its own stories
@@ -116,14 +118,22 @@ class StoryTeller:
     """Load once per process, then caption images and write stories about them."""
 
     def __init__(self, model: StoryModel, dtype: str = "bfloat16", quantize: str | None = None,
-                 content_filter: ContentFilter | None = None, compile: bool = True):
+                 content_filter: ContentFilter | None = None, compile: bool = True, device: DeviceLike = None):
         """`quantize`: None (exact weights), "int8" or "int4" weights for the story writer's decode steps (the
-        packaged SmolLM2 ships as Q4_1, which "int4" reproduces). `compile`: torch.compile the decode step."""
-        self.model = model.eval()
+        packaged SmolLM2 ships as Q4_1, which "int4" reproduces). `compile`: torch.compile the decode step.
+
+        `device`: where the model, the image tensors and the decode loop run: None or "auto" (CUDA when
+        `torch.cuda.is_available()`, else the CPU), "cpu", "cuda", "cuda:N" or a torch.device; a device this machine
+        lacks raises `DeviceError` (a ValueError). The model is moved there in place. On CUDA the FastDecoder keeps
+        bf16 weights and a static KV cache and compiles its step; int8/int4 there go through torchao's weight-only
+        quantisation when torchao is importable, and are exact bf16 otherwise (`self.fast.weight_format` says
+        which). On the CPU nothing changes: the packed int8/int4 kernels and the same tokens as before."""
         if dtype not in ("bfloat16", "float32"):
             raise ValueError("dtype must be 'bfloat16' or 'float32'")
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
         self.dtype, self.quantize = dtype, quantize
         self.model.decoder.to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
         try:  # static KV cache + compiled step for Llama-family decoders; others decode with transformers
@@ -148,16 +158,19 @@ class StoryTeller:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "mmstory-small", **kwargs) -> StoryTeller:
+        """Load a packaged name, directory or hub id; keywords as for the constructor (`device=`, `dtype=`, ...).
+        The device is checked before the weights load."""
+        kwargs["device"] = resolve_device(kwargs.get("device"))
         return cls(StoryModel.from_pretrained(name_or_path), **kwargs)
 
     # --- images and captions ---------------------------------------------------------------------------------------
-    def _load_images(self, images: ImageInput | Sequence[ImageInput]) -> list:
+    def _load_images(self, images: ImageInput | Sequence[ImageInput], limit: int | None = MAX_IMAGES) -> list:
         if images is None:
             raise StoryInputError("no image given: pass one image or a list of images")
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise StoryInputError("no image given: pass one image or a list of images")
-        if len(items) > MAX_IMAGES:
+        if limit is not None and len(items) > limit:
             raise StoryInputError(f"too many images ({len(items)}); at most {MAX_IMAGES} per story")
         try:
             return [load_image(item) for item in items]
@@ -166,19 +179,30 @@ class StoryTeller:
 
     @torch.no_grad()
     def _encode(self, pil_images: list) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.encode_image(self.processor.batch(pil_images))
+        return self.model.encode_image(self.processor.batch(pil_images).to(self.device))
 
     @torch.no_grad()
     def caption(self, images: ImageInput | Sequence[ImageInput], num_beams: int | None = None,
                 max_new_tokens: int | None = None,
                 repetition_penalty: float = 1.2, captioner: str | None = None,
-                concepts: float | None = None) -> list[str]:
-        """One caption per image, batched. `concepts`: the classifier confidence above which a class's word must
-        appear (default: the model config's `caption_concepts`; 0 turns it off)."""
-        tokens, pooled = self._encode(self._load_images(images))
-        return self.model.generate_captions(image_tokens=tokens, image_pooled=pooled, num_beams=num_beams,
-                                            max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-                                            captioner=captioner, concepts=concepts)
+                concepts: float | None = None, batch_size: int = CAPTION_BATCH) -> list[str]:
+        """One caption per image, in order, for any number of images: they are loaded and captioned `batch_size`
+        at a time (the MAX_IMAGES limit is for one story, not for captioning). `concepts`: the classifier
+        confidence above which a class's word must appear (default: the model config's `caption_concepts`; 0 turns
+        it off). Any unreadable image raises StoryInputError (`mmstory caption` skips and counts them instead)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise StoryInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise StoryInputError("no image given: pass one image or a list of images")
+        captions: list[str] = []
+        for start in range(0, len(items), batch_size):
+            tokens, pooled = self._encode(self._load_images(items[start: start + batch_size], limit=None))
+            captions += self.model.generate_captions(image_tokens=tokens, image_pooled=pooled, num_beams=num_beams,
+                                                     max_new_tokens=max_new_tokens,
+                                                     repetition_penalty=repetition_penalty, captioner=captioner,
+                                                     concepts=concepts)
+        return captions
 
     # --- stories ---------------------------------------------------------------------------------------------------
     def generate_story(self, images: ImageInput | Sequence[ImageInput], prompt: str | None = None, *,
@@ -253,7 +277,7 @@ class StoryTeller:
             rows = settings.num_candidates if settings.num_beams == 1 else 1  # beam search returns its candidates
             gen_kwargs = dict(
                 inputs_embeds=embeds.expand(rows, -1, -1),
-                attention_mask=torch.ones(rows, embeds.shape[1], dtype=torch.long),
+                attention_mask=torch.ones(rows, embeds.shape[1], dtype=torch.long, device=embeds.device),
                 max_new_tokens=max_new, min_new_tokens=max(0, min_new),
                 do_sample=settings.do_sample and settings.num_beams == 1,
                 temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
