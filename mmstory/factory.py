@@ -35,7 +35,7 @@ def mmstory_small() -> ModelConfig:
         caption_decoder=CaptionDecoderConfig(enabled=True, vocab_size=6144, width=256, depth=3, heads=4, max_length=40,
                                              image_tags=5, tag_tokens=4),
         embed_dim=256,
-        # an ensemble of 4 heads, trained side by side in their own stage (configs/flickr8k_heads.yaml): on Flickr8k
+        # an ensemble of 4 heads, trained side by side in their own stage (mmstory/configs/flickr8k_heads.yaml): on Flickr8k
         # dev, image->text R@1 rises about 3 points over one head (README); each head's text MLP 256 wide, not 1,024:
         # the same dev R@1 (32.1 vs 32.3) from a quarter of the MLP's weights, which keeps the file under 20 MB
         text_head_hidden=256,

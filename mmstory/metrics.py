@@ -7,6 +7,8 @@ METEOR and SPICE are Java programs and run only where `java` is on PATH.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 import math
 import shutil
@@ -15,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from pycocoevalcap.cider.cider_scorer import CiderScorer, cook_refs, cook_test
 
 from mmstory.ptb import ptb_tokenize, ptb_tokenize_lines
 
@@ -31,6 +32,15 @@ how all any both each few more most other some such no not only own same can wil
 must shall is are was were be been being am has have had having do does did doing 's 'm 're 've 'd 'll n't
 """
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+EVAL_EXTRA_HINT = "pip install 'mmstory[eval]'"
+
+
+def _pycocoevalcap(module: str):
+    """A pycocoevalcap module, imported on first use: the captioning scorers are the [eval] extra's, not core's."""
+    try:
+        return importlib.import_module(f"pycocoevalcap.{module}")
+    except ImportError as err:
+        raise ImportError(f"captioning metrics need pycocoevalcap: {EVAL_EXTRA_HINT}") from err
 
 
 # --- captioning ------------------------------------------------------------------------------------------------------
@@ -47,9 +57,9 @@ def java_available() -> bool:
 
 def score_tokenized(gts: dict, res: dict) -> dict[str, float]:
     """BLEU-1..4, ROUGE-L and CIDEr-D with pycocoevalcap's scorers on already tokenized {id: [caption]} dicts."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
+    Bleu = _pycocoevalcap("bleu.bleu").Bleu  # noqa: N806 - the scorer classes
+    Cider = _pycocoevalcap("cider.cider").Cider  # noqa: N806
+    Rouge = _pycocoevalcap("rouge.rouge").Rouge  # noqa: N806
 
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     rouge, _ = Rouge().compute_score(gts, res)
@@ -94,8 +104,9 @@ class CiderDReward:
             raise ValueError("CiderDReward needs reference captions")
         keys = list(references)
         tokenized = tokenize_captions([references[k] for k in keys])
-        self._cooked = {key: cook_refs(group) for key, group in zip(keys, tokenized)}
-        corpus = CiderScorer()
+        cider_scorer = _pycocoevalcap("cider.cider_scorer")
+        self._cooked = {key: cider_scorer.cook_refs(group) for key, group in zip(keys, tokenized)}
+        corpus = cider_scorer.CiderScorer()
         corpus.crefs = list(self._cooked.values())
         corpus.compute_doc_freq()
         self._document_frequency = corpus.document_frequency
@@ -105,21 +116,28 @@ class CiderDReward:
         """CIDEr-D (x10 scale, as reported) of hypothesis i against the references of image keys[i]."""
         if len(hypotheses) != len(keys):
             raise ValueError(f"{len(hypotheses)} hypotheses but {len(keys)} reference keys")
-        scorer = _CorpusCider(self._log_corpus_size)
+        scorer = _corpus_cider_class()(self._log_corpus_size)
         scorer.document_frequency = self._document_frequency
+        cook_test = _pycocoevalcap("cider.cider_scorer").cook_test
         scorer.ctest = [cook_test(h) for h in ptb_tokenize_lines(list(hypotheses))]
         scorer.crefs = [self._cooked[key] for key in keys]
         return np.asarray(scorer.compute_cider(), dtype=np.float64)
 
 
-class _CorpusCider(CiderScorer):
-    """pycocoevalcap's scorer with the idf's log corpus size fixed (`compute_cider` would reset it per batch)."""
+@functools.cache
+def _corpus_cider_class() -> type:
+    """pycocoevalcap's CiderScorer with the idf's log corpus size fixed (defined on first use: [eval] extra)."""
 
-    def __init__(self, log_corpus_size: float):
-        super().__init__()
-        self._log_corpus_size = log_corpus_size
+    class _CorpusCider(_pycocoevalcap("cider.cider_scorer").CiderScorer):
+        """pycocoevalcap's scorer with the idf's log corpus size fixed (`compute_cider` would reset it per batch)."""
 
-    ref_len = property(lambda self: self._log_corpus_size, lambda self, value: None)
+        def __init__(self, log_corpus_size: float):
+            super().__init__()
+            self._log_corpus_size = log_corpus_size
+
+        ref_len = property(lambda self: self._log_corpus_size, lambda self, value: None)
+
+    return _CorpusCider
 
 
 def _java_scores(gts: dict, res: dict, use_java: bool | None) -> tuple[dict[str, float], list[str]]:

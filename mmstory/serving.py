@@ -20,15 +20,18 @@ import time
 from collections.abc import Iterator
 from typing import Annotated, Any, get_type_hints
 
-import gradio as gr
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
-from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+try:  # the [serve] extra; only `mmstory demo` / `mmstory serve` import this module
+    import gradio as gr
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+    from starlette.concurrency import run_in_threadpool
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+except ImportError as err:
+    raise ImportError(f"the demo and the JSON API need the serve extra: pip install 'mmstory[serve]' ({err})") from err
 
 from mmstory.answering import MAX_ANSWER_TOKENS, AnswerResult, check_question, is_question
 from mmstory.examples import EXAMPLES, example_image

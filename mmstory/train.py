@@ -1,6 +1,6 @@
 """Train or fine-tune a StoryModel on paired image-text data, with Hugging Face Accelerate as the distributed engine.
 
-    mmstory train --config configs/tiny.yaml [--resume] [--output-dir DIR] [--max-steps N] [--set optim.lr.bridge=1e-3]
+    mmstory train --config tiny [--resume] [--output-dir DIR] [--max-steps N] [--set optim.lr.bridge=1e-3]
     torchrun --nproc_per_node 2 -m mmstory.train --config ...          (or: accelerate launch --multi_gpu ...)
 
 One process per device; `batch_size` is per process. The data order is fixed by (seed, epoch) and a checkpoint records
@@ -876,6 +876,26 @@ def prepare_features(config: TrainConfig) -> None:
               + (f"; {text.encoded} of {len(text.lookup)} captions encoded" if text is not None else ""), flush=True)
 
 
+CONFIG_DIR = Path(__file__).parent / "configs"  # the shipped configs, package data
+
+
+def packaged_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """An existing file as given; else a bare name (`flickr8k`, `tiny.yaml`) of a packaged config."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if len(path.parts) == 1:
+        packaged = CONFIG_DIR / (path.name if path.suffix == ".yaml" else path.name + ".yaml")
+        if packaged.is_file():
+            return packaged
+    raise FileNotFoundError(f"config file not found: {name_or_path} "
+                            f"(packaged configs: {', '.join(packaged_configs())})")
+
+
 def _task(path: str) -> str | None:
     """`task: writer` marks a config for the story writer's fine-tuning; anything else trains the StoryModel."""
     file = Path(path)
@@ -885,7 +905,8 @@ def _task(path: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmstory train", description="Train a StoryModel from a YAML config.")
-    parser.add_argument("--config", required=True, help="YAML file (see configs/tiny.yaml)")
+    parser.add_argument("--config", required=True,
+                        help=f"YAML file, or a packaged config's name ({', '.join(packaged_configs())})")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
     parser.add_argument("--output-dir", help="override output_dir")
     parser.add_argument("--max-steps", type=int, help="override max_steps")
@@ -898,6 +919,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare-only", action="store_true",
                         help="build the feature caches (data.use_feature_cache) and exit without training")
     args = parser.parse_args(argv)
+    try:
+        args.config = str(resolve_config(args.config))
+    except FileNotFoundError as err:
+        parser.error(str(err))
     if _task(args.config) == "writer":  # the story writer's own loop (mmstory.writer_training)
         from mmstory.writer_training import load_config, train_writer
 

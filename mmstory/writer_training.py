@@ -2,7 +2,7 @@
 
 The writer is taught with the very message `StoryTeller` sends it (`generation.build_instruction`), without visual
 prefixes: the story corpora come without their photos, and the caption decoder's captions are what ground a story.
-Run through `mmstory train --config configs/writer_vist.yaml` (a config whose `task` is `writer`); `--resume`
+Run through `mmstory train --config mmstory/configs/writer_vist.yaml` (a config whose `task` is `writer`); `--resume`
 continues from the newest checkpoint. `best/` (lowest dev loss) and `final/` are `StoryModel.save_pretrained`
 directories: the base model's trained tensors plus the writer's adapters.
 """

@@ -1,6 +1,6 @@
 """Training throughput on Flickr8k with and without the feature cache, and the time to encode the cache.
 
-    python scripts/bench_train.py [--config configs/flickr8k.yaml] [--images 320] [--steps 6] [--batch-size 16]
+    python scripts/bench_train.py [--config mmstory/configs/flickr8k.yaml] [--images 320] [--steps 6] [--batch-size 16]
 
 Runs the real trainer on the first `--images` training images with the config's model (mmstory-small: frozen packaged
 parts, bf16 autocast), from pixels (JPEG decode + EfficientNet-Lite0 every step) and from a freshly encoded feature
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace, workdir: Path, name: str, use_cache: bool, ove
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/flickr8k.yaml")
+    parser.add_argument("--config", default="mmstory/configs/flickr8k.yaml")
     parser.add_argument("--images", type=int, default=320, help="training images used (and encoded for the cache)")
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run (plus one warm-up)")
     parser.add_argument("--batch-size", type=int, default=16)

@@ -3,7 +3,7 @@
     python scripts/export_default.py runs/flickr8k/best --bridge-from runs/flickr8k_bridge/best
 
 The bridge's tensors come from `--bridge-from` (stage 2), the contrastive heads' (and the distractor images that caption
-reranking compares against) from `--projections-from` (the heads stage, configs/flickr8k_heads.yaml), and everything
+reranking compares against) from `--projections-from` (the heads stage, config flickr8k_heads), and everything
 else from the first run.
 Trained tensors are stored in bfloat16 and the distractor images' features in float8 (e4m3; they only feed a
 logsumexp, and dev captions did not change measurably); all load back into float32, and the shipped file stays small.

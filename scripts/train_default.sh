@@ -24,19 +24,19 @@ start=$(date +%s)
 stamp() { echo "[train_default] $1: $(( $(date +%s) - start )) s since start"; }
 
 # the feature caches first, on both cores: EfficientNet-Lite2 tokens per image, MiniLM features per caption
-OMP_NUM_THREADS=2 $BIN/mmstory train --config configs/flickr8k.yaml --prepare-only --no-progress
+OMP_NUM_THREADS=2 $BIN/mmstory train --config mmstory/configs/flickr8k.yaml --prepare-only --no-progress
 stamp "feature caches (images and captions)"
 
 captioner() {
-    $BIN/mmstory train --config configs/flickr8k.yaml ${RESUME:+--resume} > runs/flickr8k_stage1.log 2>&1
+    $BIN/mmstory train --config mmstory/configs/flickr8k.yaml ${RESUME:+--resume} > runs/flickr8k_stage1.log 2>&1
     stamp "stage 1 (caption decoder), log in runs/flickr8k_stage1.log"
-    $BIN/mmstory train --config configs/flickr8k_scst.yaml ${RESUME:+--resume} > runs/flickr8k_scst.log 2>&1
+    $BIN/mmstory train --config mmstory/configs/flickr8k_scst.yaml ${RESUME:+--resume} > runs/flickr8k_scst.log 2>&1
     stamp "stage 1b (self-critical caption decoder), log in runs/flickr8k_scst.log"
 }
 bridge_and_heads() {
-    $BIN/mmstory train --config configs/flickr8k_bridge.yaml ${RESUME:+--resume} > runs/flickr8k_stage2.log 2>&1
+    $BIN/mmstory train --config mmstory/configs/flickr8k_bridge.yaml ${RESUME:+--resume} > runs/flickr8k_stage2.log 2>&1
     stamp "stage 2 (bridge), log in runs/flickr8k_stage2.log"
-    $BIN/mmstory train --config configs/flickr8k_heads.yaml ${RESUME:+--resume} > runs/flickr8k_heads.log 2>&1
+    $BIN/mmstory train --config mmstory/configs/flickr8k_heads.yaml ${RESUME:+--resume} > runs/flickr8k_heads.log 2>&1
     stamp "contrastive heads, log in runs/flickr8k_heads.log"
 }
 captioner &

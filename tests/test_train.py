@@ -33,7 +33,7 @@ from mmstory.train import (
     train,
 )
 
-TINY = ROOT / "configs" / "tiny.yaml"
+TINY = ROOT / "mmstory" / "configs" / "tiny.yaml"
 
 
 def write_dataset(folder: Path, count: int) -> Path:
@@ -84,7 +84,7 @@ def test_config_yaml_round_trip_and_overrides(tmp_path: Path):
 
 @pytest.mark.parametrize("name", ["flickr8k", "flickr8k_scst", "flickr8k_bridge", "flickr8k_heads"])
 def test_flickr8k_configs_point_at_the_shared_data(name):
-    config = TrainConfig.load(ROOT / "configs" / f"{name}.yaml")
+    config = TrainConfig.load(ROOT / "mmstory" / "configs" / f"{name}.yaml")
     assert config.model.name == "mmstory-small" and config.data.use_feature_cache
     if name == "flickr8k_scst":  # stage 1b starts from stage 1's best model and trains the caption decoder alone
         assert config.caption_objective == "scst" and config.model.init_from == "runs/flickr8k/best"
