@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mmstory.data import ImageCaptions, clean_records, item_name, load_records, open_image, skip_reason
+from mmstory.devices import DEVICE_HELP, resolve_device
 from mmstory.images import ImageError
 from mmstory.metrics import (
     caption_scores,
@@ -309,12 +310,14 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
              stories: int = 20, story_length: str | int = "short", story_candidates: int | None = None,
              batch_size: int = 32, captions_per_image: int = CAPTIONS_PER_IMAGE, use_java: bool | None = None,
              dtype: str = "bfloat16", seed: int = 0, rerank_top_k: int = 20, rerank_weight: float = 0.1,
-             progress: bool = False, judge: JudgeLM | None = None, judge_note: str | None = None) -> dict:
+             progress: bool = False, judge: JudgeLM | None = None, judge_note: str | None = None,
+             device=None) -> dict:
     """Evaluate a StoryModel on (image, reference captions) records; returns the report as a dict.
 
     The model is wrapped in a StoryTeller (which casts the decoder to `dtype`), so the numbers are those of the
     product as served. Decoding settings default to StoryTeller.caption's (the config's caption_beams,
     repetition penalty 1.2). `judge` (a JudgeLM) adds the stories' perplexity under a larger LM; None skips it.
+    `device`: where the model runs, as for StoryTeller (None/"auto": cuda when available, else cpu).
     """
     from mmstory import __version__
     from mmstory.generation import Decoding, StoryTeller, word_budget
@@ -330,7 +333,7 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
     num_beams = model.config.caption_beams if num_beams is None else num_beams
     begin = time.perf_counter()
     torch.manual_seed(seed)
-    teller = StoryTeller(model, dtype=dtype)
+    teller = StoryTeller(model, dtype=dtype, device=device)
     captioning = "captioning" in tasks
     caption_kwargs = dict(num_beams=num_beams, repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens,
                           captioner=captioner)
@@ -346,7 +349,8 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
     report: dict = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "mmstory_version": __version__,
-        "settings": {"tasks": list(tasks), "model_name": model.config.name, "dtype": dtype, "batch_size": batch_size,
+        "settings": {"tasks": list(tasks), "model_name": model.config.name, "dtype": dtype,
+                     "device": str(teller.device), "batch_size": batch_size,
                      "seed": seed, "captioning": {**caption_kwargs, "captioner": captioner or model.config.captioner},
                      "captions_per_image": captions_per_image, "stories": stories, "story_length": story_length,
                      "rerank_top_k": rerank_top_k if rerank else 0, "rerank_weight": rerank_weight,
@@ -503,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stories sampled per image and reranked by image agreement (default: StoryTeller's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--device", default="auto", help=DEVICE_HELP + " (default: auto); checked before the model loads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rerank-top-k", type=int, default=20,
                    help="image->text retrieval: re-score each image's top K texts with the caption decoder (0: off)")
@@ -555,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
+        device = resolve_device(args.device)  # a device this machine lacks fails now, before data and model load
         records = load_eval_records(args.data, args.split, args.limit)
         if args.run_dir is not None:
             read_training_log(args.run_dir)  # fail before the slow part, not after it
@@ -580,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                           story_candidates=args.story_candidates,
                           batch_size=args.batch_size, use_java=False if args.no_java else None, dtype=args.dtype,
                           seed=args.seed, rerank_top_k=args.rerank_top_k, rerank_weight=args.rerank_weight,
-                          progress=sys.stderr.isatty(), judge=judge, judge_note=judge_note)
+                          progress=sys.stderr.isatty(), judge=judge, judge_note=judge_note, device=device)
     except ValueError as err:
         print(f"mmstory eval: {err}", file=sys.stderr)
         return 2
