@@ -1,10 +1,12 @@
 """The Gradio demo and the HTTP API: a thin layer over StoryTeller, loaded once per process.
 
 `mmstory demo` serves the Gradio page (and its API, usable from `gradio_client`); `mmstory serve` adds the plain JSON
-endpoints `POST /api/story` and `POST /api/answer` on the same server; both commands answer `GET /health`. A prompt
-that is a question about the pictures ("what is the dog doing?") gets an answer of a sentence or two instead of a
-story, on every surface. Uploads are decoded only from the bytes sent; client-given file names and paths are never
-used, so nothing outside the upload is ever read.
+endpoints `POST /api/story` and `POST /api/answer` on the same server (OpenAPI page at `/api/docs`, schema at
+`/api/openapi.json`); `POST /api/story` can also stream the story as NDJSON. Both commands answer `GET /health`. A
+prompt that is a question about the pictures ("what is the dog doing?") gets an answer of a sentence or two instead of
+a story, on every surface. Uploads are decoded only from the bytes sent; client-given file names and paths are never
+used, so nothing outside the upload is ever read. Gradio's uploads are deleted from its temp folder once they are
+older than `--delete-cache` seconds (an hour by default).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import base64
 import binascii
 import json
+import logging
 import os
 import random
 import sys
@@ -21,10 +24,11 @@ from collections.abc import Iterator
 from typing import Annotated, Any, get_type_hints
 
 try:  # the [serve] extra; only `mmstory demo` / `mmstory serve` import this module
+    import anyio
     import gradio as gr
     import uvicorn
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
@@ -34,6 +38,7 @@ except ImportError as err:
     raise ImportError(f"the demo and the JSON API need the serve extra: pip install 'mmstory[serve]' ({err})") from err
 
 from mmstory.answering import MAX_ANSWER_TOKENS, AnswerResult, check_question, is_question
+from mmstory.devices import DEVICE_HELP, DeviceError, resolve_device
 from mmstory.examples import EXAMPLES, example_image
 from mmstory.generation import (
     AUDIENCES,
@@ -53,6 +58,9 @@ from mmstory.images import MAX_PIXELS, ImageError, load_image
 CSS = "#grounding .textfield { word-break: normal; }"  # Gradio breaks highlighted text mid-word by default
 ANY = "any"  # the demo's "no preference" choice for style, tone and audience
 INT64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]  # JSON integers beyond 64 bits are a client error, not a crash
+NDJSON = "application/x-ndjson"  # the streaming form of POST /api/story: one JSON object per line
+DELETE_CACHE_S = 3600  # Gradio's uploads older than this are deleted, checked this often (0: never)
+log = logging.getLogger("mmstory.serving")
 
 
 # --- the plain JSON API -----------------------------------------------------------------------------------------------
@@ -222,24 +230,91 @@ def _decode_images(images: list[bytes], max_pixels: int) -> list:
         raise ApiError(400, "bad_image", str(err)) from err
 
 
-def _openapi_request_body(schema: type[BaseModel] = StoryRequest) -> dict[str, Any]:
+class StreamFlag(BaseModel):
+    """The `stream` field of `POST /api/story` (JSON true/false, or a form field such as "true" or "1")."""
+
+    stream: bool = False
+
+
+def _wants_stream(request: Request, fields: dict[str, Any]) -> bool:
+    """Whether the client asked for NDJSON: a `stream` field (which wins when given) or `Accept: application/x-ndjson`.
+    The field is taken out of `fields`, which then hold only story settings."""
+    if "stream" in fields:
+        return _settings({"stream": fields.pop("stream")}, StreamFlag)["stream"]
+    accepted = [part.split(";")[0].strip().lower() for part in request.headers.get("accept", "").split(",")]
+    return NDJSON in accepted
+
+
+def _line(body: dict[str, Any]) -> bytes:
+    return (json.dumps(body, ensure_ascii=False) + "\n").encode()
+
+
+def _result_body(result: StoryResult | AnswerResult) -> dict[str, Any]:
+    """The JSON of a finished story or answer, as the non-streaming response has it."""
+    body = result.to_dict()
+    return body if "kind" in body else {"kind": "story", **body}
+
+
+class NDJSONStream(StreamingResponse):
+    """A streaming response that always runs `cleanup` once it is over: finished, failed or the client gone.
+
+    The cleanup closes the story's generator (which stops the decoding and frees the model's lock) and gives the
+    admission slot back; it runs shielded, since a client that goes away cancels the response.
+    """
+
+    media_type = NDJSON
+
+    def __init__(self, content, cleanup):
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.cleanup()
+
+
+STREAM_DOC = """
+
+**Streaming.** With `"stream": true` in the JSON body (or a `stream=true` form field), or with the header
+`Accept: application/x-ndjson`, the answer is `application/x-ndjson`: one JSON object per line as the story is
+written. Each line before the last is `{"done": false, "text": "..."}` with the next whole sentence(s); the last line
+is `{"done": true, ...}` with exactly the fields of the non-streaming response (the full `story`, `captions`,
+`sentences`, `timings`, ...). The text lines join to the story as it was written; the last line's `story` is the
+final, trimmed text. A streamed story writes one candidate unless `num_candidates` is given; with several candidates
+or beams (or a question as the prompt) only the final line is sent. Bad input and a busy server are answered before
+streaming starts, as the usual 4xx/503 JSON; a failure while writing ends the stream with
+`{"done": true, "code": ..., "detail": ...}`."""
+
+
+def _openapi_request_body(schema: type[BaseModel] = StoryRequest, stream: bool = False) -> dict[str, Any]:
     """The request body as OpenAPI describes it (the endpoint parses it itself, to answer every problem as JSON)."""
     settings = schema.model_json_schema()
+    if stream:
+        settings["properties"]["stream"] = {"type": "boolean", "default": False, "title": "Stream",
+                                            "description": f"answer {NDJSON}: one JSON object per line as the story "
+                                                           "is written, the last one the full result"}
 
     def with_images(name: str, item: dict[str, str], what: str) -> dict[str, Any]:
         images = {"type": "array", "items": item, "description": f"{what}, in story order"}
         return {**settings, "properties": {name: images, **settings["properties"]},
                 "required": [name, *settings.get("required", [])]}
 
-    return {"requestBody": {"required": True, "content": {
+    extra: dict[str, Any] = {"requestBody": {"required": True, "content": {
         "application/json": {"schema": with_images("images", {"type": "string"}, "base64 images or data URLs")},
         "multipart/form-data": {"schema": with_images("image", {"type": "string", "format": "binary"},
                                                       "image files")}}}}
+    if stream:
+        extra["responses"] = {"200": {"description": "The story as JSON, or streamed as NDJSON when asked for",
+                                      "content": {"application/json": {}, NDJSON: {"schema": {"type": "object"}}}}}
+    return extra
 
 
 def add_json_api(app: FastAPI, teller: StoryTeller, queue_size: int, upload_limit: int, max_pixels: int) -> None:
     """`POST /api/story` and `POST /api/answer`: the Python API's `generate_story` and `answer` over HTTP, bounded
-    (one admission queue for both) and validated."""
+    (one admission queue for both) and validated; `/api/story` streams NDJSON when asked to."""
     admission = Admission(queue_size)
     app.state.admission = admission
     app.add_middleware(BodyLimit, limit=upload_limit)
@@ -256,29 +331,88 @@ def add_json_api(app: FastAPI, teller: StoryTeller, queue_size: int, upload_limi
         question = check_question(settings.pop("question"))  # before the images are decoded
         return teller.answer(_decode_images(images, max_pixels), question, **settings)
 
-    async def serve(request: Request, schema: type[BaseModel], work) -> JSONResponse:
+    def events(images: list[bytes], settings: dict[str, Any]) -> Iterator[str | StoryResult | AnswerResult]:
+        """The story as it is written (text chunks, then the StoryResult); one candidate unless asked for more, and
+        with several candidates or beams, or a question, only the result."""
+        several = settings.get("num_candidates", 1) != 1 or settings.get("num_beams", 1) != 1
+        if is_question(settings.get("prompt")) or several:
+            yield tell(images, settings)
+            return
+        yield from teller.stream_result(_decode_images(images, max_pixels), **{"num_candidates": 1, **settings})
+
+    async def stream(images: list[bytes], settings: dict[str, Any]) -> NDJSONStream:
+        """Start the story and answer NDJSON; every check (and the captioning) runs before the first byte is sent,
+        so bad input is still a 4xx. Owns the admission slot from here on."""
+        story_events = events(images, settings)
+        try:
+            first = await run_in_threadpool(next, story_events, None)  # raises StoryInputError/ApiError: a 4xx
+        except BaseException:  # also a client gone while the pictures were read: free the model's lock now
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(story_events.close)
+            raise
+
+        async def lines():
+            event = first
+            try:
+                while isinstance(event, str):
+                    yield _line({"done": False, "text": event})
+                    event = await run_in_threadpool(next, story_events, None)
+                if event is None:  # cannot happen: the events end with the result
+                    raise RuntimeError("the story ended without a result")
+                yield _line({"done": True, **_result_body(event)})
+            except StoryInputError as err:
+                yield _line({"done": True, "code": "bad_input", "detail": str(err)})
+            except Exception:  # the headers are sent: the last line says what became of the story
+                log.exception("streamed story failed")
+                yield _line({"done": True, "code": "internal_error", "detail": "the story could not be finished "
+                                                                               "(internal server error)"})
+            finally:  # the place in the queue is free before the client sees the end of the stream
+                with anyio.CancelScope(shield=True):
+                    await cleanup()
+
+        done = False
+
+        async def cleanup() -> None:  # from `lines` when it ends, else from the response (a client gone early)
+            nonlocal done
+            if done:
+                return
+            done = True
+            try:
+                await run_in_threadpool(story_events.close)  # stops the decoding of a story left unfinished
+            finally:
+                admission.leave()
+
+        return NDJSONStream(lines(), cleanup)
+
+    async def serve(request: Request, schema: type[BaseModel], work, streams: bool = False):
         admission.enter()
+        handed_over = False
         try:
             images, fields = await _read_request(request, upload_limit)
+            streaming = streams and _wants_stream(request, fields)
             settings = _settings(fields, schema)
+            if streaming:
+                response = await stream(images, settings)
+                handed_over = True
+                return response
             result = await run_in_threadpool(work, images, settings)
         except StoryInputError as err:
             raise ApiError(400, "bad_input", str(err)) from err
         finally:
-            admission.leave()
-        body = result.to_dict()
-        return JSONResponse(body if "kind" in body else {"kind": "story", **body})
+            if not handed_over:
+                admission.leave()
+        return JSONResponse(_result_body(result))
 
-    @app.post("/api/story", summary="Write a story about one or more images", openapi_extra=_openapi_request_body())
-    async def story(request: Request) -> JSONResponse:
-        """Multipart: image file(s) in `image` plus settings as form fields. JSON: `{"images": [base64, ...], ...}`.
-
-        Settings are those of `StoryTeller.generate_story` (prompt, style, tone, audience, length, previous and the
-        decoding keywords). Answers the StoryResult as JSON with `"kind": "story"`, or, when the prompt is a question
-        about the pictures, the AnswerResult of `/api/answer` (`"kind": "answer"`; of the settings only
-        max_new_tokens and seed apply); 4xx with `detail` for bad input, 503 when busy.
-        """
-        return await serve(request, StoryRequest, tell)
+    @app.post("/api/story", summary="Write a story about one or more images",
+              openapi_extra=_openapi_request_body(stream=True), description=(
+                  "Multipart: image file(s) in `image` plus settings as form fields. JSON: `{\"images\": [base64, "
+                  "...], ...}`.\n\nSettings are those of `StoryTeller.generate_story` (prompt, style, tone, audience, "
+                  "length, previous and the decoding keywords). Answers the StoryResult as JSON with `\"kind\": "
+                  "\"story\"`, or, when the prompt is a question about the pictures, the AnswerResult of "
+                  "`/api/answer` (`\"kind\": \"answer\"`; of the settings only max_new_tokens and seed apply); 4xx "
+                  "with `detail` for bad input, 503 (with Retry-After) when busy." + STREAM_DOC))
+    async def story(request: Request):
+        return await serve(request, StoryRequest, tell, streams=True)
 
     @app.post("/api/answer", summary="Answer a question about one or more images",
               openapi_extra=_openapi_request_body(AnswerRequest))
@@ -319,8 +453,13 @@ def _answer_views(result: AnswerResult) -> tuple:
     return result.answer, [], captions, status, result.to_dict()
 
 
-def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
-    """The Gradio Blocks page; its main event is exposed to `gradio_client` as `/story`."""
+def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS,
+               delete_cache: tuple[int, int] | None = (DELETE_CACHE_S, DELETE_CACHE_S)) -> gr.Blocks:
+    """The Gradio Blocks page; its main event is exposed to `gradio_client` as `/story`.
+
+    `delete_cache`: Gradio's (frequency, age) in seconds: every `frequency` seconds the files this page's users
+    uploaded that are older than `age` are deleted from Gradio's temp folder (the examples are kept); None: never.
+    """
 
     def write(pictures: list | None, prompt: str, style: str, tone: str, audience: str, length: str,
               temperature: float, top_k: int, top_p: float, repetition_penalty: float, no_repeat_ngram_size: int,
@@ -361,7 +500,7 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
             yield gr.skip(), gr.skip(), gr.skip(), f"**Cannot {what}:** {err}", gr.skip()
             raise gr.Error(str(err)) from err
 
-    with gr.Blocks(title="mmstory: stories from pictures") as demo:
+    with gr.Blocks(title="mmstory: stories from pictures", delete_cache=delete_cache) as demo:
         gr.Markdown("# mmstory\nUpload one picture or several (in story order), or pick an example, then press "
                     "**Write the story**. The captions and how well each sentence agrees with the pictures appear "
                     "under the story.")
@@ -425,23 +564,36 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS) -> gr.Blocks:
 
 # --- the server -------------------------------------------------------------------------------------------------------
 def build_app(teller: StoryTeller, *, model_name: str, json_api: bool = True, queue_size: int = 8,
-              max_upload_mb: float = 20, max_pixels: int = MAX_PIXELS) -> FastAPI:
-    """One FastAPI app: `/health`, optionally `POST /api/story` and `/api/answer`, and the Gradio page at `/`."""
+              max_upload_mb: float = 20, max_pixels: int = MAX_PIXELS,
+              delete_cache_s: int | None = DELETE_CACHE_S) -> FastAPI:
+    """One FastAPI app: `/health`, optionally `POST /api/story` and `/api/answer`, and the Gradio page at `/`.
+
+    `delete_cache_s`: Gradio's uploads older than this many seconds are deleted, checked as often (0/None: never).
+    """
     upload_limit = int(max_upload_mb * 2**20)
-    app = FastAPI(title="mmstory", summary="Stories from pictures", docs_url="/api/docs", redoc_url=None)
+    app = FastAPI(title="mmstory", summary="Stories from pictures", docs_url="/api/docs",
+                  openapi_url="/api/openapi.json", redoc_url=None)
     started = time.time()
     if json_api:
         add_json_api(app, teller, queue_size, upload_limit, max_pixels)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_alias() -> JSONResponse:
+        """The schema at FastAPI's usual address too (it lives at /api/openapi.json, beside /api/docs)."""
+        return JSONResponse(app.openapi())
 
     @app.get("/health")
     def health() -> dict[str, Any]:
         """Liveness and load: the model served and how many JSON API stories are waiting or running."""
         admission = getattr(app.state, "admission", None)
-        return {"status": "ok", "model": model_name, "dtype": teller.dtype, "quantize": teller.quantize,
+        return {"status": "ok", "model": model_name, "device": str(teller.device), "dtype": teller.dtype,
+                "quantize": teller.quantize,
                 "json_api": json_api, "busy": admission.active if admission else 0, "queue_size": queue_size,
                 "uptime_s": round(time.time() - started, 1)}
 
-    demo = build_demo(teller, max_pixels=max_pixels).queue(max_size=queue_size, default_concurrency_limit=1)
+    delete_cache = (int(delete_cache_s), int(delete_cache_s)) if delete_cache_s else None
+    demo = build_demo(teller, max_pixels=max_pixels, delete_cache=delete_cache).queue(
+        max_size=queue_size, default_concurrency_limit=1)
     # Gradio checks that file paths in a request were uploaded only once `has_launched` is set, which `launch()` does
     # and `mount_gradio_app` does not: without this, a client could name any server file as a picture.
     demo.has_launched = True
@@ -457,8 +609,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Launch the Gradio demo" + (" plus the JSON API (POST /api/story, POST /api/answer)"
                                                 if command == "serve" else ""))
     parser.add_argument("--model", default="mmstory-small", help="packaged name or a save_pretrained directory")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+                        help="address to bind (0.0.0.0 exposes it to the network); default: $GRADIO_SERVER_NAME, "
+                             "else 127.0.0.1")
+    # a string default goes through type=int too, so a bad $GRADIO_SERVER_PORT is a clear usage error
+    parser.add_argument("--port", type=int, default=os.environ.get("GRADIO_SERVER_PORT") or "7860",
+                        help="port to bind; default: $GRADIO_SERVER_PORT, else 7860")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP + " (default: auto); checked before the model "
+                                                                       "loads")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--quantize", default="int4", choices=["none", "int8", "int4"],
                             help="story-writer weights in decode steps: int4 is the packaged SmolLM2's own Q4_1 "
@@ -468,12 +626,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-upload-mb", type=float, default=20, help="largest upload (request body) accepted")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                         help=f"largest image accepted, in pixels (at most {MAX_PIXELS:,})")
+    parser.add_argument("--delete-cache", type=int, metavar="SECONDS",
+                        default=os.environ.get("MMSTORY_DELETE_CACHE") or str(DELETE_CACHE_S),
+                        help="delete the demo's uploads older than SECONDS from Gradio's temp folder, checked every "
+                             f"SECONDS (0: keep them); default: $MMSTORY_DELETE_CACHE, else {DELETE_CACHE_S}")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(rest)
     if not 1 <= args.max_pixels <= MAX_PIXELS:
         parser.error(f"--max-pixels must be between 1 and {MAX_PIXELS:,}")
     if args.queue_size < 1 or args.max_upload_mb <= 0:
         parser.error("--queue-size and --max-upload-mb must be positive")
+    if args.delete_cache < 0:
+        parser.error("--delete-cache must be 0 (keep uploads) or a number of seconds")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, not {args.port}")
+    try:  # before the model loads: a machine without the GPU asked for is told so at once
+        resolve_device(args.device)
+    except DeviceError as err:
+        parser.error(f"--device: {err}")
     args.command = command
     return args
 
@@ -483,16 +653,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(argv or []))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
-        teller = StoryTeller.from_pretrained(args.model, dtype=args.dtype,
-                                         quantize=None if args.quantize == "none" else args.quantize)
+        teller = StoryTeller.from_pretrained(args.model, dtype=args.dtype, device=args.device,
+                                             quantize=None if args.quantize == "none" else args.quantize)
     except FileNotFoundError as err:  # no such directory, or the packaged weights are not there yet
         print(f"mmstory {args.command}: {err}", file=sys.stderr)
         return 2
     teller.warmup()  # compile the decode step before the first request, not during it
     app = build_app(teller, model_name=str(args.model), json_api=args.command == "serve", queue_size=args.queue_size,
-                    max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels)
-    print(f"mmstory {args.command}: http://{args.host}:{args.port}/"
-          + (f"  (JSON API: POST http://{args.host}:{args.port}/api/story and /api/answer)"
+                    max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, delete_cache_s=args.delete_cache)
+    print(f"mmstory {args.command}: http://{args.host}:{args.port}/ on {teller.device}"
+          + (f"  (JSON API: POST http://{args.host}:{args.port}/api/story and /api/answer; "
+             f"docs at http://{args.host}:{args.port}/api/docs)"
              if args.command == "serve" else ""),
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
