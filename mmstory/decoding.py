@@ -10,6 +10,8 @@ keeps the parts that are exact and cheap and replaces the hot loop:
   that compiles in seconds and is reused by every layer, instead of a whole-model graph that takes minutes);
 - weights stay as loaded (exact), or are packed once into int8 or group-32 int4 (`quantize=`); int4 reproduces the
   Q4_1 weights the packaged SmolLM2 GGUF ships as, at a quarter of the bf16 bytes;
+- PEFT LoRA adapters stay apart from the packed base weights, as QLoRA keeps them: a trained adapter's delta is
+  smaller than an int4 (or bf16) rounding step of W, so W + B @ A packed would round back to W and lose it;
 - token choice reuses transformers' own logits processors; with top-k, top-p and the draw run on the k survivors.
 """
 
@@ -19,6 +21,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,14 +43,28 @@ StoppingCallable = Callable[[torch.LongTensor, torch.FloatTensor], "torch.BoolTe
 
 
 # --- the decode step (pure functions of tensors: what torch.compile traces) ---------------------------------------
-def pack_linear(weight: torch.Tensor, quantize: str | None, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+class Packed(NamedTuple):
+    """A linear layer as `_linear` multiplies by it: `weight` [N, K] dense, or int8 / packed int4 with `scales`; and
+    LoRA factors kept apart, `lora_a` [R, K] and `lora_b` [N, R] with `lora_scale` [N] (peft's scaling per output)."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor | None = None
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    lora_scale: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in self if t is not None]
+
+
+def pack_linear(weight: torch.Tensor, quantize: str | None, dtype: torch.dtype) -> Packed:
     """A linear layer's weight [N, K] in the form `_linear` multiplies by."""
     if quantize is None:
-        return (weight.detach().to(dtype).contiguous(),)
+        return Packed(weight.detach().to(dtype).contiguous())
     w = weight.detach().float()
     if quantize == "int8":  # symmetric, one scale per output channel
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-        return torch.round(w / scale[:, None]).to(torch.int8), scale.to(torch.bfloat16)
+        return Packed(torch.round(w / scale[:, None]).to(torch.int8), scale.to(torch.bfloat16))
     if quantize == "int4":  # asymmetric, per group of 32 inputs: min and step recover Q4_1 blocks exactly
         n, k = w.shape
         if k % INT4_GROUP or n % 64:
@@ -59,8 +76,44 @@ def pack_linear(weight: torch.Tensor, quantize: str | None, dtype: torch.dtype) 
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
         # the kernel computes (q - 8) * scale + zero, so zero is the value of q = 8
         scale_zero = torch.stack([step, low + 8 * step], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        return packed, scale_zero
+        return Packed(packed, scale_zero)
     raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+
+
+def _active_lora(linear: torch.nn.Module) -> list[str]:
+    """The names of the LoRA adapters a peft layer's forward adds (none for a plain, merged or disabled layer)."""
+    if not hasattr(linear, "base_layer") or linear.disable_adapters or linear.merged:
+        return []  # (merged by peft: forward then uses the base layer alone)
+    if not hasattr(linear, "lora_A"):
+        raise ValueError(f"FastDecoder merges LoRA adapters only, got {type(linear).__name__}")
+    adapters = [name for name in linear.active_adapters if name in linear.lora_A]
+    if any(name in linear.lora_variant or linear.lora_bias.get(name, False) for name in adapters):
+        raise ValueError("FastDecoder merges plain LoRA adapters only (no DoRA or other variants, no lora_bias)")
+    return adapters
+
+
+def pack_projections(linears: Sequence[torch.nn.Module], quantize: str | None, dtype: torch.dtype) -> Packed:
+    """Linear layers side by side (q, k, v: one matmul) as one `Packed`: their base weights stacked and packed,
+    their LoRA adapters unmerged (see the module docstring): A factors stacked, B factors block-diagonal."""
+    if any(getattr(linear, "fan_in_fan_out", False) for linear in linears):
+        raise ValueError("FastDecoder packs [out, in] linear layers only (no fan_in_fan_out)")
+    bases = [linear.get_base_layer() if hasattr(linear, "base_layer") else linear for linear in linears]
+    packed = pack_linear(torch.cat([base.weight.detach() for base in bases]), quantize, dtype)
+    a_factors, b_blocks, scales = [], [], []
+    for linear, base in zip(linears, bases):
+        names = _active_lora(linear)
+        if len({linear.scaling[name] for name in names}) > 1:
+            raise ValueError("FastDecoder adds one LoRA scaling per layer (active adapters differ in scaling)")
+        a_factors += [linear.lora_A[name].weight.detach() for name in names]
+        out_features = base.weight.shape[0]
+        b_blocks.append(torch.cat([torch.zeros(out_features, 0)] +
+                                  [linear.lora_B[name].weight.detach().float() for name in names], dim=1))
+        scales.append(torch.full((out_features,), linear.scaling[names[0]] if names else 0.0))
+    if not a_factors:
+        return packed
+    return packed._replace(lora_a=torch.cat(a_factors).to(dtype).contiguous(),
+                           lora_b=torch.block_diag(*b_blocks).to(dtype).contiguous(),
+                           lora_scale=torch.cat(scales).to(dtype))
 
 
 def effective_weight(linear: torch.nn.Module) -> torch.Tensor:
@@ -74,27 +127,24 @@ def effective_weight(linear: torch.nn.Module) -> torch.Tensor:
     if not hasattr(linear, "base_layer"):  # a plain layer
         return linear.weight.detach()
     weight = linear.get_base_layer().weight.detach()
-    if not (linear.disable_adapters or linear.merged):  # (merged by peft: forward then uses the base layer alone)
-        if not hasattr(linear, "lora_A"):
-            raise ValueError(f"FastDecoder merges LoRA adapters only, got {type(linear).__name__}")
-        adapters = [name for name in linear.active_adapters if name in linear.lora_A]
-        if any(name in linear.lora_variant or linear.lora_bias.get(name, False) for name in adapters):
-            raise ValueError("FastDecoder merges plain LoRA adapters only (no DoRA or other variants, no lora_bias)")
-        if adapters:
-            with torch.no_grad():  # peft's own delta: scaling * B @ A, transposed for fan_in_fan_out layouts
-                weight = weight.float() + sum(linear.get_delta_weight(name).detach().float() for name in adapters)
+    adapters = _active_lora(linear)
+    if adapters:
+        with torch.no_grad():  # peft's own delta: scaling * B @ A, transposed for fan_in_fan_out layouts
+            weight = weight.float() + sum(linear.get_delta_weight(name).detach().float() for name in adapters)
     # F.linear's [out, in]: fan_in_fan_out layers (GPT-2's Conv1D) store the transpose
     return weight.t() if getattr(linear, "fan_in_fan_out", False) else weight
 
 
-def _linear(x: torch.Tensor, weight: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: Packed) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
-    if len(weight) == 1:
-        out = F.linear(rows, weight[0])
-    elif weight[0].dtype == torch.int8:
-        out = torch.ops.aten._weight_int8pack_mm(rows, weight[0], weight[1])
+    if weight.scales is None:
+        out = F.linear(rows, weight.weight)
+    elif weight.weight.dtype == torch.int8:
+        out = torch.ops.aten._weight_int8pack_mm(rows, weight.weight, weight.scales)
     else:
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight[0], INT4_GROUP, weight[1])
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, weight.weight, INT4_GROUP, weight.scales)
+    if weight.lora_a is not None:  # peft's order: base(x) + lora_B(lora_A(x)) * scaling
+        out = out + F.linear(F.linear(rows, weight.lora_a), weight.lora_b) * weight.lora_scale
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -112,8 +162,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def decode_layer(x: torch.Tensor, slot: torch.Tensor, length: int, cos: torch.Tensor, sin: torch.Tensor,
                  mask: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, norm1: torch.Tensor,
-                 norm2: torch.Tensor, qkv: tuple, out: tuple, gate_up: tuple, down: tuple, heads: int, kv_heads: int,
-                 eps: float, fold_heads: bool) -> torch.Tensor:
+                 norm2: torch.Tensor, qkv: Packed, out: Packed, gate_up: Packed, down: Packed, heads: int,
+                 kv_heads: int, eps: float, fold_heads: bool) -> torch.Tensor:
     """One Llama decoder layer for one new token per row: x [B, 1, D]; writes its K/V at `slot` of the caches
     [B, kv_heads, S, hd] and attends to the first `length` cached positions (`mask` [B, 1, 1, length] for padding)."""
     batch = x.shape[0]
@@ -135,7 +185,7 @@ def decode_layer(x: torch.Tensor, slot: torch.Tensor, length: int, cos: torch.Te
     return x + _linear(F.silu(gate) * up, down)
 
 
-def decode_head(x: torch.Tensor, norm: torch.Tensor, weight: tuple, exact: torch.Tensor | None, eps: float,
+def decode_head(x: torch.Tensor, norm: torch.Tensor, weight: Packed, exact: torch.Tensor | None, eps: float,
                 refine: int) -> torch.Tensor:
     """Next-token logits [B, V] (float). With a quantized head, the `refine` most likely tokens are rescored with the
     exact weights `exact` [V, D]: those are the only ones greedy and top-k/top-p choose from, and int4 rounding of
@@ -154,10 +204,10 @@ def decode_head(x: torch.Tensor, norm: torch.Tensor, weight: tuple, exact: torch
 class _Layer:
     norm1: torch.Tensor
     norm2: torch.Tensor
-    qkv: tuple
-    out: tuple
-    gate_up: tuple
-    down: tuple
+    qkv: Packed
+    out: Packed
+    gate_up: Packed
+    down: Packed
 
 
 class FastDecoder:
@@ -168,9 +218,9 @@ class FastDecoder:
     Greedy decoding with `quantize=None` equals `transformers` greedy `generate` token for token (a bf16 near-tie
     between the top two tokens may break the other way on some CPUs).
 
-    PEFT LoRA adapters on the projections (or the output head) are merged into copies of the weights (the model's
-    own modules are left as they are), so the packed weights are a snapshot: rebuild the decoder after training on.
-    (In bf16, W + B @ A rounds differently from transformers' unmerged adapter forward: near-ties flip more often.)
+    PEFT LoRA adapters on the projections (or the output head) are copied beside the packed base weights and added as
+    peft adds them (the model's own modules are left as they are), so the packed weights are a snapshot: rebuild the
+    decoder after training on.
     """
 
     def __init__(self, model, quantize: str | None = None, compile: bool = True, max_length: int | None = None):
@@ -202,16 +252,14 @@ class FastDecoder:
             self._layers.append(_Layer(
                 norm1=layer.input_layernorm.weight.detach().to(self.dtype),
                 norm2=layer.post_attention_layernorm.weight.detach().to(self.dtype),
-                qkv=pack_linear(torch.cat([effective_weight(attn.q_proj), effective_weight(attn.k_proj),
-                                           effective_weight(attn.v_proj)]), quantize, self.dtype),
-                out=pack_linear(effective_weight(attn.o_proj), quantize, self.dtype),
-                gate_up=pack_linear(torch.cat([effective_weight(mlp.gate_proj), effective_weight(mlp.up_proj)]),
-                                    quantize, self.dtype),
-                down=pack_linear(effective_weight(mlp.down_proj), quantize, self.dtype)))
+                qkv=pack_projections([attn.q_proj, attn.k_proj, attn.v_proj], quantize, self.dtype),
+                out=pack_projections([attn.o_proj], quantize, self.dtype),
+                gate_up=pack_projections([mlp.gate_proj, mlp.up_proj], quantize, self.dtype),
+                down=pack_projections([mlp.down_proj], quantize, self.dtype)))
         self._norm = base.norm.weight.detach().to(self.dtype)
-        head = effective_weight(model.get_output_embeddings())
-        self._head = pack_linear(head, quantize, self.dtype)
-        self._head_exact = head.detach().to(self.dtype) if quantize else None
+        head = model.get_output_embeddings()
+        self._head = pack_projections([head], quantize, self.dtype)
+        self._head_exact = effective_weight(head).detach().to(self.dtype) if quantize else None
         self._embed = model.get_input_embeddings()
         with torch.no_grad():  # the same cos/sin values transformers computes, for every position at once
             positions = torch.arange(self.max_length)[None]
@@ -328,9 +376,10 @@ class FastDecoder:
     @property
     def weight_bytes(self) -> int:
         """Bytes of weights one decode step reads (all layers and the output head; not the embedding lookup)."""
-        tensors = [self._norm, *self._head]  # (+ HEAD_REFINE rows of the exact head when quantized: negligible)
+        tensors = [self._norm, *self._head.tensors()]  # (+ HEAD_REFINE rows of the exact head when quantized)
         for layer in self._layers:
-            tensors += [layer.norm1, layer.norm2, *layer.qkv, *layer.out, *layer.gate_up, *layer.down]
+            tensors += [layer.norm1, layer.norm2, *(p for part in (layer.qkv, layer.out, layer.gate_up, layer.down)
+                                                    for p in part.tensors())]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # --- internals -----------------------------------------------------------------------------------------------

@@ -34,12 +34,23 @@ def file_mb(path: Path) -> float:
     return Path(path).stat().st_size / 1e6
 
 
+# Gemma's turn format, as its Hugging Face tokenizer_config.json has it: the GGUF's tokenizer arrives without a template
+GEMMA_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+                       "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+                       "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
 class Writer:
     """A causal LM with its tokenizer, decoding the way StoryTeller does (FastDecoder int4 where it can)."""
 
     def __init__(self, name: str, decoder, tokenizer, size_mb: float):
         self.name, self.decoder, self.tokenizer, self.size_mb = name, decoder.eval(), tokenizer, size_mb
         self.decoder.to(torch.bfloat16)
+        if getattr(tokenizer, "chat_template", None) is None and "gemma" in name.lower():
+            tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+        turn_end = tokenizer.get_vocab().get("<end_of_turn>")
+        self.stop_ids = [i for i in (tokenizer.eos_token_id, turn_end) if i is not None]
         try:
             self.fast, self.engine = FastDecoder(self.decoder, quantize="int4"), "FastDecoder int4"
         except ValueError:
@@ -61,6 +72,7 @@ class Writer:
             min_new_tokens=int(budget * 0.8 * TOKENS_PER_WORD), do_sample=True, temperature=settings.temperature,
             top_k=settings.top_k, top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
             no_repeat_ngram_size=settings.no_repeat_ngram_size, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+            eos_token_id=self.stop_ids,
             stopping_criteria=StoppingCriteriaList([WordBudget(tok, budget)]))
         seconds = time.perf_counter() - start
         return finish_story(tok.decode(out[0], skip_special_tokens=True), budget), out.shape[1], seconds
@@ -125,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                                       extra={"engine": writer.engine, "tokens_per_s": tokens / decode_s,
                                              "size_mb": writer.size_mb}))
         print(f"[{writer.name}] {tokens / decode_s:.1f} tokens/s ({writer.engine})", file=sys.stderr, flush=True)
+        if args.out:  # after each writer: a later one that fails loses nothing
+            Path(args.out).write_text(json.dumps({"settings": vars(args), "variants": variants}, indent=1))
     print(markdown_table(variants))
     for v in variants:
         print(f"{v['name']}: {v['tokens_per_s']:.1f} tokens/s, {v['engine']}, {v['size_mb']:.0f} MB")

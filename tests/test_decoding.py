@@ -251,7 +251,7 @@ def test_int4_head_rescores_the_top_tokens_exactly():
     weight = (torch.randn(512, 128, generator=gen) * 0.05).to(torch.bfloat16)
     norm = torch.ones(128, dtype=torch.bfloat16)
     x = torch.randn(2, 1, 128, generator=gen).to(torch.bfloat16)
-    dense = decode_head(x, norm, (weight,), None, 1e-5, 0)
+    dense = decode_head(x, norm, pack_linear(weight, None, torch.bfloat16), None, 1e-5, 0)
     int4 = decode_head(x, norm, pack_linear(weight, "int4", torch.bfloat16), weight, 1e-5, 16)
     top = int4.topk(16, dim=-1).indices
     assert torch.allclose(int4.gather(1, top), dense.gather(1, top), rtol=0.01, atol=0.01)
@@ -441,3 +441,35 @@ def test_decoders_that_are_not_llama_style_are_refused():
                               num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     with pytest.raises(ValueError, match="Llama-style"):
         FastDecoder(Gemma3ForCausalLM(config), compile=False)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_small_trained_adapters_survive_quantized_base_weights(quantize):
+    """A trained adapter moves W by well under one int4 (or bf16) rounding step, and the packaged writer's W lies on
+    the int4 grid already (a Q4_1 GGUF): packing W + B @ A rounds back to W and decodes without the adapters. Kept
+    apart (QLoRA's way), the decode step adds all of the adapters' delta."""
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        with torch.no_grad():  # base weights on the int4 grid, as dequantized from a Q4_1 file
+            for linear in (model.model.layers[0].self_attn.q_proj, model.model.layers[0].mlp.down_proj):
+                grid = pack_linear(linear.weight, "int4", torch.bfloat16)
+                linear.weight.copy_(_linear(torch.eye(linear.weight.shape[1], dtype=torch.bfloat16), grid).t())
+        model = with_lora(model, seed=3)
+        with torch.no_grad():  # trained-size adapters: |scaling * B @ A| about 0.5% of |W|, as measured on the writer
+            for linear in lora_layers(model):
+                delta = merged_by_hand(linear) - linear.base_layer.weight
+                linear.lora_B["default"].weight.mul_(0.005 * linear.base_layer.weight.norm() / delta.norm())
+    decoder = FastDecoder(model, quantize=quantize, compile=False)
+    layer, packed = model.model.layers[0], decoder._layers[0]
+    for linear, weight, rows in ((layer.self_attn.q_proj, packed.qkv, slice(0, 128)), (layer.mlp.down_proj,
+                                                                                         packed.down, slice(None))):
+        identity = torch.eye(linear.in_features, dtype=decoder.dtype)
+        restored = _linear(identity, weight).t().float()[rows]
+        base = linear.base_layer.weight.detach().float()
+        delta = merged_by_hand(linear).float() - base
+        kept = float(((restored - base) * delta).sum() / (delta * delta).sum())
+        assert kept > 0.9, f"{quantize}: the decode step keeps {kept:.0%} of the adapters' delta"
