@@ -502,7 +502,7 @@ def finish_story(text: str, budget: int) -> str:
 
 
 # the writer going on to a photo of its own, as the request does, or to a chat turn of its own
-_REQUEST_ECHO = re.compile(r"(^|\s)((?i:photo|scene|picture) \d+:|(user|assistant|system)\s*\n)")
+_REQUEST_ECHO = re.compile(r"(^|\s|(?<=[.!?\"”]))((?i:photo|scene|picture) \d+:|Photos?:|(user|assistant|system)\s*\n)")
 # what an instruction-tuned writer appends after the story, addressed to the user rather than the reader
 _NOTE_TO_USER = re.compile(r"\b(would you like|let me know|me to write|feel free to|i hope you|hope you enjoy(ed)?|"
                            r"here is (your|the) story|here's (your|the) story|paste)\b", re.IGNORECASE)

@@ -267,3 +267,7 @@ def test_a_story_that_goes_on_to_a_photo_of_its_own_is_cut_there():
 def test_a_story_that_goes_on_to_a_chat_turn_of_its_own_is_cut_there():
     text = "The cat was happy in the room. She slept by the window. user\nWhat about those cute photos?"
     assert finish_story(text, budget=20) == "The cat was happy in the room. She slept by the window."
+    glued = "They all enjoyed watching each other's faces!user\nThe woman with her boyfriend."
+    assert finish_story(glued, budget=20) == "They all enjoyed watching each other's faces!"
+    listing = "What a cute little dog he was. Let's get some photos of him soon! Photos: A big puppy with a toy."
+    assert finish_story(listing, budget=20) == "What a cute little dog he was. Let's get some photos of him soon!"
