@@ -93,7 +93,7 @@ def _probe_image(path: str | os.PathLike) -> None:
     decoding). Raises ImageError with the reason; a file this passes can still turn out truncated when decoded."""
     from PIL import Image, UnidentifiedImageError
 
-    from mmstory.images import MAX_PIXELS, ImageError
+    from mmstory.images import MAX_PIXELS, ImageError, check_size
 
     path = _check_file(path)
     try:
@@ -102,12 +102,7 @@ def _probe_image(path: str | os.PathLike) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                width, height = image.size
-                if width * height > MAX_PIXELS:
-                    raise ImageError(f"{path}: image too large ({width}x{height} = {width * height:,} pixels; "
-                                     f"the limit is {MAX_PIXELS:,})")
-                if width == 0 or height == 0:
-                    raise ImageError(f"{path}: image has no pixels")
+                check_size(image, MAX_PIXELS, str(path))
                 image.verify()
     except ImageError:
         raise

@@ -28,13 +28,13 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS, name: str | Non
     label = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
     if isinstance(source, Image.Image):
         image = source
-        _check_size(image, max_pixels, label)
+        check_size(image, max_pixels, label)
     elif isinstance(source, np.ndarray):
         if source.ndim not in (2, 3) or source.size == 0:
             raise ImageError(f"{label}: an image array must be HxW or HxWxC, got shape {source.shape}")
         array = source if source.dtype == np.uint8 else np.clip(source * (255 if source.max() <= 1 else 1), 0, 255)
         image = Image.fromarray(array.astype(np.uint8))
-        _check_size(image, max_pixels, label)
+        check_size(image, max_pixels, label)
     elif isinstance(source, (bytes, bytearray)):
         image = _decode(io.BytesIO(source), max_pixels, label)
     elif isinstance(source, (str, os.PathLike)):
@@ -55,7 +55,7 @@ def _decode(stream: io.BytesIO, max_pixels: int, label: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(stream)
-            _check_size(image, max_pixels, label)  # checked from the header, before decoding any pixels
+            check_size(image, max_pixels, label)  # checked from the header, before decoding any pixels
             image.load()
     except ImageError:
         raise
@@ -70,7 +70,7 @@ def _decode(stream: io.BytesIO, max_pixels: int, label: str) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def _check_size(image: Image.Image, max_pixels: int, label: str) -> None:
+def check_size(image: Image.Image, max_pixels: int, label: str) -> None:
     width, height = image.size
     if width * height > max_pixels:
         raise ImageError(f"{label}: image too large ({width}x{height} = {width * height:,} pixels; "
