@@ -324,14 +324,17 @@ def test_cli_refuses_a_bad_question_before_loading_the_model(tmp_path, capsys):
 
 
 @pytest.fixture
-def tiny_dir(tmp_path, monkeypatch):
-    """The tiny model saved where the CLI can load it; eager decoding (no torch.compile) to keep the test short."""
+def tiny_dir(tmp_path):
+    """The tiny model saved where the CLI can load it; eager decoding (no torch.compile) to keep the test short.
+
+    `config.patch`, not monkeypatch: monkeypatch's undo deletes the option from dynamo's config, which breaks every
+    later torch.compile in the session."""
     from mmstory import create_model
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
     torch.manual_seed(0)
     create_model("tiny").save_pretrained(tmp_path / "tiny")
-    return tmp_path / "tiny"
+    with torch._dynamo.config.patch(disable=True):
+        yield tmp_path / "tiny"
 
 
 def test_cli_answer_and_story_with_a_question(tiny_dir, tmp_path, capsys):

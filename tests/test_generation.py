@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from mmstory.decoding import decode_layer
 from mmstory.generation import (
     StoryInputError,
     StoryTeller,
@@ -77,6 +78,7 @@ def test_compiled_decoder_streams_the_story_it_generates(tiny_model):
     streamed = "".join(teller.stream_story(make_photo(4), seed=4, length=20, max_new_tokens=24))
     result = teller.generate_story(make_photo(4), seed=4, num_candidates=1, length=20, max_new_tokens=24)
     assert streamed == result.story and result.story
+    assert teller.fast._layer_fn is not decode_layer, "the compiled step fell back to eager decoding"
 
 
 @pytest.mark.parametrize("kwargs, message", [
