@@ -55,7 +55,7 @@ class StoryInputError(ValueError):
 class Decoding:
     """Decoding settings; `transformers.generate` names where one exists."""
 
-    temperature: float = 0.8
+    temperature: float = 0.7  # cooler than 0.8: fewer unseen objects and less drift, still varied (docs/stories.md)
     top_k: int = 50
     top_p: float = 0.92
     repetition_penalty: float = 1.15
@@ -331,17 +331,8 @@ class StoryTeller:
             image_embeds = self.model.image_embedding(pooled)
             scores = [self._agreement(c, image_embeds) for c in candidates]
             timings["rerank_s"] = time.perf_counter() - t
-        # among the candidates the content filter passes (all of them, when none does), those that meet the length
-        # request, then those that speak of the most pictures (a content word of each picture's caption), then the
-        # fewest things the pictures do not show (objects neither a caption nor the classifier named), then the best
-        # image agreement: in an album the mean agreement alone lets a story about one picture win
         verdicts = [self.filter.check(c) for c in candidates]
-        fits = [meets_budget(c, budget) for c in candidates]
-        covers = [caption_coverage(c, captions) for c in candidates]
-        seen = captions + [word for words in hints for word in words]
-        unseen = [unseen_object_share(c, seen) for c in candidates]
-        best = max(range(len(candidates)),
-                   key=lambda i: (not verdicts[i].blocked, fits[i], covers[i], scores[i] - unseen[i]))
+        best = pick_candidate(candidates, captions, hints, scores, [v.blocked for v in verdicts], budget)
         story = candidates[best]
         if stream and story.startswith(emitted) and len(story) > len(emitted):
             yield story[len(emitted):]
@@ -415,6 +406,27 @@ def unseen_object_share(story: str, seen: Sequence[str]) -> float:
     """Share of the story's object words (people, animals, things, places) that no caption or class name names."""
     mentions = object_mentions(story)
     return len(hallucinated_mentions(story, seen)) / len(mentions) if mentions else 0.0
+
+
+def pick_candidate(candidates: Sequence[str], captions: Sequence[str], hints: Sequence[Sequence[str]],
+                   agreement: Sequence[float], blocked: Sequence[bool], budget: int) -> int:
+    """The index of the story to keep.
+
+    Among the candidates the content filter passes (all of them, when none does), those that meet the length request,
+    then those that speak of the most pictures (a content word of each picture's caption), then the best balance of
+    image agreement, things the pictures show (half the share of the captions' content words the story uses) and
+    things they do not (objects neither a caption nor the classifier named). In an album the mean agreement alone
+    lets a story about one picture win.
+    """
+    seen = list(captions) + [word for words in hints for word in words]
+
+    def key(i: int) -> tuple:
+        story = candidates[i]
+        named = content_word_recall(story, captions, min_captions=1) or 0.0
+        balance = agreement[i] + named / 2 - unseen_object_share(story, seen)
+        return not blocked[i], meets_budget(story, budget), caption_coverage(story, captions), balance
+
+    return max(range(len(candidates)), key=key)
 
 
 def meets_budget(story: str, budget: int) -> bool:

@@ -14,7 +14,7 @@ from mmstory.generation import (
     build_instruction,
     caption_coverage,
     finish_story,
-    meets_budget,
+    pick_candidate,
     split_sentences,
     word_budget,
 )
@@ -40,9 +40,8 @@ def test_reranking_picks_the_best_scoring_candidate(tiny_teller):
     image_embeds = tiny_teller.model.image_embedding(pooled)
     scores = [tiny_teller._agreement(c, image_embeds) for c in result.candidates]
     assert len(result.candidates) == 4
-    eligible = [i for i, c in enumerate(result.candidates) if meets_budget(c, 20)] or range(4)
-    # of the candidates of the requested length, those that mention the most pictures, then the best score
-    best = max(eligible, key=lambda i: (caption_coverage(result.candidates[i], result.captions), scores[i]))
+    hints = tiny_teller.model.sure_classes(pooled, tiny_teller.model.config.caption_concepts)
+    best = pick_candidate(result.candidates, result.captions, hints, scores, [False] * 4, 20)
     assert result.story == result.candidates[best]
     assert result.score == pytest.approx(scores[best])
 
@@ -273,3 +272,19 @@ def test_a_story_that_goes_on_to_a_chat_turn_of_its_own_is_cut_there():
     assert finish_story(glued, budget=20) == "They all enjoyed watching each other's faces!"
     listing = "What a cute little dog he was. Let's get some photos of him soon! Photos: A big puppy with a toy."
     assert finish_story(listing, budget=20) == "What a cute little dog he was. Let's get some photos of him soon!"
+
+
+def test_the_kept_story_names_what_the_caption_shows_and_not_what_it_does_not():
+    caption = ["A brown dog runs through the grass with a red ball."]
+    words = " ".join(["and then it was time to go home"] * 3)
+    names_it = f"The brown dog ran through the grass after the red ball, {words}."
+    vague = f"We went out for the day and it was fun, {words} again."
+    invents = f"The brown dog ran through the grass to a car, a boat and a horse, {words}."
+    agreement, open_, budget = [0.3, 0.3, 0.3], [False, False, False], 40
+    assert pick_candidate([vague, names_it], caption, [[]], agreement[:2], open_[:2], budget) == 1
+    assert pick_candidate([invents, names_it], caption, [[]], agreement[:2], open_[:2], budget) == 1
+    # the classifier's sure classes count as seen; the filter and the length request come first
+    assert pick_candidate([names_it, invents], caption, [["car", "boat", "horse"]], [0.3, 0.5], open_[:2],
+                          budget) == 1
+    assert pick_candidate([names_it, vague], caption, [[]], agreement[:2], [True, False], budget) == 1
+    assert pick_candidate([names_it, vague], caption, [[]], agreement[:2], open_[:2], 120) in (0, 1)
