@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from mmstory.generation import MAX_PROMPT_CHARS, StoryInputError, StoryTeller, _check_text, describe_pictures
+from mmstory.generation import MAX_PROMPT_CHARS, StoryInputError, StoryTeller, _check_text
 from mmstory.images import ImageInput
 from mmstory.model import IMAGE_PLACEHOLDER
 
@@ -161,7 +161,8 @@ def answer_question(teller: StoryTeller, images: ImageInput | Sequence[ImageInpu
     with teller._lock:
         t = time.perf_counter()
         tokens, pooled = teller._encode(pil_images)
-        captions, hints = describe_pictures(model, tokens, pooled)  # as the story prompt names them
+        captions = model.generate_captions(image_tokens=tokens, image_pooled=pooled, repetition_penalty=1.2)
+        hints = model.sure_classes(pooled, model.config.caption_concepts)  # as the story prompt names them
         timings["caption_s"] = time.perf_counter() - t
         use_prefix = model.config.story_prefix
         text_prompt = model.format_prompt(build_question_prompt(captions, question, hints, with_images=use_prefix))

@@ -20,13 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from mmstory.decoding import QUANTIZE, FastDecoder
 from mmstory.devices import DeviceLike, resolve_device
 from mmstory.images import ImageInput, ImageProcessor, load_image
-from mmstory.metrics import (
-    content_word_recall,
-    hallucinated_mentions,
-    object_mentions,
-    shared_content_words,
-    words,
-)
+from mmstory.metrics import content_word_recall, hallucinated_mentions, object_mentions
 from mmstory.model import IMAGE_PLACEHOLDER, StoryModel
 from mmstory.safety import ContentFilter
 
@@ -261,9 +255,10 @@ class StoryTeller:
         with self._lock:
             t = time.perf_counter()
             tokens, pooled = self._encode(pil_images)
-            captions, hints = describe_pictures(self.model, tokens, pooled)
+            captions = self.model.generate_captions(image_tokens=tokens, image_pooled=pooled, repetition_penalty=1.2)
             timings["caption_s"] = time.perf_counter() - t
             use_prefix = self.model.config.story_prefix
+            hints = self.model.sure_classes(pooled, self.model.config.caption_concepts)
             instruction = build_instruction(captions, prompt, style_text, tone_text, audience_text, budget, previous,
                                             with_images=use_prefix, hints=hints)
             text_prompt = self.model.format_prompt(instruction)
@@ -411,26 +406,6 @@ def unseen_object_share(story: str, seen: Sequence[str]) -> float:
     """Share of the story's object words (people, animals, things, places) that no caption or class name names."""
     mentions = object_mentions(story)
     return len(hallucinated_mentions(story, seen)) / len(mentions) if mentions else 0.0
-
-
-def describe_pictures(model: StoryModel, tokens: torch.Tensor, pooled: torch.Tensor
-                      ) -> tuple[list[str], list[list[str]]]:
-    """Per picture, its caption and the words the writer may name beside it ("Also seen"): the classes the image
-    classifier is sure of, then words most of the caption decoder's beams agree on that the caption left out (one
-    caption says one thing; what most beams say is likely in the picture too)."""
-    captions, beams = model.generate_captions(image_tokens=tokens, image_pooled=pooled, repetition_penalty=1.2,
-                                              return_beams=True)
-    classes = model.sure_classes(pooled, model.config.caption_concepts)
-    return captions, [sure + beam_words(found, caption, exclude=sure)
-                      for sure, found, caption in zip(classes, beams, captions)]
-
-
-def beam_words(beams: Sequence[str], caption: str, exclude: Sequence[str] = (), min_beams: int = 4,
-               limit: int = 4) -> list[str]:
-    """Content words at least `min_beams` of the beams use and the caption does not, most agreed on first."""
-    agreed = shared_content_words(beams, min_beams) - set(words(caption)) - set(exclude)
-    counts = {w: sum(w in set(words(b)) for b in beams) for w in agreed}
-    return sorted(agreed, key=lambda w: (-counts[w], w))[:limit]
 
 
 def pick_candidate(candidates: Sequence[str], captions: Sequence[str], hints: Sequence[Sequence[str]],

@@ -371,8 +371,7 @@ class StoryModel(nn.Module):
                           image_pooled: torch.Tensor | None = None, max_new_tokens: int | None = None,
                           num_beams: int | None = None, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
                           captioner: str | None = None, rerank: float | None = None,
-                          concepts: float | None = None,
-                          return_beams: bool = False) -> list[str] | tuple[list[str], list[list[str]]]:
+                          concepts: float | None = None) -> list[str]:
         """One caption per image, batched, from the configured captioning path.
 
         `rerank` (default: the config's `caption_rerank`) > 0 picks, among the caption decoder's beams, the one with
@@ -382,8 +381,6 @@ class StoryModel(nn.Module):
         caption), over the temperature), so that a caption as true of many other pictures does not win.
         `concepts` (default: the config's `caption_concepts`) > 0 makes the caption decoder's beam search write the
         word of a class the image classifier is that sure of (`concept_words`).
-        `return_beams`: also return, per image, every beam the reranking chose from (best log-probability first;
-        empty lists on paths without reranked beams), which the story writer mines for things the picture shows.
         """
         if image_tokens is None:
             image_tokens, image_pooled = self.encode_image(pixel_values)
@@ -399,9 +396,8 @@ class StoryModel(nn.Module):
             if concepts > 0 and num_beams > 1 and image_pooled is not None:
                 required = self.concept_words(image_pooled, concepts)
             if rerank > 0 and num_beams > 1 and image_pooled is not None:
-                chosen, beams = self._reranked_captions(image_tokens, image_pooled, max_new_tokens, num_beams,
-                                                        length_penalty, repetition_penalty, rerank, required)
-                return (chosen, beams) if return_beams else chosen
+                return self._reranked_captions(image_tokens, image_pooled, max_new_tokens, num_beams, length_penalty,
+                                               repetition_penalty, rerank, required)
             compact = self.caption_decoder.generate(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
                                                     repetition_penalty, self.image_tags(image_pooled), required)
             ids = self.caption_decoder.to_tokenizer(compact)
@@ -414,13 +410,12 @@ class StoryModel(nn.Module):
                                         num_beams=num_beams, do_sample=False, repetition_penalty=repetition_penalty,
                                         length_penalty=length_penalty, pad_token_id=self.tokenizer.pad_token_id)
             ids = out.tolist()
-        texts = [tidy_caption(t) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        return (texts, [[] for _ in texts]) if return_beams else texts
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [tidy_caption(t) for t in texts]
 
     def _reranked_captions(self, image_tokens: torch.Tensor, image_pooled: torch.Tensor, max_new_tokens: int,
                            num_beams: int, length_penalty: float, repetition_penalty: float,
-                           weight: float, required: list[tuple[int, ...] | None] | None = None
-                           ) -> tuple[list[str], list[list[str]]]:
+                           weight: float, required: list[tuple[int, ...] | None] | None = None) -> list[str]:
         found = self.caption_decoder.candidates(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
                                                 repetition_penalty, self.image_tags(image_pooled), required)
         texts = [self._decode_compact([ids for _, ids in rows]) for rows in found]
@@ -431,7 +426,7 @@ class StoryModel(nn.Module):
             scores = [logprob + weight * float(agreement[start + j, image]) for j, (logprob, _) in enumerate(rows)]
             chosen.append(texts[image][max(range(len(rows)), key=scores.__getitem__)])
             start += len(rows)
-        return [tidy_caption(t) for t in chosen], [[tidy_caption(t) for t in rows] for rows in texts]
+        return [tidy_caption(t) for t in chosen]
 
     def caption_agreement(self, captions: list[str], image_pooled: torch.Tensor) -> torch.Tensor:
         """[captions, images] agreement for caption reranking: the cosine under the contrastive head, less (with

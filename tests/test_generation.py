@@ -11,7 +11,6 @@ from mmstory.generation import (
     StoryInputError,
     StoryTeller,
     WordBudget,
-    beam_words,
     build_instruction,
     caption_coverage,
     finish_story,
@@ -289,13 +288,3 @@ def test_the_kept_story_names_what_the_caption_shows_and_not_what_it_does_not():
                           budget) == 1
     assert pick_candidate([names_it, vague], caption, [[]], agreement[:2], [True, False], budget) == 1
     assert pick_candidate([names_it, vague], caption, [[]], agreement[:2], open_[:2], 120) in (0, 1)
-
-
-def test_beam_words_are_what_most_beams_say_and_the_caption_does_not():
-    beams = ["A black dog runs on the grass.", "A black dog runs through the grass with a ball.",
-             "A dog runs on the green grass with a ball.", "A black dog is running with a ball.",
-             "A brown dog runs."]
-    assert beam_words(beams, "A dog runs on the grass.", min_beams=3) == ["ball", "black"]
-    assert beam_words(beams, "A dog runs on the grass.", exclude=["black"], min_beams=3) == ["ball"]
-    assert beam_words(beams, "A black dog with a ball on the grass.", min_beams=3) == ["runs"]
-    assert beam_words([], "A dog.") == []
