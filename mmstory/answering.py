@@ -11,13 +11,16 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from mmstory.generation import MAX_PROMPT_CHARS, StoryInputError, StoryTeller, _check_text
 from mmstory.images import ImageInput
-from mmstory.model import IMAGE_PLACEHOLDER
+from mmstory.prompts import IMAGE_PLACEHOLDER, MAX_PROMPT_CHARS, StoryInputError, _check_text
+
+if TYPE_CHECKING:
+    from mmstory.generation import StoryTeller
 
 MAX_ANSWER_SENTENCES = 2
 MAX_ANSWER_TOKENS = 256

@@ -22,9 +22,10 @@ from torch import nn
 from mmstory.components import CaptionDecoder, MLPBridge, ProjectionHead, ResamplerBridge, TextEncoder, VisionEncoder
 from mmstory.config import ModelConfig, PartConfig
 from mmstory.losses import IGNORE_INDEX, caption_loss, contrastive_loss, self_critical_loss
+from mmstory.prompts import IMAGE_PLACEHOLDER
+from mmstory.registry import resolve_pretrained
 from mmstory.specs import is_reproducible, load_decoder, load_text_encoder, load_vision
 
-IMAGE_PLACEHOLDER = "<image>"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's own file names, for the story writer's LoRA
@@ -525,8 +526,6 @@ class StoryModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path) -> StoryModel:
         """Load from a packaged name (e.g. 'mmstory-small'), a local directory, or a hub id (needs network)."""
-        from mmstory.factory import resolve_pretrained
-
         directory = resolve_pretrained(name_or_path)
         config = ModelConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
         model = cls(config)

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from mmstory.evaluation import load_eval_records
-from mmstory.features import FeatureCache
-from mmstory.metrics import caption_scores, distinct_caption_fraction
+from mmstory.eval.evaluate import load_eval_records
+from mmstory.eval.metrics import caption_scores, distinct_caption_fraction
 from mmstory.model import StoryModel
+from mmstory.train.features import FeatureCache
 
 
 def main() -> None:

@@ -22,11 +22,11 @@ from transformers import StoppingCriteriaList
 
 from mmstory.data import open_image
 from mmstory.decoding import FastDecoder
-from mmstory.evaluation import load_eval_records, try_load_judge
+from mmstory.eval.evaluate import load_eval_records, try_load_judge
+from mmstory.eval.story_benchmark import DEFAULT_DATA, markdown_table, score_variant
 from mmstory.generation import TOKENS_PER_WORD, Decoding, StoryTeller, WordBudget, build_instruction, finish_story
 from mmstory.model import StoryModel
 from mmstory.specs import PACKAGED, load_decoder
-from mmstory.story_benchmark import DEFAULT_DATA, markdown_table, score_variant
 
 
 def file_mb(path: Path) -> float:

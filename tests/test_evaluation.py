@@ -11,7 +11,7 @@ import torch
 
 from mmstory import cli
 from mmstory.data import ImageCaptions
-from mmstory.evaluation import (
+from mmstory.eval.evaluate import (
     evaluate,
     load_eval_records,
     plot_training_metrics,
@@ -20,7 +20,7 @@ from mmstory.evaluation import (
     retrieval_similarity,
     story_perplexity,
 )
-from mmstory.metrics import distinct_caption_fraction, retrieval_ranks
+from mmstory.eval.metrics import distinct_caption_fraction, retrieval_ranks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -40,27 +40,16 @@ except ImportError as err:
 from mmstory.answering import MAX_ANSWER_TOKENS, AnswerResult, check_question, is_question
 from mmstory.devices import DEVICE_HELP, DeviceError, resolve_device
 from mmstory.examples import EXAMPLES, example_image
-from mmstory.generation import (
-    AUDIENCES,
-    DEFAULT_LENGTH,
-    LENGTHS,
-    MAX_IMAGES,
-    MAX_PROMPT_CHARS,
-    STYLES,
-    TONES,
-    Decoding,
-    StoryInputError,
-    StoryResult,
-    StoryTeller,
-)
+from mmstory.generation import MAX_IMAGES, Decoding, StoryResult, StoryTeller
 from mmstory.images import MAX_PIXELS, ImageError, load_image
+from mmstory.prompts import AUDIENCES, DEFAULT_LENGTH, LENGTHS, MAX_PROMPT_CHARS, STYLES, TONES, StoryInputError
 
 CSS = "#grounding .textfield { word-break: normal; }"  # Gradio breaks highlighted text mid-word by default
 ANY = "any"  # the demo's "no preference" choice for style, tone and audience
 INT64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]  # JSON integers beyond 64 bits are a client error, not a crash
 NDJSON = "application/x-ndjson"  # the streaming form of POST /api/story: one JSON object per line
 DELETE_CACHE_S = 3600  # Gradio's uploads older than this are deleted, checked this often (0: never)
-log = logging.getLogger("mmstory.serving")
+log = logging.getLogger("mmstory.serve.app")
 
 
 # --- the plain JSON API -----------------------------------------------------------------------------------------------

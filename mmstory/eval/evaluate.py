@@ -25,8 +25,7 @@ import torch.nn.functional as F
 
 from mmstory.data import ImageCaptions, clean_records, item_name, load_records, open_image, skip_reason
 from mmstory.devices import DEVICE_HELP, resolve_device
-from mmstory.images import ImageError
-from mmstory.metrics import (
+from mmstory.eval.metrics import (
     caption_scores,
     content_word_recall,
     distinct_caption_fraction,
@@ -45,6 +44,7 @@ from mmstory.metrics import (
     retrieval_ranks,
     staying_on_picture,
 )
+from mmstory.images import ImageError
 
 TASKS = ("captioning", "retrieval", "stories")
 CAPTIONS_PER_IMAGE = 5
@@ -231,7 +231,8 @@ def score_stories(records: Sequence[ImageCaptions], stories: Sequence[str], seco
     shuffled one (the grounding gap), made-up objects (CHAIR), staying on the picture from the first to the last
     third, and perplexity under a judge LM (None skips it; the report's judge note says why).
     """
-    from mmstory.generation import split_sentences, word_budget
+    from mmstory.prompts import word_budget
+    from mmstory.text import split_sentences
 
     if len(records) != len(stories):
         raise ValueError(f"{len(records)} records but {len(stories)} stories")

@@ -51,12 +51,12 @@ from mmstory.data import (
     load_records,
     records_fingerprint,
 )
-from mmstory.factory import get_model_config
-from mmstory.features import FeatureCache, TextFeatures, collate_features, tensors_sha256, text_features
+from mmstory.eval.metrics import CiderDReward, caption_scores
 from mmstory.images import MAX_PIXELS, ImageProcessor
 from mmstory.losses import leave_one_out_baseline
-from mmstory.metrics import CiderDReward, caption_scores
 from mmstory.model import WEIGHTS_NAME, StoryModel
+from mmstory.registry import get_model_config
+from mmstory.train.features import FeatureCache, TextFeatures, collate_features, tensors_sha256, text_features
 
 PARTS = ("bridge", "caption_decoder", "projections", "vision", "text", "decoder")
 PART_OF = {"bridge": "bridge", "caption_decoder": "caption_decoder", "image_projection": "projections",
@@ -876,7 +876,7 @@ def prepare_features(config: TrainConfig) -> None:
               + (f"; {text.encoded} of {len(text.lookup)} captions encoded" if text is not None else ""), flush=True)
 
 
-CONFIG_DIR = Path(__file__).parent / "configs"  # the shipped configs, package data
+CONFIG_DIR = Path(__file__).parents[1] / "configs"  # the shipped configs, package data
 
 
 def packaged_configs() -> list[str]:
@@ -923,8 +923,8 @@ def main(argv: list[str] | None = None) -> int:
         args.config = str(resolve_config(args.config))
     except FileNotFoundError as err:
         parser.error(str(err))
-    if _task(args.config) == "writer":  # the story writer's own loop (mmstory.writer_training)
-        from mmstory.writer_training import load_config, train_writer
+    if _task(args.config) == "writer":  # the story writer's own loop (mmstory.train.writer)
+        from mmstory.train.writer import load_config, train_writer
 
         writer = load_config(args.config, args.overrides)
         for name in ("output_dir", "max_steps", "epochs", "batch_size", "seed"):
