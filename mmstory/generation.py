@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from mmstory.answering import AnswerResult, answer_question
+from mmstory.captioning import CAPTION_REPETITION_PENALTY
+from mmstory.components import similarity
 from mmstory.decoding import QUANTIZE, FastDecoder
 from mmstory.devices import DeviceLike, resolve_device
 from mmstory.images import ImageInput, ImageProcessor, load_image
@@ -177,7 +180,7 @@ class StoryTeller:
     @torch.no_grad()
     def caption(self, images: ImageInput | Sequence[ImageInput], num_beams: int | None = None,
                 max_new_tokens: int | None = None,
-                repetition_penalty: float = 1.2, captioner: str | None = None,
+                repetition_penalty: float = CAPTION_REPETITION_PENALTY, captioner: str | None = None,
                 concepts: float | None = None, batch_size: int = CAPTION_BATCH) -> list[str]:
         """One caption per image, in order, for any number of images: they are loaded and captioned `batch_size`
         at a time (the MAX_IMAGES limit is for one story, not for captioning). `concepts`: the classifier
@@ -248,7 +251,8 @@ class StoryTeller:
         with self._lock:
             t = time.perf_counter()
             tokens, pooled = self._encode(pil_images)
-            captions = self.model.generate_captions(image_tokens=tokens, image_pooled=pooled, repetition_penalty=1.2)
+            captions = self.model.generate_captions(image_tokens=tokens, image_pooled=pooled,
+                                                    repetition_penalty=CAPTION_REPETITION_PENALTY)
             timings["caption_s"] = time.perf_counter() - t
             use_prefix = self.model.config.story_prefix
             hints = self.model.sure_classes(pooled, self.model.config.caption_concepts)
@@ -357,14 +361,14 @@ class StoryTeller:
         if not text.strip():
             return -1.0
         text_embed = self.model.text_embedding([text])
-        return float((image_embeds @ text_embed.T).mean())
+        return float(similarity(image_embeds, text_embed).mean())
 
     @torch.no_grad()
     def _sentence_scores(self, story: str, image_embeds: torch.Tensor) -> list[SentenceScore]:
         sentences = split_sentences(story)
         if not sentences:
             return []
-        sims = self.model.text_embedding(sentences) @ image_embeds.T  # [S, I]
+        sims = similarity(self.model.text_embedding(sentences), image_embeds)  # [S, I]
         best, index = sims.max(dim=1)
         return [SentenceScore(s, round(float(b), 4), int(i)) for s, b, i in zip(sentences, best, index)]
 
@@ -374,11 +378,9 @@ class StoryTeller:
         return self._agreement(text, self.model.image_embedding(pooled))
 
     def answer(self, images: ImageInput | Sequence[ImageInput], question: str, *, max_new_tokens: int = 48,
-               seed: int | None = 0) -> AnswerResult:  # noqa: F821 - defined in mmstory.answering, imported below
+               seed: int | None = 0) -> AnswerResult:
         """Answer a question about the pictures in a sentence or two (an AnswerResult), not a story; see
         `mmstory.answering`."""
-        from mmstory.answering import answer_question  # imports this module
-
         return answer_question(self, images, question, max_new_tokens=max_new_tokens, seed=seed)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteriaList
 
+from mmstory.captioning import CAPTION_REPETITION_PENALTY
 from mmstory.data import open_image
 from mmstory.decoding import FastDecoder
 from mmstory.eval.evaluate import load_eval_records, try_load_judge
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     requests = []
     for record in records:
         tokens, pooled = teller._encode([open_image(record.image)])
-        captions = teller.model.generate_captions(image_tokens=tokens, image_pooled=pooled, repetition_penalty=1.2)
+        captions = teller.model.generate_captions(image_tokens=tokens, image_pooled=pooled,
+                                                       repetition_penalty=CAPTION_REPETITION_PENALTY)
         hints = teller.model.sure_classes(pooled, teller.model.config.caption_concepts)
         requests.append((captions, build_instruction(captions, None, None, None, None, args.length, None,
                                                      with_images=False, hints=hints)))

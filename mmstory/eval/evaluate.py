@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmstory.captioning import CAPTION_REPETITION_PENALTY
+from mmstory.components import similarity
 from mmstory.data import ImageCaptions, clean_records, item_name, load_records, open_image, skip_reason
 from mmstory.devices import DEVICE_HELP, resolve_device
 from mmstory.eval.metrics import (
@@ -129,7 +131,7 @@ def retrieval_similarity(model, image_embeds: torch.Tensor, references: Sequence
         chosen = list(group)[:captions_per_image]
         texts += chosen
         owner += [index] * len(chosen)
-    sim = image_embeds.float() @ text_embeddings(model, texts, batch_size).float().T
+    sim = similarity(image_embeds.float(), text_embeddings(model, texts, batch_size).float())
     return sim.numpy(), np.asarray(owner)
 
 
@@ -281,7 +283,7 @@ def story_metrics(teller, records: Sequence[ImageCaptions], image_embeds: torch.
         stories.append(result.story)
         seconds.append(result.timings["total_s"])
         filtered += result.filtered
-    agreement = (image_embeds.float() @ text_embeddings(model, stories).float().T).numpy()  # [images, stories]
+    agreement = similarity(image_embeds.float(), text_embeddings(model, stories).float()).numpy()  # [images, stories]
     matched = np.diag(agreement)
     mismatched = agreement[~np.eye(len(stories), dtype=bool)]
     scores = score_stories(records, stories, seconds, length, judge=judge, seed=seed, judge_note=judge_note)
@@ -307,7 +309,8 @@ def story_metrics(teller, records: Sequence[ImageCaptions], image_embeds: torch.
 
 # --- the whole evaluation --------------------------------------------------------------------------------------------
 def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = TASKS, num_beams: int | None = None,
-             repetition_penalty: float = 1.2, max_new_tokens: int | None = None, captioner: str | None = None,
+             repetition_penalty: float = CAPTION_REPETITION_PENALTY, max_new_tokens: int | None = None,
+             captioner: str | None = None,
              stories: int = 20, story_length: str | int = "short", story_candidates: int | None = None,
              batch_size: int = 32, captions_per_image: int = CAPTIONS_PER_IMAGE, use_java: bool | None = None,
              dtype: str = "bfloat16", seed: int = 0, rerank_top_k: int = 20, rerank_weight: float = 0.1,
@@ -317,7 +320,7 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
 
     The model is wrapped in a StoryTeller (which casts the decoder to `dtype`), so the numbers are those of the
     product as served. Decoding settings default to StoryTeller.caption's (the config's caption_beams,
-    repetition penalty 1.2). `judge` (a JudgeLM) adds the stories' perplexity under a larger LM; None skips it.
+    CAPTION_REPETITION_PENALTY). `judge` (a JudgeLM) adds the stories' perplexity under a larger LM; None skips it.
     `device`: where the model runs, as for StoryTeller (None/"auto": cuda when available, else cpu).
     """
     from mmstory import __version__
@@ -498,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--num-beams", type=int, default=None, help="default: the model config's caption_beams")
-    p.add_argument("--repetition-penalty", type=float, default=1.2)
+    p.add_argument("--repetition-penalty", type=float, default=CAPTION_REPETITION_PENALTY)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--captioner", choices=["decoder", "caption_decoder"], default=None,
                    help="captioning path (default: the model's own setting)")

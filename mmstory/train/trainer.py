@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from mmstory.components import similarity
 from mmstory.config import ModelConfig, from_dict, to_yaml
 from mmstory.data import (
     EpochBatchSampler,
@@ -731,7 +732,7 @@ class Trainer:
         if cfg.scst_discriminability > 0:
             with torch.no_grad():
                 images = model.image_embedding(inputs["image_pooled"])
-                logits = model.contrastive_scale() * model.text_embedding(texts) @ images.T
+                logits = model.contrastive_scale() * similarity(model.text_embedding(texts), images)
                 own = torch.arange(len(batch["names"]), device=logits.device).repeat_interleave(k)
                 retrieval = logits.log_softmax(dim=-1).gather(1, own[:, None])[:, 0].float().cpu()
             rewards = cider + cfg.scst_discriminability * retrieval
