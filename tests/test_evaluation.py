@@ -14,13 +14,12 @@ from mmstory.data import ImageCaptions
 from mmstory.eval.evaluate import (
     evaluate,
     load_eval_records,
-    plot_training_metrics,
-    read_training_log,
     rerank_image_to_text,
     retrieval_similarity,
     story_perplexity,
 )
 from mmstory.eval.metrics import distinct_caption_fraction, retrieval_ranks
+from mmstory.eval.plots import plot_training_metrics, read_training_log
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
