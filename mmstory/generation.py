@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -108,6 +108,43 @@ class StoryResult:
 
     def __str__(self) -> str:
         return self.story
+
+
+@dataclass
+class StoryRequest:
+    """A story request checked and resolved before the model runs; the texts are what the instruction says."""
+
+    settings: Decoding
+    prompt: str | None
+    previous: str | None
+    budget: int
+    style_text: str | None
+    tone_text: str | None
+    audience_text: str | None
+
+    @classmethod
+    def parse(cls, prompt, style, tone, audience, length, previous, decoding: dict, stream: bool,
+              content_filter: ContentFilter) -> StoryRequest:
+        """Every setting checked, in this order, before any image is read; StoryInputError names the first wrong one."""
+        unknown = set(decoding) - set(Decoding.__dataclass_fields__)
+        if unknown:
+            raise StoryInputError(f"unknown decoding setting(s): {sorted(unknown)}; "
+                                  f"known: {sorted(Decoding.__dataclass_fields__)}")
+        settings = Decoding(**decoding)
+        settings.validate()
+        if stream and settings.num_candidates != 1:
+            raise StoryInputError("streaming writes one candidate; set num_candidates=1")
+        prompt = _check_text(prompt, "prompt")
+        previous = _check_text(previous, "previous story", limit=20000)
+        budget = word_budget(length)
+        style_text = _choose(style, STYLES, "style", free_prefix="custom:")
+        tone_text = _choose(tone, TONES, "tone")
+        audience_text = _choose(audience, AUDIENCES, "audience")
+        if prompt:
+            verdict = content_filter.check(prompt)
+            if verdict.blocked:
+                raise StoryInputError(verdict.message)
+        return cls(settings, prompt, previous, budget, style_text, tone_text, audience_text)
 
 
 class StoryTeller:
@@ -228,24 +265,9 @@ class StoryTeller:
 
     def _run(self, images, prompt, style, tone, audience, length, previous, decoding: dict, stream: bool):
         start = time.perf_counter()
-        unknown = set(decoding) - set(Decoding.__dataclass_fields__)
-        if unknown:
-            raise StoryInputError(f"unknown decoding setting(s): {sorted(unknown)}; "
-                                  f"known: {sorted(Decoding.__dataclass_fields__)}")
-        settings = Decoding(**decoding)
-        settings.validate()
-        if stream and settings.num_candidates != 1:
-            raise StoryInputError("streaming writes one candidate; set num_candidates=1")
-        prompt = _check_text(prompt, "prompt")
-        previous = _check_text(previous, "previous story", limit=20000)
-        budget = word_budget(length)
-        style_text = _choose(style, STYLES, "style", free_prefix="custom:")
-        tone_text = _choose(tone, TONES, "tone")
-        audience_text = _choose(audience, AUDIENCES, "audience")
-        if prompt:
-            verdict = self.filter.check(prompt)
-            if verdict.blocked:
-                raise StoryInputError(verdict.message)
+        request = StoryRequest.parse(prompt, style, tone, audience, length, previous, decoding, stream, self.filter)
+        settings, prompt, previous, budget = request.settings, request.prompt, request.previous, request.budget
+        style_text, tone_text, audience_text = request.style_text, request.tone_text, request.audience_text
         pil_images = self._load_images(images)
         timings = {}
         with self._lock:
@@ -288,36 +310,8 @@ class StoryTeller:
                 torch.manual_seed(settings.seed)
             t = time.perf_counter()
             if stream:
-                streamer = TextIteratorStreamer(self.model.tokenizer, skip_special_tokens=True)
-                errors: list[BaseException] = []
-
-                def work():
-                    try:
-                        with torch.no_grad():
-                            self._decode(**gen_kwargs, streamer=streamer)
-                    except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
-                        errors.append(err)
-                        streamer.end()
-
-                worker = threading.Thread(target=work, daemon=True, name="mmstory-decode")
-                worker.start()
-                pieces: list[str] = []
-                emitted = ""
-                try:
-                    for piece in streamer:
-                        if "first_token_s" not in timings and piece:
-                            timings["first_token_s"] = time.perf_counter() - start
-                        pieces.append(piece)
-                        safe = _emittable("".join(pieces), budget)
-                        if len(safe) > len(emitted):
-                            chunk, emitted = safe[len(emitted):], safe
-                            yield chunk
-                finally:  # also when the consumer stops early: stop decoding before the lock is released
-                    cancel.set()
-                    worker.join()
-                if errors:
-                    raise errors[0]
-                texts = ["".join(pieces)]
+                texts, emitted = yield from _streamed(self._decode, gen_kwargs, self.model.tokenizer, budget, cancel,
+                                                      timings, start)
             else:
                 with torch.no_grad():
                     out = self._decode(**gen_kwargs)
@@ -382,6 +376,42 @@ class StoryTeller:
         """Answer a question about the pictures in a sentence or two (an AnswerResult), not a story; see
         `mmstory.answering`."""
         return answer_question(self, images, question, max_new_tokens=max_new_tokens, seed=seed)
+
+
+def _streamed(decode, gen_kwargs: dict, tokenizer, budget: int, cancel: threading.Event, timings: dict,
+              start: float) -> Generator[str, None, tuple[list[str], str]]:
+    """Decode one candidate in a worker thread, yielding the story's settled part as it grows; returns (the raw
+    texts, the text yielded so far). The decode is cancelled and joined however the consumer stops."""
+    streamer = TextIteratorStreamer(tokenizer, skip_special_tokens=True)
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            with torch.no_grad():
+                decode(**gen_kwargs, streamer=streamer)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(err)
+            streamer.end()
+
+    worker = threading.Thread(target=work, daemon=True, name="mmstory-decode")
+    worker.start()
+    pieces: list[str] = []
+    emitted = ""
+    try:
+        for piece in streamer:
+            if "first_token_s" not in timings and piece:
+                timings["first_token_s"] = time.perf_counter() - start
+            pieces.append(piece)
+            safe = _emittable("".join(pieces), budget)
+            if len(safe) > len(emitted):
+                chunk, emitted = safe[len(emitted):], safe
+                yield chunk
+    finally:  # also when the consumer stops early: stop decoding before the lock is released
+        cancel.set()
+        worker.join()
+    if errors:
+        raise errors[0]
+    return ["".join(pieces)], emitted
 
 
 def caption_coverage(story: str, captions: Sequence[str]) -> float:
