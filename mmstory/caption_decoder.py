@@ -187,8 +187,8 @@ class CaptionDecoder(nn.Module):
         required = [None] * image_tokens.shape[0] if required is None else list(required)
         if len(required) != image_tokens.shape[0]:
             raise ValueError(f"required has {len(required)} entries for {image_tokens.shape[0]} images")
-        return [self._beam_search(image_tokens[i: i + 1], steps, num_beams, length_penalty, repetition_penalty,
-                                  None if tag_ids is None else tag_ids[i: i + 1], required[i])
+        return [beam_search(self, image_tokens[i: i + 1], steps, num_beams, length_penalty, repetition_penalty,
+                            None if tag_ids is None else tag_ids[i: i + 1], required[i])
                 for i in range(image_tokens.shape[0])]
 
     @torch.no_grad()
@@ -230,61 +230,62 @@ class CaptionDecoder(nn.Module):
             state.select(writing.nonzero()[:, 0])
         return [_strip(row.tolist(), self.EOS, self.PAD) for row in ids[:, 1:]]
 
-    def _beam_search(self, image_tokens: torch.Tensor, steps: int, beams: int, length_penalty: float,
-                     repetition_penalty: float, tag_ids: torch.Tensor | None = None,
-                     required: Sequence[int] | None = None) -> list[tuple[float, list[int]]]:
-        """Beam search for one image. With `required` (compact ids of one word's forms), constrained beam search
-        (Anderson et al., 2017): a second bank of `beams` hypotheses that have not written one of them yet, and
-        only captions that contain one finish; if none does within `steps`, the open hypotheses are returned."""
-        required = list(required) if required else None  # no forms: no constraint
-        ids = torch.full((1, 1), self.BOS, dtype=torch.long, device=image_tokens.device)
-        scores = torch.zeros(1, device=ids.device)
-        has_word = torch.tensor([required is None], device=ids.device)
-        state = self.start(image_tokens, tag_ids)
-        finished: list[tuple[float, list[int]]] = []
-        for step in range(steps):
-            logits = _penalise_repeats(self.step(state, ids[:, -1]), ids[:, 1:], repetition_penalty)
-            logprobs = scores[:, None] + logits.log_softmax(-1)
-            vocab = logprobs.shape[-1]
-            # bank 1: hypotheses that contain the word (all of them when none is required); an open hypothesis
-            # without it joins bank 1 by writing it, and stays in bank 2 (where it cannot end) otherwise
-            with_word = logprobs.masked_fill(~has_word[:, None], float("-inf"))
-            banks = [(with_word, True)]
-            if required is not None:
-                with_word[:, required] = logprobs[:, required]
-                without = logprobs.masked_fill(has_word[:, None], float("-inf"))
-                without[:, required + [self.EOS]] = float("-inf")
-                banks.append((without, False))
-            next_rows, next_scores, sources, next_has = [], [], [], []
-            for bank, contains in banks:
-                top_scores, top_index = bank.view(-1).topk(min(2 * beams, bank.numel()))
-                kept = 0
-                for score, index in zip(top_scores.tolist(), top_index.tolist()):
-                    if score == float("-inf") or kept == beams:
-                        break
-                    row, token = divmod(index, vocab)
-                    sequence = ids[row, 1:].tolist() + [token]
-                    if token == self.EOS:
-                        finished.append((score / (len(sequence) ** length_penalty), sequence[:-1]))
-                    else:
-                        next_rows.append(sequence)
-                        next_scores.append(score)
-                        sources.append(row)
-                        next_has.append(contains)
-                        kept += 1
-            best_finished = max((f[0] for f in finished), default=float("-inf"))
-            best_open = max(next_scores, default=float("-inf")) / ((step + 2) ** length_penalty)
-            if not next_rows or (len(finished) >= beams and best_finished > best_open):
-                break
-            ids = torch.tensor([[self.BOS] + row for row in next_rows], device=ids.device)
-            scores = torch.tensor(next_scores, device=ids.device)
-            has_word = torch.tensor(next_has, device=ids.device)
-            state.select(torch.tensor(sources, device=ids.device))
-        if not finished:  # out of steps: the open hypotheses, those with the required word if any has it
-            open_rows = [(s / (len(r) ** length_penalty), r, has) for s, r, has
-                         in zip(scores.tolist(), ids[:, 1:].tolist(), has_word.tolist())]
-            finished = [(s, r) for s, r, has in open_rows if has] or [(s, r) for s, r, _ in open_rows]
-        return sorted(finished, key=lambda item: -item[0])[:beams]
+
+def beam_search(decoder: CaptionDecoder, image_tokens: torch.Tensor, steps: int, beams: int, length_penalty: float,
+                repetition_penalty: float, tag_ids: torch.Tensor | None = None,
+                required: Sequence[int] | None = None) -> list[tuple[float, list[int]]]:
+    """Beam search for one image. With `required` (compact ids of one word's forms), constrained beam search
+    (Anderson et al., 2017): a second bank of `beams` hypotheses that have not written one of them yet, and
+    only captions that contain one finish; if none does within `steps`, the open hypotheses are returned."""
+    required = list(required) if required else None  # no forms: no constraint
+    ids = torch.full((1, 1), decoder.BOS, dtype=torch.long, device=image_tokens.device)
+    scores = torch.zeros(1, device=ids.device)
+    has_word = torch.tensor([required is None], device=ids.device)
+    state = decoder.start(image_tokens, tag_ids)
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(steps):
+        logits = _penalise_repeats(decoder.step(state, ids[:, -1]), ids[:, 1:], repetition_penalty)
+        logprobs = scores[:, None] + logits.log_softmax(-1)
+        vocab = logprobs.shape[-1]
+        # bank 1: hypotheses that contain the word (all of them when none is required); an open hypothesis
+        # without it joins bank 1 by writing it, and stays in bank 2 (where it cannot end) otherwise
+        with_word = logprobs.masked_fill(~has_word[:, None], float("-inf"))
+        banks = [(with_word, True)]
+        if required is not None:
+            with_word[:, required] = logprobs[:, required]
+            without = logprobs.masked_fill(has_word[:, None], float("-inf"))
+            without[:, required + [decoder.EOS]] = float("-inf")
+            banks.append((without, False))
+        next_rows, next_scores, sources, next_has = [], [], [], []
+        for bank, contains in banks:
+            top_scores, top_index = bank.view(-1).topk(min(2 * beams, bank.numel()))
+            kept = 0
+            for score, index in zip(top_scores.tolist(), top_index.tolist()):
+                if score == float("-inf") or kept == beams:
+                    break
+                row, token = divmod(index, vocab)
+                sequence = ids[row, 1:].tolist() + [token]
+                if token == decoder.EOS:
+                    finished.append((score / (len(sequence) ** length_penalty), sequence[:-1]))
+                else:
+                    next_rows.append(sequence)
+                    next_scores.append(score)
+                    sources.append(row)
+                    next_has.append(contains)
+                    kept += 1
+        best_finished = max((f[0] for f in finished), default=float("-inf"))
+        best_open = max(next_scores, default=float("-inf")) / ((step + 2) ** length_penalty)
+        if not next_rows or (len(finished) >= beams and best_finished > best_open):
+            break
+        ids = torch.tensor([[decoder.BOS] + row for row in next_rows], device=ids.device)
+        scores = torch.tensor(next_scores, device=ids.device)
+        has_word = torch.tensor(next_has, device=ids.device)
+        state.select(torch.tensor(sources, device=ids.device))
+    if not finished:  # out of steps: the open hypotheses, those with the required word if any has it
+        open_rows = [(s / (len(r) ** length_penalty), r, has) for s, r, has
+                     in zip(scores.tolist(), ids[:, 1:].tolist(), has_word.tolist())]
+        finished = [(s, r) for s, r, has in open_rows if has] or [(s, r) for s, r, _ in open_rows]
+    return sorted(finished, key=lambda item: -item[0])[:beams]
 
 
 class DecodeState:
