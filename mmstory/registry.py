@@ -27,7 +27,7 @@ def mmstory_small() -> ModelConfig:
     """The offline default: EfficientNet-Lite2 + all-MiniLM-L6-v2 + SmolLM2-135M-Instruct, all from PyPI packages."""
     return ModelConfig(
         name="mmstory-small",
-        # Lite2 (260 px, 9x9 tokens) over Lite0 (224 px, 7x7): +4 image->text R@1 on Flickr8k dev (README)
+        # Lite2 (260 px, 9x9 tokens) over Lite0 (224 px, 7x7): the finer grid retrieves better (numbers in docs/)
         vision=PartConfig("packaged:efficientnet-lite2"),
         text=PartConfig("packaged:all-minilm-l6-v2"),
         decoder=PartConfig("packaged:smollm2-135m-instruct"),
@@ -43,17 +43,17 @@ def mmstory_small() -> ModelConfig:
         # weights, which keeps the file small (docs/mmstory-small-development.md has the measurements)
         text_head_hidden=256,
         contrastive_heads=4,
-        captioner="caption_decoder",  # chosen by dev-split metrics (see the model card in the README)
-        # 10 beams, the one chosen by log-prob + 120 x the image-caption agreement under the contrastive heads: after
-        # self-critical training this keeps >= 90% of dev images' captions distinct at the best CIDEr-D (README)
+        captioner="caption_decoder",  # it captions better than the LM through the bridge (the model card)
+        # 10 beams, the one chosen by log-prob + 120 x the image-caption agreement under the contrastive heads: beam
+        # search alone gives look-alike photos the same common caption; the agreement picks the specific one
         caption_rerank=120.0,
         caption_beams=10,
         # ImageNet classes the classifier is >= 50% sure of put their word into the caption ('Egyptian cat' -> cat):
-        # on dev 90 of 1,000 images get one, CIDEr-D 55.3 -> 55.4 (README)
+        # it names what the caption data rarely shows, without costing the captions that it does show
         caption_concepts=0.5,
-        # rerank by log p(image | caption) against 512 training images rather than the bare cosine: with the
-        # ensemble of heads the bare cosine gives the same caption to more look-alike images (87.7% distinct on dev);
-        # 512 of them reranked dev captions as well as 1,024 or 2,048 did, 256 did not (README)
+        # rerank by log p(image | caption) against 512 training images rather than the bare cosine: a caption as
+        # true of many training images does not win, so look-alike photos keep distinct captions; 512 is the
+        # fewest that rerank as well as more do (measurements in docs/mmstory-small-development.md)
         caption_distractors=512,
     )
 

@@ -380,13 +380,13 @@ def print_report(report: dict) -> None:
                 continue
             print(f"  {s['name']}: imported {s['imported']:.1f}s, loaded {s['loaded']:.1f}s, first token "
                   f"{s['first_token']:.1f}s, second {s['second_token']:.1f}s, 20th {s['twentieth_token']:.1f}s")
-    print("\ntargets (issue 6)")
+    print("\nspeed targets")
     for line in report["targets"]:
         print(f"  {line}")
 
 
 def targets(report: dict) -> list[str]:
-    """The issue's targets against this run's numbers, stated plainly."""
+    """The speed targets (TARGETS) against this run's numbers, stated plainly."""
     lines = []
     fast = [r for r in report["decode"] if r["name"] == f"fast-{report['best_fast']}" and r["batch"] == 1]
     for r in report["decode"]:
