@@ -1,7 +1,8 @@
 """Record (or check) the packaged model's outputs that a refactor must not change.
 
-    python scripts/record_behaviour.py            # writes tests/data/behaviour.json
-    python scripts/record_behaviour.py --check    # compares against it (tests/test_behaviour.py does the same)
+    python scripts/record_behaviour.py                # writes tests/data/behaviour.json
+    python scripts/record_behaviour.py --check        # compares against it
+    python scripts/record_behaviour.py --out now.json # writes elsewhere (tests/test_behaviour.py compares that)
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ def record(teller=None) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare with the recorded file instead of writing it")
+    parser.add_argument("--out", type=Path, default=FIXTURE, help=f"where to write (default: {FIXTURE})")
     args = parser.parse_args(argv)
     now = record()
     if args.check:
         before = json.loads(FIXTURE.read_text())
         print("same" if now == before else "DIFFERENT")
         return 0 if now == before else 1
-    FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-    FIXTURE.write_text(json.dumps(now, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {FIXTURE}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(now, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 
