@@ -203,13 +203,15 @@ def test_wheel_installs_into_a_fresh_venv_and_tells_a_story(tmp_path):
     # so this checkout's editable install stays out of the new venv)
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     Path(site, "_mmstory_test_deps.pth").write_text("\n".join(sorted(ours)) + "\n")
+    # no PYTHONPATH for pip either: on a path naming this checkout it would take the mmstory.egg-info that
+    # `pip wheel` leaves here for an installed mmstory, and install nothing
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-                                "--quiet", str(wheel)], capture_output=True, text=True, timeout=600)
+                                "--quiet", str(wheel)], env=env, capture_output=True, text=True, timeout=600)
     assert installed.returncode == 0, installed.stderr[-3000:]
 
     away = tmp_path / "elsewhere"
     away.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     where = subprocess.run([str(python), "-c", "import mmstory; print(mmstory.__file__)"], cwd=away, env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert Path(where).is_relative_to(venv), where
