@@ -5,7 +5,7 @@ The same as `mmstory demo`; `mmstory serve` adds the JSON API (POST /api/story) 
 
 import sys
 
-from mmstory.serving import main
+from mmstory.serve.app import main
 
 if __name__ == "__main__":
     sys.exit(main(["demo", *sys.argv[1:]]))

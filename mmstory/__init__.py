@@ -1,8 +1,9 @@
 """mmstory: image-to-story models built from pretrained parts (CoCa-style), trained and served on a CPU or GPUs."""
 
 from mmstory.config import BridgeConfig, CaptionDecoderConfig, ModelConfig, PartConfig
-from mmstory.factory import create_model, get_model_config, list_models
+from mmstory.factory import create_model
 from mmstory.model import StoryModel
+from mmstory.registry import get_model_config, list_models
 
 __version__ = "0.1.0"
 

@@ -11,13 +11,17 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from mmstory.generation import MAX_PROMPT_CHARS, StoryInputError, StoryTeller, _check_text
+from mmstory.captioning import CAPTION_REPETITION_PENALTY
 from mmstory.images import ImageInput
-from mmstory.model import IMAGE_PLACEHOLDER
+from mmstory.prompts import IMAGE_PLACEHOLDER, MAX_PROMPT_CHARS, StoryInputError, _check_text
+
+if TYPE_CHECKING:
+    from mmstory.generation import StoryTeller
 
 MAX_ANSWER_SENTENCES = 2
 MAX_ANSWER_TOKENS = 256
@@ -161,7 +165,8 @@ def answer_question(teller: StoryTeller, images: ImageInput | Sequence[ImageInpu
     with teller._lock:
         t = time.perf_counter()
         tokens, pooled = teller._encode(pil_images)
-        captions = model.generate_captions(image_tokens=tokens, image_pooled=pooled, repetition_penalty=1.2)
+        captions = model.generate_captions(image_tokens=tokens, image_pooled=pooled,
+                                          repetition_penalty=CAPTION_REPETITION_PENALTY)
         hints = model.sure_classes(pooled, model.config.caption_concepts)  # as the story prompt names them
         timings["caption_s"] = time.perf_counter() - t
         use_prefix = model.config.story_prefix

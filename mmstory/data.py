@@ -21,7 +21,6 @@ import csv
 import hashlib
 import io
 import json
-import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmstory.images import MAX_PIXELS, ImageError, ImageProcessor, load_image
+from mmstory.text import split_sentences
 
 FORMATS = ("csv", "jsonl", "coco", "flickr", "webdataset", "stories")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -230,7 +230,7 @@ def story_to_pairs(story: ImageStory) -> list[ImageCaptions]:
     """
     if isinstance(story.story, list):
         return [ImageCaptions(image, [str(text)]) for image, text in zip(story.images, story.story)]
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", str(story.story).strip()) if s]
+    sentences = split_sentences(str(story.story), keep_closers=True)
     bounds = np.linspace(0, len(sentences), len(story.images) + 1).round().astype(int)
     return [ImageCaptions(image, [" ".join(sentences[a:b])]) for image, a, b in zip(story.images, bounds, bounds[1:])]
 

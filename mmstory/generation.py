@@ -10,45 +10,41 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from mmstory.answering import AnswerResult, answer_question
+from mmstory.captioning import CAPTION_REPETITION_PENALTY
+from mmstory.components import similarity
 from mmstory.decoding import QUANTIZE, FastDecoder
 from mmstory.devices import DeviceLike, resolve_device
 from mmstory.images import ImageInput, ImageProcessor, load_image
-from mmstory.metrics import content_word_recall, hallucinated_mentions, object_mentions
-from mmstory.model import IMAGE_PLACEHOLDER, StoryModel
+from mmstory.model import StoryModel
+from mmstory.prompts import (  # noqa: F401 - re-exported: the prompt and its checks were defined here
+    AUDIENCES,
+    DEFAULT_LENGTH,
+    LENGTHS,
+    MAX_PROMPT_CHARS,
+    MAX_WORDS,
+    STYLES,
+    TONES,
+    StoryInputError,
+    _check_text,
+    _choose,
+    build_instruction,
+    word_budget,
+)
 from mmstory.safety import ContentFilter
+from mmstory.text import content_word_recall, hallucinated_mentions, object_mentions, split_sentences
 
-STYLES = {
-    "adventure": "an adventure story, with a journey, a challenge and a brave choice",
-    "fairy tale": "a fairy tale, beginning with 'Once upon a time'",
-    "humor": "a funny story with a light, playful voice",
-    "sci-fi": "a science-fiction story",
-    "mystery": "a mystery story with a puzzle and a reveal",
-    "suspense": "a suspenseful story",
-    "bedtime": "a calm, gentle bedtime story",
-    "slice of life": "a warm, realistic slice-of-life story",
-    "poem": "a short story told as a poem",
-}
-TONES = {"positive": "hopeful and warm", "neutral": "even and observant", "negative": "dark and melancholy"}
-AUDIENCES = {"children": "young children, with simple words", "adults": "adult readers"}
-LENGTHS = {"short": 80, "medium": 200, "long": 350}
-DEFAULT_LENGTH = "short"  # what one photo can fill without the writer making things up
-MAX_PROMPT_CHARS = 2000
 MAX_IMAGES = 8  # per story (and per answer); captioning takes any number, CAPTION_BATCH at a time
 CAPTION_BATCH = 32
-MAX_WORDS = 1000
 MIN_STORY_SHARE = 0.8  # of the word budget, written before the writer may end the story
 TOKENS_PER_WORD = 1.45  # SmolLM2's tokenizer on English prose, measured on its own stories
-
-
-class StoryInputError(ValueError):
-    """A request that cannot be served as given; the message names the problem."""
 
 
 @dataclass
@@ -112,6 +108,43 @@ class StoryResult:
 
     def __str__(self) -> str:
         return self.story
+
+
+@dataclass
+class StoryRequest:
+    """A story request checked and resolved before the model runs; the texts are what the instruction says."""
+
+    settings: Decoding
+    prompt: str | None
+    previous: str | None
+    budget: int
+    style_text: str | None
+    tone_text: str | None
+    audience_text: str | None
+
+    @classmethod
+    def parse(cls, prompt, style, tone, audience, length, previous, decoding: dict, stream: bool,
+              content_filter: ContentFilter) -> StoryRequest:
+        """Every setting checked, in this order, before any image is read; StoryInputError names the first wrong one."""
+        unknown = set(decoding) - set(Decoding.__dataclass_fields__)
+        if unknown:
+            raise StoryInputError(f"unknown decoding setting(s): {sorted(unknown)}; "
+                                  f"known: {sorted(Decoding.__dataclass_fields__)}")
+        settings = Decoding(**decoding)
+        settings.validate()
+        if stream and settings.num_candidates != 1:
+            raise StoryInputError("streaming writes one candidate; set num_candidates=1")
+        prompt = _check_text(prompt, "prompt")
+        previous = _check_text(previous, "previous story", limit=20000)
+        budget = word_budget(length)
+        style_text = _choose(style, STYLES, "style", free_prefix="custom:")
+        tone_text = _choose(tone, TONES, "tone")
+        audience_text = _choose(audience, AUDIENCES, "audience")
+        if prompt:
+            verdict = content_filter.check(prompt)
+            if verdict.blocked:
+                raise StoryInputError(verdict.message)
+        return cls(settings, prompt, previous, budget, style_text, tone_text, audience_text)
 
 
 class StoryTeller:
@@ -184,7 +217,7 @@ class StoryTeller:
     @torch.no_grad()
     def caption(self, images: ImageInput | Sequence[ImageInput], num_beams: int | None = None,
                 max_new_tokens: int | None = None,
-                repetition_penalty: float = 1.2, captioner: str | None = None,
+                repetition_penalty: float = CAPTION_REPETITION_PENALTY, captioner: str | None = None,
                 concepts: float | None = None, batch_size: int = CAPTION_BATCH) -> list[str]:
         """One caption per image, in order, for any number of images: they are loaded and captioned `batch_size`
         at a time (the MAX_IMAGES limit is for one story, not for captioning). `concepts`: the classifier
@@ -232,30 +265,16 @@ class StoryTeller:
 
     def _run(self, images, prompt, style, tone, audience, length, previous, decoding: dict, stream: bool):
         start = time.perf_counter()
-        unknown = set(decoding) - set(Decoding.__dataclass_fields__)
-        if unknown:
-            raise StoryInputError(f"unknown decoding setting(s): {sorted(unknown)}; "
-                                  f"known: {sorted(Decoding.__dataclass_fields__)}")
-        settings = Decoding(**decoding)
-        settings.validate()
-        if stream and settings.num_candidates != 1:
-            raise StoryInputError("streaming writes one candidate; set num_candidates=1")
-        prompt = _check_text(prompt, "prompt")
-        previous = _check_text(previous, "previous story", limit=20000)
-        budget = word_budget(length)
-        style_text = _choose(style, STYLES, "style", free_prefix="custom:")
-        tone_text = _choose(tone, TONES, "tone")
-        audience_text = _choose(audience, AUDIENCES, "audience")
-        if prompt:
-            verdict = self.filter.check(prompt)
-            if verdict.blocked:
-                raise StoryInputError(verdict.message)
+        request = StoryRequest.parse(prompt, style, tone, audience, length, previous, decoding, stream, self.filter)
+        settings, prompt, previous, budget = request.settings, request.prompt, request.previous, request.budget
+        style_text, tone_text, audience_text = request.style_text, request.tone_text, request.audience_text
         pil_images = self._load_images(images)
         timings = {}
         with self._lock:
             t = time.perf_counter()
             tokens, pooled = self._encode(pil_images)
-            captions = self.model.generate_captions(image_tokens=tokens, image_pooled=pooled, repetition_penalty=1.2)
+            captions = self.model.generate_captions(image_tokens=tokens, image_pooled=pooled,
+                                                    repetition_penalty=CAPTION_REPETITION_PENALTY)
             timings["caption_s"] = time.perf_counter() - t
             use_prefix = self.model.config.story_prefix
             hints = self.model.sure_classes(pooled, self.model.config.caption_concepts)
@@ -291,36 +310,8 @@ class StoryTeller:
                 torch.manual_seed(settings.seed)
             t = time.perf_counter()
             if stream:
-                streamer = TextIteratorStreamer(self.model.tokenizer, skip_special_tokens=True)
-                errors: list[BaseException] = []
-
-                def work():
-                    try:
-                        with torch.no_grad():
-                            self._decode(**gen_kwargs, streamer=streamer)
-                    except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
-                        errors.append(err)
-                        streamer.end()
-
-                worker = threading.Thread(target=work, daemon=True, name="mmstory-decode")
-                worker.start()
-                pieces: list[str] = []
-                emitted = ""
-                try:
-                    for piece in streamer:
-                        if "first_token_s" not in timings and piece:
-                            timings["first_token_s"] = time.perf_counter() - start
-                        pieces.append(piece)
-                        safe = _emittable("".join(pieces), budget)
-                        if len(safe) > len(emitted):
-                            chunk, emitted = safe[len(emitted):], safe
-                            yield chunk
-                finally:  # also when the consumer stops early: stop decoding before the lock is released
-                    cancel.set()
-                    worker.join()
-                if errors:
-                    raise errors[0]
-                texts = ["".join(pieces)]
+                texts, emitted = yield from _streamed(self._decode, gen_kwargs, self.model.tokenizer, budget, cancel,
+                                                      timings, start)
             else:
                 with torch.no_grad():
                     out = self._decode(**gen_kwargs)
@@ -355,14 +346,14 @@ class StoryTeller:
         if not text.strip():
             return -1.0
         text_embed = self.model.text_embedding([text])
-        return float((image_embeds @ text_embed.T).mean())
+        return float(similarity(image_embeds, text_embed).mean())
 
     @torch.no_grad()
     def _sentence_scores(self, story: str, image_embeds: torch.Tensor) -> list[SentenceScore]:
         sentences = split_sentences(story)
         if not sentences:
             return []
-        sims = self.model.text_embedding(sentences) @ image_embeds.T  # [S, I]
+        sims = similarity(self.model.text_embedding(sentences), image_embeds)  # [S, I]
         best, index = sims.max(dim=1)
         return [SentenceScore(s, round(float(b), 4), int(i)) for s, b, i in zip(sentences, best, index)]
 
@@ -372,27 +363,46 @@ class StoryTeller:
         return self._agreement(text, self.model.image_embedding(pooled))
 
     def answer(self, images: ImageInput | Sequence[ImageInput], question: str, *, max_new_tokens: int = 48,
-               seed: int | None = 0) -> AnswerResult:  # noqa: F821 - defined in mmstory.answering, imported below
+               seed: int | None = 0) -> AnswerResult:
         """Answer a question about the pictures in a sentence or two (an AnswerResult), not a story; see
         `mmstory.answering`."""
-        from mmstory.answering import answer_question  # imports this module
-
         return answer_question(self, images, question, max_new_tokens=max_new_tokens, seed=seed)
 
 
-# --- prompt building and text utilities ---------------------------------------------------------------------------
-def word_budget(length: str | int) -> int:
-    if isinstance(length, bool):
-        raise StoryInputError("length must be 'short', 'medium', 'long' or a number of words")
-    if isinstance(length, int):
-        if not 20 <= length <= MAX_WORDS:
-            raise StoryInputError(f"a word budget must be between 20 and {MAX_WORDS}, got {length}")
-        return length
-    if isinstance(length, str) and length.strip().isdigit():
-        return word_budget(int(length.strip()))
-    if length not in LENGTHS:
-        raise StoryInputError(f"unknown length {length!r}; use one of {sorted(LENGTHS)} or a number of words")
-    return LENGTHS[length]
+def _streamed(decode, gen_kwargs: dict, tokenizer, budget: int, cancel: threading.Event, timings: dict,
+              start: float) -> Generator[str, None, tuple[list[str], str]]:
+    """Decode one candidate in a worker thread, yielding the story's settled part as it grows; returns (the raw
+    texts, the text yielded so far). The decode is cancelled and joined however the consumer stops."""
+    streamer = TextIteratorStreamer(tokenizer, skip_special_tokens=True)
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            with torch.no_grad():
+                decode(**gen_kwargs, streamer=streamer)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(err)
+            streamer.end()
+
+    worker = threading.Thread(target=work, daemon=True, name="mmstory-decode")
+    worker.start()
+    pieces: list[str] = []
+    emitted = ""
+    try:
+        for piece in streamer:
+            if "first_token_s" not in timings and piece:
+                timings["first_token_s"] = time.perf_counter() - start
+            pieces.append(piece)
+            safe = _emittable("".join(pieces), budget)
+            if len(safe) > len(emitted):
+                chunk, emitted = safe[len(emitted):], safe
+                yield chunk
+    finally:  # also when the consumer stops early: stop decoding before the lock is released
+        cancel.set()
+        worker.join()
+    if errors:
+        raise errors[0]
+    return ["".join(pieces)], emitted
 
 
 def caption_coverage(story: str, captions: Sequence[str]) -> float:
@@ -434,47 +444,7 @@ def meets_budget(story: str, budget: int) -> bool:
     return 0.7 * budget <= len(story.split()) <= 1.2 * budget
 
 
-def build_instruction(captions: list[str], prompt: str | None, style: str | None, tone: str | None,
-                      audience: str | None, budget: int, previous: str | None, with_images: bool = True,
-                      hints: Sequence[Sequence[str]] | None = None) -> str:
-    """The user message: the pictures in order, each with what it shows, then one short, direct request.
-
-    The same message is built for the writer's training examples (`mmstory.writer_training`), so a trained writer
-    sees at inference exactly the form it learnt from. `hints`: per picture, words the image classifier is sure of.
-    """
-    kind = style or "a short story"
-    request = f"Write {kind} (about {budget} words)"
-    if audience:
-        request += f" for {audience}"
-    if tone:
-        request += f", {tone} in tone,"
-    noun = "photo" if len(captions) == 1 else f"{len(captions)} photos, in order"
-    request += f" about this {noun}. Tell only what the photos show, as one story with the same people throughout."
-    lines = [IMAGE_PLACEHOLDER * len(captions)] if with_images else []
-    lines.append(request)
-    for i, caption in enumerate(captions):
-        seen = [w for w in (hints[i] if hints and i < len(hints) else []) if w]
-        lines.append(f"Photo {i + 1}: {_sentence(caption)}" + (f" Also seen: {', '.join(seen)}." if seen else ""))
-    if prompt:
-        lines.append(f"The story should be about: {prompt}")
-    if previous:
-        lines.append(f"Here is the story so far:\n{previous}\nContinue it from where it stops, without repeating it.")
-    return "\n".join(lines)
-
-
-def _sentence(caption: str) -> str:
-    caption = caption.strip().rstrip(".")
-    if not caption:
-        return "something the model could not describe."
-    return caption[0].lower() + caption[1:] + "."
-
-
 _ENDS_SENTENCE = re.compile(r"[.!?][\"'”’)\]]*$")
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
-
-
-def split_sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip()]
 
 
 def finish_story(text: str, budget: int) -> str:
@@ -566,31 +536,3 @@ class Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def _check_text(text: str | None, what: str, limit: int = MAX_PROMPT_CHARS) -> str | None:
-    if text is None:
-        return None
-    if not isinstance(text, str):
-        raise StoryInputError(f"{what} must be text, got {type(text).__name__}")
-    text = text.strip()
-    if len(text) > limit:
-        raise StoryInputError(f"{what} is too long ({len(text):,} characters; the limit is {limit:,})")
-    return text or None
-
-
-def _choose(value: str | None, options: dict[str, str], what: str, free_prefix: str | None = None) -> str | None:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if not isinstance(value, str):
-        raise StoryInputError(f"{what} must be text, got {type(value).__name__}")
-    key = value.strip().lower()
-    if key in options:
-        return options[key]
-    if free_prefix and key.startswith(free_prefix):
-        custom = value.strip()[len(free_prefix):].strip()
-        if not custom or len(custom) > 100:
-            raise StoryInputError(f"a custom {what} needs 1-100 characters after '{free_prefix}'")
-        return custom
-    hint = f", or describe your own as '{free_prefix} ...'" if free_prefix else ""
-    raise StoryInputError(f"unknown {what} {value!r}; choose one of: {', '.join(options)}{hint}")

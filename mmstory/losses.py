@@ -1,9 +1,19 @@
-"""The two CoCa losses, kept apart from the model so they can be tested against hand-computed values."""
+"""CoCa's losses and their weighted sum, kept apart from the model so they can be tested against hand-computed values.
+
+`StoryModel.forward` returns `story_losses` (or, for self-critical training, `self_critical_output`): the model
+computes each head's features and logits, this module weighs and adds them.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from mmstory.model import StoryModel
 
 IGNORE_INDEX = -100
 
@@ -64,3 +74,60 @@ def leave_one_out_baseline(rewards: torch.Tensor, samples_per_image: int) -> tor
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {samples_per_image} (>= 2) samples")
     groups = rewards.view(-1, samples_per_image)
     return ((groups.sum(dim=1, keepdim=True) - groups) / (samples_per_image - 1)).reshape(-1)
+
+
+@dataclass
+class StoryModelOutput:
+    loss: torch.Tensor
+    contrastive_loss: torch.Tensor | None = None
+    caption_loss: torch.Tensor | None = None
+    caption_decoder_loss: torch.Tensor | None = None
+
+
+def story_losses(model: StoryModel, captions: list[str], image_tokens: torch.Tensor, image_pooled: torch.Tensor,
+                 text_pooled: torch.Tensor | None) -> StoryModelOutput:
+    """The config's weighted sum of the three heads' losses (a head whose weight is 0 is not run)."""
+    cfg = model.config
+    zero = model.logit_scale.new_zeros(())
+    out = StoryModelOutput(loss=zero)
+    if cfg.contrastive_weight > 0:
+        scale = model.contrastive_scale()
+        text = model.text_embedding(captions, pooled=text_pooled)
+        out.contrastive_loss = contrastive_loss(model.image_embedding(image_pooled), text, scale,
+                                                heads=cfg.contrastive_heads)
+        out.loss = out.loss + cfg.contrastive_weight * out.contrastive_loss
+    if cfg.caption_weight > 0:
+        embeds, mask, labels = model._caption_batch(model.visual_prefix(image_tokens, image_pooled), captions)
+        logits = model.decoder(inputs_embeds=embeds, attention_mask=mask).logits
+        out.caption_loss = caption_loss(logits, labels)
+        out.loss = out.loss + cfg.caption_weight * out.caption_loss
+    if model.caption_decoder is not None and cfg.caption_decoder_weight > 0:
+        ids, padding = model._caption_decoder_batch(captions, image_tokens.device)
+        logits = model.caption_decoder(ids, image_tokens.float(), padding, model.image_tags(image_pooled))
+        labels = ids.masked_fill(padding, IGNORE_INDEX)
+        labels[:, 0] = IGNORE_INDEX  # BOS is given, never predicted
+        out.caption_decoder_loss = caption_loss(logits, labels)
+        out.loss = out.loss + cfg.caption_decoder_weight * out.caption_decoder_loss
+    return out
+
+
+def self_critical_output(model: StoryModel, samples: list[list[int]], advantages: torch.Tensor | None,
+                         pixel_values: torch.Tensor | None, image_tokens: torch.Tensor | None,
+                         image_pooled: torch.Tensor | None) -> StoryModelOutput:
+    """The caption decoder's policy-gradient loss on its own samples (`StoryModel.forward` with caption_samples)."""
+    cfg = model.config
+    if model.caption_decoder is None or cfg.caption_decoder_weight == 0:
+        raise ValueError("self-critical training needs the caption decoder (caption_decoder_weight > 0)")
+    if cfg.contrastive_weight > 0 or cfg.caption_weight > 0:
+        raise ValueError("self-critical training trains the caption decoder alone: set contrastive_weight and "
+                         "caption_weight to 0")
+    if advantages is None or advantages.shape != (len(samples),):
+        raise ValueError("pass one advantage per caption sample")
+    if image_tokens is None:
+        image_tokens, image_pooled = model.encode_image(pixel_values)
+    if image_tokens.shape[0] != len(samples):
+        raise ValueError(f"{len(samples)} caption samples for {image_tokens.shape[0]} image rows")
+    ids, padding = model._compact_batch(samples, image_tokens.device)
+    logprobs, real = model._token_logprobs(ids, padding, image_tokens, image_pooled)
+    loss = self_critical_loss(logprobs, real, advantages.to(logprobs.device))
+    return StoryModelOutput(loss=cfg.caption_decoder_weight * loss, caption_decoder_loss=loss)

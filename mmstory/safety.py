@@ -6,6 +6,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mmstory.text import split_sentences
+
 # A deliberately small default list of unambiguous terms; deployments extend or replace it.
 DEFAULT_BLOCKLIST = (
     "behead", "beheading", "child porn", "dismember", "dismembered", "gore", "kill yourself", "massacre",
@@ -46,5 +48,5 @@ class ContentFilter:
         """Drop the sentences that contain blocked words."""
         if self._pattern is None:
             return text
-        sentences = re.split(r"(?<=[.!?])\s+", text)
+        sentences = split_sentences(text, keep_closers=True)
         return " ".join(s for s in sentences if not self._pattern.search(s)).strip()

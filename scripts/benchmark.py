@@ -2,7 +2,7 @@
 
 import sys
 
-from mmstory.benchmark import main
+from mmstory.eval.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

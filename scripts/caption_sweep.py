@@ -3,7 +3,7 @@
     python scripts/caption_sweep.py --model mmstory-small --data ../shared/data/flickr8k --split dev \\
         '{"num_beams": 5, "rerank": 5}' '{"num_beams": 8, "rerank": 40}'
 
-Each setting is a JSON object of `StoryModel.generate_captions` keywords (repetition penalty 1.2 unless given, as
+Each setting is a JSON object of `generate_captions` keywords (the caption repetition penalty unless given, as
 `StoryTeller.caption` uses); one JSON line per setting: BLEU-4, CIDEr-D, ROUGE-L (x100), distinct captions (%).
 The cache is the fp16 one `mmstory train` writes, so the numbers are within a few hundredths of `mmstory eval`'s,
 which decodes the images again; this is how the shipped `caption_beams` and `caption_rerank` were chosen.
@@ -17,10 +17,11 @@ import time
 
 import torch
 
-from mmstory.evaluation import load_eval_records
-from mmstory.features import FeatureCache
-from mmstory.metrics import caption_scores, distinct_caption_fraction
+from mmstory.captioning import CAPTION_REPETITION_PENALTY
+from mmstory.eval.evaluate import load_eval_records
+from mmstory.eval.metrics import caption_scores, distinct_caption_fraction
 from mmstory.model import StoryModel
+from mmstory.train.features import FeatureCache
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     dataset = cached.dataset()
     references = [r.captions for r in cached.records]
     for text in args.settings:
-        setting = {"repetition_penalty": 1.2, **json.loads(text)}
+        setting = {"repetition_penalty": CAPTION_REPETITION_PENALTY, **json.loads(text)}
         start, captions = time.perf_counter(), []
         for first in range(0, len(cached.records), args.batch_size):
             items = [dataset.features(i) for i in range(first, min(first + args.batch_size, len(cached.records)))]

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteriaList
 
+from mmstory.captioning import CAPTION_REPETITION_PENALTY
 from mmstory.data import open_image
 from mmstory.decoding import FastDecoder
-from mmstory.evaluation import load_eval_records, try_load_judge
+from mmstory.eval.evaluate import load_eval_records, try_load_judge
+from mmstory.eval.story_benchmark import DEFAULT_DATA, markdown_table, score_variant
 from mmstory.generation import TOKENS_PER_WORD, Decoding, StoryTeller, WordBudget, build_instruction, finish_story
 from mmstory.model import StoryModel
 from mmstory.specs import PACKAGED, load_decoder
-from mmstory.story_benchmark import DEFAULT_DATA, markdown_table, score_variant
 
 
 def file_mb(path: Path) -> float:
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     requests = []
     for record in records:
         tokens, pooled = teller._encode([open_image(record.image)])
-        captions = teller.model.generate_captions(image_tokens=tokens, image_pooled=pooled, repetition_penalty=1.2)
+        captions = teller.model.generate_captions(image_tokens=tokens, image_pooled=pooled,
+                                                       repetition_penalty=CAPTION_REPETITION_PENALTY)
         hints = teller.model.sure_classes(pooled, teller.model.config.caption_concepts)
         requests.append((captions, build_instruction(captions, None, None, None, None, args.length, None,
                                                      with_images=False, hints=hints)))

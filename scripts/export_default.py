@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from mmstory.config import ModelConfig
 from mmstory.factory import PRETRAINED_ROOT, get_model_config
 from mmstory.model import CONFIG_NAME, WEIGHTS_NAME
-from mmstory.train import latest_checkpoint
+from mmstory.train.trainer import latest_checkpoint
 
 CONTRASTIVE_HEAD = ("image_projection.", "text_projection.", "logit_scale", "distractor_pooled")
 HEAD_FIELDS = ("contrastive_heads", "embed_dim", "text_head_hidden", "caption_distractors")  # their sizes

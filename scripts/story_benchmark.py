@@ -1,4 +1,4 @@
-"""Story benchmark (logic in mmstory.story_benchmark):
+"""Story benchmark (logic in mmstory.eval.story_benchmark):
 
     python scripts/story_benchmark.py --images 48 --out docs/story-benchmark.json [--variant NAME=MODEL ...]
     python scripts/story_benchmark.py --from-json docs/story-benchmark.json
@@ -6,7 +6,7 @@
 
 import sys
 
-from mmstory.story_benchmark import main
+from mmstory.eval.story_benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@
 
 import sys
 
-from mmstory.train import main
+from mmstory.train.trainer import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -188,7 +188,7 @@ def api_client():
 
     from mmstory import create_model
     from mmstory.generation import StoryTeller
-    from mmstory.serving import build_app
+    from mmstory.serve.app import build_app
 
     torch.manual_seed(0)
     teller = count_encoder_calls(StoryTeller(create_model("tiny"), dtype="float32", compile=False))
@@ -281,7 +281,7 @@ def test_openapi_describes_the_answer_endpoint(api):
 def test_demo_shows_the_answer_to_a_question_in_the_story_box(guarded_teller, tmp_path):
     import gradio as gr
 
-    from mmstory.serving import build_demo
+    from mmstory.serve.app import build_demo
 
     demo = build_demo(guarded_teller)
     write = next(f.fn for f in demo.fns.values() if f.api_name == "story")

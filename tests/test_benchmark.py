@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from conftest import make_photo
 
-from mmstory.benchmark import run_stories
 from mmstory.decoding import FastDecoder
+from mmstory.eval.benchmark import run_stories
 
 
 def test_story_rows_compare_transformers_and_fast_decoding_and_restore_the_teller(tiny_teller):

@@ -153,7 +153,7 @@ def test_device_cpu_is_passed_to_from_pretrained(no_model, photo, command):
 
 
 def test_eval_passes_the_device_to_the_evaluation(monkeypatch, photo_dir, capsys):
-    from mmstory import evaluation
+    from mmstory.eval import evaluate as evaluation
     from mmstory.model import StoryModel
 
     seen = {}

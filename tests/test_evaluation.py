@@ -11,16 +11,15 @@ import torch
 
 from mmstory import cli
 from mmstory.data import ImageCaptions
-from mmstory.evaluation import (
+from mmstory.eval.evaluate import (
     evaluate,
     load_eval_records,
-    plot_training_metrics,
-    read_training_log,
     rerank_image_to_text,
     retrieval_similarity,
     story_perplexity,
 )
-from mmstory.metrics import distinct_caption_fraction, retrieval_ranks
+from mmstory.eval.metrics import distinct_caption_fraction, retrieval_ranks
+from mmstory.eval.plots import plot_training_metrics, read_training_log
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

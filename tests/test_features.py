@@ -13,8 +13,8 @@ import torch
 from conftest import make_photo
 
 from mmstory.data import ImageCaptions, write_shards
-from mmstory.features import FeatureCache, collate_features, file_identity
 from mmstory.images import ImageProcessor, load_image
+from mmstory.train.features import FeatureCache, collate_features, file_identity
 
 
 @pytest.fixture
@@ -146,7 +146,7 @@ def test_tar_members_and_interrupted_writes(tiny_model, images, tmp_path: Path):
 
 
 def test_text_features_encode_each_caption_once_and_match_the_encoder(tiny_model, tmp_path: Path):
-    from mmstory.features import text_features
+    from mmstory.train.features import text_features
 
     tiny_model.eval()
     captions = ["a dog runs", "two children play in the snow", "a dog runs", "a red car"]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmstory import metrics
-from mmstory.metrics import (
+from mmstory.eval import metrics
+from mmstory.eval.metrics import (
     CiderDReward,
     caption_scores,
     content_word_recall,

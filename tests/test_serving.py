@@ -85,7 +85,7 @@ def assert_story(body: dict, n_images: int) -> None:
 
 # --- the command line -------------------------------------------------------------------------------------------------
 def test_cli_refuses_bad_limits_and_missing_models(tmp_path, capsys):
-    from mmstory.serving import main, parse_args
+    from mmstory.serve.app import main, parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["serve", "--max-pixels", str(MAX_PIXELS + 1)])

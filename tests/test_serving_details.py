@@ -38,7 +38,7 @@ def read_lines(response: httpx.Response) -> list[dict]:
 
 # --- the command line -------------------------------------------------------------------------------------------------
 def test_host_and_port_default_from_gradio_environment(monkeypatch):
-    from mmstory.serving import parse_args
+    from mmstory.serve.app import parse_args
 
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
@@ -59,7 +59,7 @@ def test_host_and_port_default_from_gradio_environment(monkeypatch):
 
 
 def test_device_option_is_checked_before_the_model_loads(monkeypatch, tmp_path, capsys):
-    from mmstory import serving
+    from mmstory.serve import app as serving
 
     assert serving.parse_args(["serve"]).device == "auto"
     assert serving.parse_args(["demo", "--device", "cpu"]).device == "cpu"
@@ -82,7 +82,7 @@ def test_device_option_is_checked_before_the_model_loads(monkeypatch, tmp_path, 
 
 
 def test_delete_cache_option(monkeypatch):
-    from mmstory.serving import DELETE_CACHE_S, parse_args
+    from mmstory.serve.app import DELETE_CACHE_S, parse_args
 
     monkeypatch.delenv("MMSTORY_DELETE_CACHE", raising=False)
     assert parse_args(["demo"]).delete_cache == DELETE_CACHE_S == 3600
@@ -96,7 +96,7 @@ def test_delete_cache_option(monkeypatch):
 def test_built_blocks_carry_delete_cache(tiny_teller):
     from starlette.routing import Mount
 
-    from mmstory.serving import build_app, build_demo
+    from mmstory.serve.app import build_app, build_demo
 
     assert build_demo(tiny_teller).delete_cache == (3600, 3600)
 

@@ -10,23 +10,19 @@ from pathlib import Path
 import pytest
 
 from mmstory.data import ImageCaptions
-from mmstory.evaluation import JudgeLM, lm_perplexity, score_stories, try_load_judge
+from mmstory.eval.evaluate import JudgeLM, lm_perplexity, score_stories, try_load_judge
+from mmstory.eval.metrics import derangement, first_last_thirds, grounding_gap, hallucination_stats, staying_on_picture
+from mmstory.eval.story_benchmark import markdown_table, parse_variant, rescore, score_variant
 from mmstory.generation import split_sentences
-from mmstory.metrics import (
+from mmstory.specs import PACKAGED, PackagedWeights, SpecError
+from mmstory.text import (
     OBJECT_FORMS,
     OBJECT_GROUPS,
     _parse_objects,
-    derangement,
-    first_last_thirds,
-    grounding_gap,
     hallucinated_mentions,
-    hallucination_stats,
     object_mentions,
     reference_objects,
-    staying_on_picture,
 )
-from mmstory.specs import PACKAGED, PackagedWeights, SpecError
-from mmstory.story_benchmark import markdown_table, parse_variant, rescore, score_variant
 from tests.conftest import requires_packaged
 
 # Flickr8k-like references, written for these tests; consensus words (in >= 3 captions): dog, beach | sled, hill,
@@ -146,8 +142,8 @@ def test_score_stories_without_a_judge_says_so(tiny_model):
 
 
 def test_saved_stories_rescore_to_the_same_table(tmp_path, photo_dir, capsys):
-    from mmstory.evaluation import load_eval_records
-    from mmstory.story_benchmark import main
+    from mmstory.eval.evaluate import load_eval_records
+    from mmstory.eval.story_benchmark import main
 
     records = load_eval_records(photo_dir, "all")[:3]
     stories = ["A picture with stripes and noise.", "Stripes in a picture, and a dog.", "Noise and colour."]
@@ -236,8 +232,8 @@ def test_gemma_judge_finds_plain_english_fluent():
 @pytest.mark.slow
 @requires_packaged
 def test_story_benchmark_on_four_flickr8k_images(flickr8k, tmp_path, capsys):
+    from mmstory.eval.story_benchmark import main
     from mmstory.factory import packaged_models
-    from mmstory.story_benchmark import main
 
     if "mmstory-small" not in packaged_models():
         pytest.skip("mmstory-small weights are not shipped in this checkout")

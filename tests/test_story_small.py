@@ -4,8 +4,8 @@ import re
 
 import pytest
 
+from mmstory.eval.metrics import shared_content_words
 from mmstory.examples import example_image
-from mmstory.metrics import shared_content_words
 from tests.conftest import requires_packaged
 
 pytestmark = [pytest.mark.slow, requires_packaged]

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from mmstory import StoryModel, create_model
 from mmstory.config import to_yaml
-from mmstory.metrics import caption_scores
-from mmstory.train import (
+from mmstory.eval.metrics import caption_scores
+from mmstory.train.trainer import (
     DEFAULT_LR,
     TrainConfig,
     Trainer,
@@ -293,7 +293,7 @@ def test_best_checkpoint_follows_the_chosen_dev_loss(tmp_path: Path):
 
 
 def test_dev_cider_from_pixels_leaves_an_undecodable_image_out(tmp_path: Path, monkeypatch):
-    import mmstory.train as train_module
+    import mmstory.train.dev_eval as train_module
 
     csv = write_dataset(tmp_path / "data", 4)
     (tmp_path / "data" / "images" / "p1.jpg").write_bytes(b"not an image")  # the pixel dataset lends p2 in its place

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from mmstory.generation import build_instruction
 from mmstory.losses import IGNORE_INDEX
 from mmstory.model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, WEIGHTS_NAME, StoryModel
-from mmstory.train import main as train_main
-from mmstory.writer_training import (
+from mmstory.train.trainer import main as train_main
+from mmstory.train.writer import (
     WriterTrainConfig,
     WriterTrainer,
     add_writer_adapters,

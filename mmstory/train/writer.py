@@ -81,7 +81,7 @@ def story_budget(story: str) -> int:
 
 def encode_example(model: StoryModel, record: dict, max_tokens: int) -> tuple[list[int], list[int]]:
     """Token ids of [chat prompt][story][end of turn] and labels for the story and end of turn only."""
-    from mmstory.generation import build_instruction
+    from mmstory.prompts import build_instruction
 
     scenes = record["scenes"]
     words = record.get("words") or []

@@ -23,40 +23,40 @@ import contextlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mmstory.config import ModelConfig, from_dict, to_yaml
 from mmstory.data import (
-    EpochBatchSampler,
-    ImageCaptions,
-    ImageTextDataset,
     Skipped,
-    clean_records,
-    collate_pixels,
-    item_name,
-    load_records,
     records_fingerprint,
 )
-from mmstory.factory import get_model_config
-from mmstory.features import FeatureCache, TextFeatures, collate_features, tensors_sha256, text_features
-from mmstory.images import MAX_PIXELS, ImageProcessor
-from mmstory.losses import leave_one_out_baseline
-from mmstory.metrics import CiderDReward, caption_scores
+from mmstory.images import MAX_PIXELS
 from mmstory.model import WEIGHTS_NAME, StoryModel
+from mmstory.registry import get_model_config
+from mmstory.train.checkpoints import (  # noqa: F401 - re-exported: the checkpoint helpers were defined here
+    CheckpointMixin,
+    TrainState,
+    _replace_dir,
+    _rng_state,
+    _set_rng_state,
+    _write_json_atomic,
+    latest_checkpoint,
+    weights_digest,
+)
+from mmstory.train.dev_eval import LOSSES, SCORES, DevEvalMixin
+from mmstory.train.features import FeatureCache
+from mmstory.train.inputs import Split, TrainDataMixin, _model_inputs, caption_features, read_source  # noqa: F401
+from mmstory.train.scst import SelfCriticalMixin, scst_reward
 
 PARTS = ("bridge", "caption_decoder", "projections", "vision", "text", "decoder")
 PART_OF = {"bridge": "bridge", "caption_decoder": "caption_decoder", "image_projection": "projections",
@@ -64,8 +64,6 @@ PART_OF = {"bridge": "bridge", "caption_decoder": "caption_decoder", "image_proj
            "decoder": "decoder"}
 DEFAULT_LR = {"bridge": 3e-4, "caption_decoder": 5e-4, "projections": 5e-4, "vision": 1e-5, "text": 1e-5,
               "decoder": 2e-5}
-LOSSES = ("loss", "contrastive_loss", "caption_loss", "caption_decoder_loss")
-SCORES = ("cider_d",)  # dev scores (higher is better): CIDEr-D of the caption decoder's greedy captions
 OBJECTIVES = ("xe", "scst")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -254,116 +252,14 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------------------------------
-@dataclass
-class Split:
-    """A ready dataset and how to batch it."""
-
-    dataset: Dataset
-    records: list[ImageCaptions]
-    collate: Callable[[list[dict]], dict]
-
-    @property
-    def caption_counts(self) -> list[int]:
-        return [len(r.captions) for r in self.records]
-
-
-def read_source(source: DataSource) -> tuple[list[ImageCaptions], list[Skipped]]:
-    records = load_records(source.path, source.format, source.split, source.image_root, source.limit)
-    return clean_records(records)
-
-
-def _model_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    if "pixel_values" in batch:
-        return {"pixel_values": batch["pixel_values"].to(device).contiguous(memory_format=torch.channels_last)}
-    inputs = {"image_tokens": batch["image_tokens"].to(device), "image_pooled": batch["image_pooled"].to(device)}
-    if "text_pooled" in batch:
-        inputs["text_pooled"] = batch["text_pooled"].to(device)
-    return inputs
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------------------------
-@dataclass
-class TrainState:
-    """Where training stands; saved in every checkpoint as state.json."""
-
-    global_step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0  # optimizer steps done in `epoch`
-    samples: int = 0
-    train_seconds: float = 0.0
-    best_value: float | None = None
-    best_step: int | None = None
-    evals_since_best: int = 0
-    last_eval_step: int | None = None
-    world_size: int = 1
-    data_fingerprint: str = ""  # of the training records, to notice a resumed run reading other data
-    bad_items: dict[str, str] = field(default_factory=dict)
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint (named in `latest`, else the highest step)."""
-    pointer = output_dir / "latest"
-    if pointer.is_file() and (output_dir / pointer.read_text().strip() / "state.json").is_file():
-        return output_dir / pointer.read_text().strip()
-    done = [p for p in output_dir.glob("checkpoint-*") if (p / "state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
-
-
-def _fsync_dir(directory: Path) -> None:
-    for path in directory.iterdir():
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Swap a fully written directory into place; a complete copy exists under one of the two names at all times."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _rng_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def weights_digest(model: StoryModel) -> str:
-    return tensors_sha256(model.trained_state_dict())
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------------------------------
-class Trainer:
-    """Owns the run: model, data, optimiser, schedule, logs and checkpoints; `fit()` trains and returns the report."""
+class Trainer(TrainDataMixin, CheckpointMixin, DevEvalMixin, SelfCriticalMixin):
+    """Owns the run: model, data, optimiser, schedule, logs and checkpoints; `fit()` trains and returns the report.
+
+    The loop and the logs are here; the splits and feature caches (`mmstory.train.inputs`), checkpoints
+    (`mmstory.train.checkpoints`), dev evaluation (`mmstory.train.dev_eval`) and the self-critical step
+    (`mmstory.train.scst`) are mixed in from their own modules."""
 
     def __init__(self, config: TrainConfig, resume: bool = False):
         from accelerate import Accelerator
@@ -397,16 +293,8 @@ class Trainer:
         if decoder is not None and decoder.needs_vocabulary:  # its compact vocabulary comes from the training captions
             self.model.fit_caption_vocabulary([c for r in self.train_split.records for c in r.captions])
         if self.model.config.caption_distractors:  # frozen-encoder features of training images, for caption reranking
-            if self.model.config.vision.train != "frozen":
-                raise ValueError("caption_distractors keeps image features taken once, so it needs a frozen vision "
-                                 "encoder: set model.overrides.caption_distractors: 0 to train the vision encoder")
             self.model.set_distractors(self._distractor_features(self.model.config.caption_distractors))
-        self.reward = None
-        if config.caption_objective == "scst":
-            if decoder is None or self.model.config.contrastive_weight > 0 or self.model.config.caption_weight > 0:
-                raise ValueError("caption_objective: scst trains the caption decoder alone: the model needs one, and "
-                                 "model.overrides must set contrastive_weight and caption_weight to 0")
-            self.reward = CiderDReward({item_name(r.image): r.captions for r in self.train_split.records})
+        self.reward = scst_reward(config, self.model, self.train_split.records)
 
         opt = config.optim
         self.optimizer = torch.optim.AdamW(param_groups(self.model, opt.lr, opt.weight_decay), betas=tuple(opt.betas),
@@ -424,84 +312,6 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._start_logging()
-
-    # --- setup -----------------------------------------------------------------------------------------------------
-    def _split(self, source: DataSource, name: str) -> Split:
-        acc, cfg = self.accelerator, self.config.data
-        records, skipped = read_source(source)
-        self._note_skipped(skipped)
-        if not records:
-            raise ValueError(f"the {name} data at {source.path} has no usable records")
-        if not cfg.use_feature_cache:
-            vision = self.model.vision.to(memory_format=torch.channels_last)  # faster CNNs on CPU; pixels match
-            dataset = ImageTextDataset(records, ImageProcessor(vision.image_size, vision.mean, vision.std),
-                                       cfg.max_pixels)
-            return Split(dataset, records, collate_pixels)
-        if self.model.config.vision.train != "frozen":
-            raise ValueError("use_feature_cache needs a frozen vision encoder (model.vision.train: frozen)")
-        cache = FeatureCache(cfg.feature_cache_dir, self.model.vision, self.model.config.vision.spec,
-                             getattr(torch, cfg.feature_dtype), max_pixels=cfg.max_pixels)
-        with acc.main_process_first():  # the main process encodes; the others then find everything cached
-            cached = cache.build(records, batch_size=cfg.encode_batch_size, num_workers=cfg.num_workers,
-                                 device=acc.device, progress=self.config.progress and acc.is_main_process)
-        self._note_skipped(cached.skipped)
-        if acc.is_main_process:
-            self.cache_report[name] = {"directory": str(cache.directory), "images": len(records),
-                                       "encoded": cached.encoded, "reused": cached.reused,
-                                       "seconds": round(cached.seconds, 3)}
-            acc.print(f"feature cache ({name}): {cached.encoded} encoded, {cached.reused} reused, "
-                      f"{cached.seconds:.1f} s, {cache.directory}")
-        if not cached.records:
-            raise ValueError(f"none of the {name} images could be encoded")
-        return Split(cached.dataset(self._text_features(cached.records, name)), cached.records, collate_features)
-
-    def _text_features(self, records: list[ImageCaptions], name: str) -> TextFeatures | None:
-        acc = self.accelerator
-        with acc.main_process_first():  # the main process encodes; the others then load its file
-            text = caption_features(self.model, records, self.config.data,
-                                    progress=self.config.progress and acc.is_main_process)
-        if text is not None and acc.is_main_process:
-            self.cache_report[f"{name}_text"] = {"captions": len(text.lookup), "encoded": text.encoded,
-                                                 "seconds": round(text.seconds, 3)}
-            acc.print(f"text features ({name}): {len(text.lookup)} captions, {text.encoded} encoded, "
-                      f"{text.seconds:.1f} s")
-        return text
-
-    @torch.no_grad()
-    def _distractor_features(self, count: int) -> torch.Tensor:
-        """Pooled features of `count` training images, picked by the run's seed (its own generator: the global RNG,
-        and with it the run, stays as it was)."""
-        split = self.train_split
-        order = np.random.default_rng(self.config.seed).permutation(len(split.records))[:count]
-        pooled, was_training = [], self.model.training
-        self.model.eval()  # a frozen encoder's batch norm on its running statistics, as when the cache was built
-        for _, inputs in self._image_batches(split, order, self.model.logit_scale.device):  # not prepared yet
-            if "image_pooled" not in inputs:
-                inputs["image_pooled"] = self.model.encode_image(inputs["pixel_values"])[1]
-            pooled.append(inputs["image_pooled"].float().cpu())
-        self.model.train(was_training)
-        return torch.cat(pooled)
-
-    def _image_batches(self, split: Split, records: Iterable[int],
-                       device: torch.device | str) -> Iterator[tuple[dict, dict[str, torch.Tensor]]]:
-        """Batches of the given records' images (first caption), as the batch and its image inputs on `device`."""
-        records = [int(i) for i in records]
-        for start in range(0, len(records), self.config.batch_size):
-            batch = split.collate([split.dataset[(i, 0)] for i in records[start: start + self.config.batch_size]])
-            inputs = _model_inputs(batch, device)
-            inputs.pop("text_pooled", None)
-            yield batch, inputs
-
-    def _sampler(self, epoch: int, start: int = 0) -> EpochBatchSampler:
-        acc = self.accelerator
-        return EpochBatchSampler(self.train_split.caption_counts, self.config.batch_size, seed=self.config.seed,
-                                 epoch=epoch, rank=acc.process_index, world_size=acc.num_processes,
-                                 caption_sampling=self.config.data.caption_sampling, start=start)
-
-    def _loader(self, split: Split, sampler: EpochBatchSampler, seed: int) -> DataLoader:
-        # Its own generator: creating a loader must not draw from the global RNG, or a resumed run would diverge.
-        return DataLoader(split.dataset, batch_sampler=sampler, collate_fn=split.collate,
-                          num_workers=self.config.data.num_workers, generator=torch.Generator().manual_seed(seed))
 
     def _start_logging(self) -> None:
         acc = self.accelerator
@@ -525,73 +335,6 @@ class Trainer:
         for item in skipped:
             self.state.bad_items.setdefault(item.item, item.reason)
 
-    # --- checkpoints -----------------------------------------------------------------------------------------------
-    def _load_checkpoint(self, directory: Path) -> None:
-        acc = self.accelerator
-        self.model.load_trained_state(load_file(str(directory / "model.safetensors")))
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
-        self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
-        saved = json.loads((directory / "state.json").read_text())
-        bad = {**saved.pop("bad_items"), **self.state.bad_items}
-        fingerprint = self.state.data_fingerprint
-        self.state = TrainState(**saved, bad_items=bad)
-        if self.state.data_fingerprint != fingerprint:
-            acc.print("warning: the training data differ from the checkpoint's; the data order will not match")
-            self.state.data_fingerprint = fingerprint
-        if self.state.world_size != acc.num_processes:
-            acc.print(f"warning: the checkpoint was written by {self.state.world_size} process(es), this run has "
-                      f"{acc.num_processes}: training continues, but not in the same data order")
-            self.state.world_size = acc.num_processes
-        rng = directory / f"rng-{acc.process_index}.pt"
-        self.rng_to_restore = torch.load(rng if rng.is_file() else directory / "rng-0.pt", weights_only=True)
-        acc.print(f"resumed from {directory} at step {self.state.global_step} (epoch {self.state.epoch}, "
-                  f"step {self.state.step_in_epoch} of {self.steps_per_epoch})")
-
-    def _gather_bad_items(self) -> None:
-        from accelerate.utils import gather_object
-
-        for item, reason in gather_object(sorted(self.state.bad_items.items())):
-            self.state.bad_items.setdefault(item, reason)
-
-    def save_checkpoint(self) -> Path:
-        """Write checkpoint-<step>/ atomically: into a temporary folder, renamed when complete; then prune old ones."""
-        acc = self.accelerator
-        self._gather_bad_items()
-        step = self.state.global_step
-        final = self.out / f"checkpoint-{step}"
-        tmp = self.out / f".checkpoint-{step}.tmp"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            acc.unwrap_model(self.model).save_pretrained(tmp)  # config.json + model.safetensors: a loadable model
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps(asdict(self.state), indent=2) + "\n")
-        acc.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng-{acc.process_index}.pt")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            pointer = self.out / ".latest.tmp"
-            pointer.write_text(final.name + "\n")
-            os.replace(pointer, self.out / "latest")
-            old = sorted((p for p in self.out.glob("checkpoint-*") if p != final),
-                         key=lambda p: int(p.name.split("-")[1]))
-            for path in old[: max(len(old) - self.config.keep_checkpoints + 1, 0)]:
-                shutil.rmtree(path, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
-
-    def _save_best(self) -> None:
-        if self.accelerator.is_main_process:
-            tmp = self.out / ".best.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.accelerator.unwrap_model(self.model).save_pretrained(tmp)
-            _fsync_dir(tmp)
-            _replace_dir(tmp, self.out / "best")
-
     # --- logging ---------------------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any], file: str = "metrics.jsonl") -> None:
         if self.accelerator.is_main_process:
@@ -601,90 +344,6 @@ class Trainer:
     def _print(self, text: str) -> None:
         if self.accelerator.is_main_process:
             tqdm.write(text)
-
-    # --- evaluation ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean dev losses over the whole dev set (shared across processes), plus sample captions on the main one."""
-        acc, split = self.accelerator, self.dev_split
-        model = acc.unwrap_model(self.model)  # no DDP wrapper: ranks may run different numbers of dev batches
-        model.eval()
-        sums = torch.zeros(len(LOSSES) + 1, dtype=torch.float64, device=acc.device)
-        sampler = EpochBatchSampler(split.caption_counts, self.config.batch_size, rank=acc.process_index,
-                                    world_size=acc.num_processes, shuffle=False)
-        for batch in self._loader(split, sampler, self.config.seed):
-            self._note_skipped(batch["skipped"])
-            with acc.autocast():
-                out = model(captions=batch["captions"], **_model_inputs(batch, acc.device))
-            n = len(batch["captions"])
-            for i, name in enumerate(LOSSES):
-                value = getattr(out, name)
-                if value is not None:
-                    sums[i] += value.double() * n
-            sums[-1] += n
-        sums = acc.reduce(sums, "sum")
-        metrics = {name: (sums[i] / sums[-1]).item() for i, name in enumerate(LOSSES) if sums[i] != 0}
-        if self.config.best_metric == "cider_d":
-            metrics["cider_d"] = self._dev_cider(model)
-        if acc.is_main_process and self.config.num_sample_captions > 0:
-            self._sample_captions(model)
-        model.train()
-        return metrics
-
-    def _dev_cider(self, model: StoryModel) -> float:
-        """Corpus CIDEr-D of greedy caption-decoder captions, one per dev image (every rank computes the same)."""
-        if model.caption_decoder is None:
-            raise ValueError("best_metric cider_d needs a caption decoder")
-        split, captions = self.dev_split, {}
-        for batch, inputs in self._image_batches(split, range(len(split.records)), self.accelerator.device):
-            written = model.generate_captions(**inputs, num_beams=1, captioner="caption_decoder")
-            # from pixels, an undecodable image arrives as its neighbour: score each image that was read, once,
-            # against its own references
-            for name, caption in zip(batch["names"], written):
-                captions.setdefault(name, caption)
-        references = {item_name(r.image): r.captions for r in split.records}
-        scores, _ = caption_scores([references[name] for name in captions], list(captions.values()), use_java=False)
-        return scores["CIDEr-D"] * 100
-
-    def _sample_captions(self, model: StoryModel) -> None:
-        split = self.dev_split
-        count = min(self.config.num_sample_captions, len(split.records))
-        batch = split.collate([split.dataset[(i, 0)] for i in range(count)])
-        # show the captioner this run trains: the LM through the bridge, or else the caption decoder
-        captioner = "decoder" if model.config.caption_weight > 0 or model.caption_decoder is None else "caption_decoder"
-        inputs = _model_inputs(batch, self.accelerator.device)
-        inputs.pop("text_pooled", None)
-        captions = model.generate_captions(**inputs, captioner=captioner)
-        step = self.state.global_step
-        lines = []
-        for name, caption, reference in zip(batch["names"], captions, batch["captions"]):
-            self._log({"step": step, "image": name, "caption": caption, "reference": reference}, "samples.jsonl")
-            lines.append(f"  {Path(name).name}: {caption!r} (reference: {reference!r})")
-        self._print(f"sample captions at step {step}:\n" + "\n".join(lines))
-        self.accelerator.get_tracker("tensorboard", unwrap=True).add_text("samples", "\n\n".join(lines), step)
-
-    def _after_eval(self, metrics: dict[str, float]) -> bool:
-        """Track the best dev loss (saving that model) and return True when early stopping says stop."""
-        state = self.state
-        state.last_eval_step, self.last_dev = state.global_step, metrics
-        value = metrics.get(self.config.best_metric)
-        if value is None:
-            raise ValueError(f"best_metric {self.config.best_metric!r} is not computed by this run's losses")
-        better = (lambda a, b: a > b) if self.config.best_metric in SCORES else (lambda a, b: a < b)
-        improved = state.best_value is None or better(value, state.best_value)
-        if improved:
-            state.best_value, state.best_step, state.evals_since_best = value, state.global_step, 0
-            self._save_best()
-        else:
-            state.evals_since_best += 1
-        self._log({"step": state.global_step, "split": "dev", **metrics, "best_value": state.best_value,
-                   "epoch": state.epoch})
-        self.accelerator.log({f"dev/{k}": v for k, v in metrics.items()}, step=state.global_step)
-        self._print(f"step {state.global_step}: dev loss {metrics['loss']:.4f}, {self.config.best_metric} "
-                    f"{value:.4f} (best {state.best_value:.4f} "
-                    f"at step {state.best_step})")
-        patience = self.config.early_stopping_patience
-        return patience is not None and state.evals_since_best >= patience
 
     # --- training --------------------------------------------------------------------------------------------------
     def _train_step(self, batches: list[dict]) -> tuple[dict[str, torch.Tensor], float | None]:
@@ -712,34 +371,6 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return totals, grad_norm
-
-    def _self_critical_forward(self, batch: dict) -> tuple[Any, dict[str, torch.Tensor]]:
-        """Sample captions (no gradient), reward them, then the policy-gradient loss through the (DDP) model."""
-        cfg, acc = self.config, self.accelerator
-        inputs = _model_inputs(batch, acc.device)
-        inputs.pop("text_pooled", None)
-        model = acc.unwrap_model(self.model)
-        if "image_tokens" not in inputs:
-            with torch.no_grad():
-                inputs["image_tokens"], inputs["image_pooled"] = model.encode_image(inputs.pop("pixel_values"))
-        k = cfg.scst_samples
-        compact, texts = model.sample_captions(inputs["image_tokens"], inputs["image_pooled"], k, cfg.scst_temperature)
-        cider = torch.as_tensor(self.reward(texts, [name for name in batch["names"] for _ in range(k)]),
-                                dtype=torch.float32)
-        logged = {"sample_cider_d": cider.mean() * 100}
-        rewards = cider
-        if cfg.scst_discriminability > 0:
-            with torch.no_grad():
-                images = model.image_embedding(inputs["image_pooled"])
-                logits = model.contrastive_scale() * model.text_embedding(texts) @ images.T
-                own = torch.arange(len(batch["names"]), device=logits.device).repeat_interleave(k)
-                retrieval = logits.log_softmax(dim=-1).gather(1, own[:, None])[:, 0].float().cpu()
-            rewards = cider + cfg.scst_discriminability * retrieval
-            logged["sample_image_logprob"] = retrieval.mean()
-        advantages = rewards - leave_one_out_baseline(rewards, k)
-        repeated = {name: value.repeat_interleave(k, dim=0) for name, value in inputs.items()}
-        out = self.model(**repeated, caption_samples=compact, sample_advantages=advantages.to(acc.device))
-        return out, {name: value.to(acc.device) for name, value in logged.items()}
 
     def fit(self) -> dict[str, Any]:
         acc, cfg, state = self.accelerator, self.config, self.state
@@ -846,19 +477,6 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------------
-def caption_features(model: StoryModel, records: list[ImageCaptions], data: DataConfig,
-                     progress: bool = False) -> TextFeatures | None:
-    """A frozen text encoder's features for every caption, computed once (the contrastive loss needs them)."""
-    if model.config.text.train != "frozen" or model.config.contrastive_weight <= 0:
-        return None
-    fingerprint = {"spec": model.config.text.spec, "weights_sha256": tensors_sha256(model.text.state_dict()),
-                   "pooling": "mean", "max_length": 128, "dtype": data.feature_dtype}
-    model.text.eval()  # a frozen encoder: no dropout in the features that stand in for it
-    return text_features(data.feature_cache_dir, model.encode_text, fingerprint,
-                         [c for r in records for c in r.captions], dtype=getattr(torch, data.feature_dtype),
-                         progress=progress)
-
-
 def prepare_features(config: TrainConfig) -> None:
     """Fill the image (and caption) feature caches for the config's splits, e.g. before parallel stages."""
     model = StoryModel(build_model_config(config.model))
@@ -876,7 +494,7 @@ def prepare_features(config: TrainConfig) -> None:
               + (f"; {text.encoded} of {len(text.lookup)} captions encoded" if text is not None else ""), flush=True)
 
 
-CONFIG_DIR = Path(__file__).parent / "configs"  # the shipped configs, package data
+CONFIG_DIR = Path(__file__).parents[1] / "configs"  # the shipped configs, package data
 
 
 def packaged_configs() -> list[str]:
@@ -923,8 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         args.config = str(resolve_config(args.config))
     except FileNotFoundError as err:
         parser.error(str(err))
-    if _task(args.config) == "writer":  # the story writer's own loop (mmstory.writer_training)
-        from mmstory.writer_training import load_config, train_writer
+    if _task(args.config) == "writer":  # the story writer's own loop (mmstory.train.writer)
+        from mmstory.train.writer import load_config, train_writer
 
         writer = load_config(args.config, args.overrides)
         for name in ("output_dir", "max_steps", "epochs", "batch_size", "seed"):

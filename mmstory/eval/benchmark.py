@@ -83,7 +83,7 @@ def measure_bandwidth(threads: int, megabytes: int = 256, repeats: int = 10) -> 
 def load_story_model():
     """mmstory-small as shipped (or its parts with an untrained bridge: the same speed)."""
     from mmstory import StoryModel, create_model
-    from mmstory.factory import packaged_models
+    from mmstory.registry import packaged_models
 
     if "mmstory-small" in packaged_models():
         return StoryModel.from_pretrained("mmstory-small"), "shipped"
@@ -318,7 +318,7 @@ def run_startup(quantize: str, threads: int) -> list[dict]:
         for label in ("cold compile cache", "warm compile cache"):
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": str(threads),
                    "MMSTORY_BENCH_T0": repr(time.time())}
-            done = subprocess.run([sys.executable, "-m", "mmstory.benchmark", CHILD_FLAG, quantize], env=env,
+            done = subprocess.run([sys.executable, "-m", "mmstory.eval.benchmark", CHILD_FLAG, quantize], env=env,
                                   capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 rows.append({"name": label, "error": done.stderr.strip().splitlines()[-1:]})
@@ -380,13 +380,13 @@ def print_report(report: dict) -> None:
                 continue
             print(f"  {s['name']}: imported {s['imported']:.1f}s, loaded {s['loaded']:.1f}s, first token "
                   f"{s['first_token']:.1f}s, second {s['second_token']:.1f}s, 20th {s['twentieth_token']:.1f}s")
-    print("\ntargets (issue 6)")
+    print("\nspeed targets")
     for line in report["targets"]:
         print(f"  {line}")
 
 
 def targets(report: dict) -> list[str]:
-    """The issue's targets against this run's numbers, stated plainly."""
+    """The speed targets (TARGETS) against this run's numbers, stated plainly."""
     lines = []
     fast = [r for r in report["decode"] if r["name"] == f"fast-{report['best_fast']}" and r["batch"] == 1]
     for r in report["decode"]:

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmstory.captioning import CAPTION_REPETITION_PENALTY
+from mmstory.components import similarity
 from mmstory.data import ImageCaptions, clean_records, item_name, load_records, open_image, skip_reason
 from mmstory.devices import DEVICE_HELP, resolve_device
-from mmstory.images import ImageError
-from mmstory.metrics import (
+from mmstory.eval.metrics import (
     caption_scores,
     content_word_recall,
     distinct_caption_fraction,
@@ -45,11 +46,12 @@ from mmstory.metrics import (
     retrieval_ranks,
     staying_on_picture,
 )
+from mmstory.eval.plots import read_training_log, write_plots
+from mmstory.images import ImageError
 
 TASKS = ("captioning", "retrieval", "stories")
 CAPTIONS_PER_IMAGE = 5
 NUM_EXAMPLES = 5
-NOT_PLOTTED = frozenset({"step", "epoch", "world_size"})  # training-log bookkeeping, not metrics
 JUDGE_SPEC = "packaged:gemma3-270m"  # a larger LM than the 135M story writer, so fluency is not self-judged
 
 
@@ -129,7 +131,7 @@ def retrieval_similarity(model, image_embeds: torch.Tensor, references: Sequence
         chosen = list(group)[:captions_per_image]
         texts += chosen
         owner += [index] * len(chosen)
-    sim = image_embeds.float() @ text_embeddings(model, texts, batch_size).float().T
+    sim = similarity(image_embeds.float(), text_embeddings(model, texts, batch_size).float())
     return sim.numpy(), np.asarray(owner)
 
 
@@ -231,7 +233,8 @@ def score_stories(records: Sequence[ImageCaptions], stories: Sequence[str], seco
     shuffled one (the grounding gap), made-up objects (CHAIR), staying on the picture from the first to the last
     third, and perplexity under a judge LM (None skips it; the report's judge note says why).
     """
-    from mmstory.generation import split_sentences, word_budget
+    from mmstory.prompts import word_budget
+    from mmstory.text import split_sentences
 
     if len(records) != len(stories):
         raise ValueError(f"{len(records)} records but {len(stories)} stories")
@@ -280,7 +283,7 @@ def story_metrics(teller, records: Sequence[ImageCaptions], image_embeds: torch.
         stories.append(result.story)
         seconds.append(result.timings["total_s"])
         filtered += result.filtered
-    agreement = (image_embeds.float() @ text_embeddings(model, stories).float().T).numpy()  # [images, stories]
+    agreement = similarity(image_embeds.float(), text_embeddings(model, stories).float()).numpy()  # [images, stories]
     matched = np.diag(agreement)
     mismatched = agreement[~np.eye(len(stories), dtype=bool)]
     scores = score_stories(records, stories, seconds, length, judge=judge, seed=seed, judge_note=judge_note)
@@ -306,7 +309,8 @@ def story_metrics(teller, records: Sequence[ImageCaptions], image_embeds: torch.
 
 # --- the whole evaluation --------------------------------------------------------------------------------------------
 def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = TASKS, num_beams: int | None = None,
-             repetition_penalty: float = 1.2, max_new_tokens: int | None = None, captioner: str | None = None,
+             repetition_penalty: float = CAPTION_REPETITION_PENALTY, max_new_tokens: int | None = None,
+             captioner: str | None = None,
              stories: int = 20, story_length: str | int = "short", story_candidates: int | None = None,
              batch_size: int = 32, captions_per_image: int = CAPTIONS_PER_IMAGE, use_java: bool | None = None,
              dtype: str = "bfloat16", seed: int = 0, rerank_top_k: int = 20, rerank_weight: float = 0.1,
@@ -316,7 +320,7 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
 
     The model is wrapped in a StoryTeller (which casts the decoder to `dtype`), so the numbers are those of the
     product as served. Decoding settings default to StoryTeller.caption's (the config's caption_beams,
-    repetition penalty 1.2). `judge` (a JudgeLM) adds the stories' perplexity under a larger LM; None skips it.
+    CAPTION_REPETITION_PENALTY). `judge` (a JudgeLM) adds the stories' perplexity under a larger LM; None skips it.
     `device`: where the model runs, as for StoryTeller (None/"auto": cuda when available, else cpu).
     """
     from mmstory import __version__
@@ -400,92 +404,6 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
     return report
 
 
-# --- plots -----------------------------------------------------------------------------------------------------------
-def plot_recall_curves(retrieval: dict, path: str | Path) -> Path:
-    """Recall@K against K (log scale) for both retrieval directions."""
-    from matplotlib.figure import Figure
-
-    curve = retrieval["curve"]
-    fig = Figure(figsize=(6, 4), dpi=120)
-    ax = fig.add_subplot()
-    for key, label in (("image_to_text", "image → text"), ("text_to_image", "text → image")):
-        ax.plot(curve["k"], curve[key], marker="o", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("K")
-    ax.set_ylabel("Recall@K (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"Retrieval over {retrieval['images']} images, {retrieval['texts']} captions")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-def read_training_log(path: str | Path) -> list[dict]:
-    """Rows of a trainer's metrics.jsonl (given the file or its run directory); unreadable lines are left out."""
-    path = Path(path)
-    path = path / "metrics.jsonl" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"no training log at {path}")
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-            rows.append(row)
-    return rows
-
-
-def plot_training_metrics(rows: Sequence[dict], path: str | Path) -> Path:
-    """One panel per logged metric against the training step, one line per split; `lr/<part>` keys share a panel."""
-    from matplotlib.figure import Figure
-
-    series: dict[str, dict[str, tuple[list, list]]] = {}
-    for row in rows:
-        for key, value in row.items():
-            if key in NOT_PLOTTED or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            panel, _, part = key.partition("/")
-            label = " ".join(x for x in (str(row.get("split", "train")), part) if x)
-            xs, ys = series.setdefault(panel, {}).setdefault(label, ([], []))
-            xs.append(row["step"])
-            ys.append(value)
-    if not series:
-        raise ValueError("the training log has no numeric metrics")
-    labels = sorted({label for lines in series.values() for label in lines})
-    columns = min(3, len(series))
-    rows_n = -(-len(series) // columns)
-    fig = Figure(figsize=(4.5 * columns, 3.2 * rows_n), dpi=110)
-    for index, (name, lines) in enumerate(sorted(series.items())):
-        ax = fig.add_subplot(rows_n, columns, index + 1)
-        for label, (xs, ys) in sorted(lines.items()):
-            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label, color=f"C{labels.index(label) % 10}")
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-def write_plots(report: dict, directory: str | Path, run_dir: str | Path | None = None) -> list[str]:
-    directory = Path(directory)
-    written = []
-    if "retrieval" in report:
-        written.append(str(plot_recall_curves(report["retrieval"], directory / "recall_at_k.png")))
-    if run_dir is not None:
-        written.append(str(plot_training_metrics(read_training_log(run_dir), directory / "training_metrics.png")))
-    return written
-
-
 # --- command line ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmstory eval", description=__doc__.split("\n\n")[0])
@@ -497,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--num-beams", type=int, default=None, help="default: the model config's caption_beams")
-    p.add_argument("--repetition-penalty", type=float, default=1.2)
+    p.add_argument("--repetition-penalty", type=float, default=CAPTION_REPETITION_PENALTY)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--captioner", choices=["decoder", "caption_decoder"], default=None,
                    help="captioning path (default: the model's own setting)")

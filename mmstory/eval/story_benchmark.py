@@ -24,9 +24,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mmstory.data import ImageCaptions, open_image
-from mmstory.evaluation import JUDGE_SPEC, JudgeLM, load_eval_records, score_stories, story_perplexity, try_load_judge
+from mmstory.eval.evaluate import (
+    JUDGE_SPEC,
+    JudgeLM,
+    load_eval_records,
+    score_stories,
+    story_perplexity,
+    try_load_judge,
+)
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "flickr8k"
 COLUMNS = ("variant", "grounding own", "shuffled", "gap", "CHAIR_i", "CHAIR_s", "on-picture first third",
            "last third", "judge ppl (Gemma-270M)", "distinct-3", "words / requested", "within 20%", "s/story")
 

@@ -1,32 +1,19 @@
-"""The Gradio demo and the HTTP API: a thin layer over StoryTeller, loaded once per process.
-
-`mmstory demo` serves the Gradio page (and its API, usable from `gradio_client`); `mmstory serve` adds the plain JSON
-endpoints `POST /api/story` and `POST /api/answer` on the same server (OpenAPI page at `/api/docs`, schema at
-`/api/openapi.json`); `POST /api/story` can also stream the story as NDJSON. Both commands answer `GET /health`. A
-prompt that is a question about the pictures ("what is the dog doing?") gets an answer of a sentence or two instead of
-a story, on every surface. Uploads are decoded only from the bytes sent; client-given file names and paths are never
-used, so nothing outside the upload is ever read. Gradio's uploads are deleted from its temp folder once they are
-older than `--delete-cache` seconds (an hour by default).
+"""The plain JSON API on the demo's server: `POST /api/story` (JSON, multipart or streamed NDJSON) and
+`POST /api/answer`, their request schemas (derived from `Decoding`, the one source of the decoding defaults),
+admission control and the upload limit.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import json
 import logging
-import os
-import random
-import sys
-import time
 from collections.abc import Iterator
 from typing import Annotated, Any, get_type_hints
 
-try:  # the [serve] extra; only `mmstory demo` / `mmstory serve` import this module
+try:  # the [serve] extra; only `mmstory serve` imports this module
     import anyio
-    import gradio as gr
-    import uvicorn
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -38,32 +25,15 @@ except ImportError as err:
     raise ImportError(f"the demo and the JSON API need the serve extra: pip install 'mmstory[serve]' ({err})") from err
 
 from mmstory.answering import MAX_ANSWER_TOKENS, AnswerResult, check_question, is_question
-from mmstory.devices import DEVICE_HELP, DeviceError, resolve_device
-from mmstory.examples import EXAMPLES, example_image
-from mmstory.generation import (
-    AUDIENCES,
-    DEFAULT_LENGTH,
-    LENGTHS,
-    MAX_IMAGES,
-    MAX_PROMPT_CHARS,
-    STYLES,
-    TONES,
-    Decoding,
-    StoryInputError,
-    StoryResult,
-    StoryTeller,
-)
-from mmstory.images import MAX_PIXELS, ImageError, load_image
+from mmstory.generation import MAX_IMAGES, Decoding, StoryResult, StoryTeller
+from mmstory.images import ImageError, load_image
+from mmstory.prompts import StoryInputError
 
-CSS = "#grounding .textfield { word-break: normal; }"  # Gradio breaks highlighted text mid-word by default
-ANY = "any"  # the demo's "no preference" choice for style, tone and audience
 INT64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]  # JSON integers beyond 64 bits are a client error, not a crash
 NDJSON = "application/x-ndjson"  # the streaming form of POST /api/story: one JSON object per line
-DELETE_CACHE_S = 3600  # Gradio's uploads older than this are deleted, checked this often (0: never)
-log = logging.getLogger("mmstory.serving")
+log = logging.getLogger("mmstory.serve.api")
 
 
-# --- the plain JSON API -----------------------------------------------------------------------------------------------
 class ApiError(Exception):
     """A request the JSON API refuses; becomes `{"detail": message, "code": code}` with this HTTP status."""
 
@@ -426,245 +396,3 @@ def add_json_api(app: FastAPI, teller: StoryTeller, queue_size: int, upload_limi
         return await serve(request, AnswerRequest, answer)
 
 
-# --- the Gradio demo --------------------------------------------------------------------------------------------------
-def _choice(value: str | None) -> str | None:
-    return None if value in (None, "", ANY) else value
-
-
-def _story_views(result: StoryResult, shown: str) -> tuple:
-    """The demo's outputs for a finished story: text, grounding highlights, captions table, status, full JSON."""
-    grounding = [(s.text + " ", s.grounding) for s in result.sentences]
-    captions = [[i + 1, caption] for i, caption in enumerate(result.captions)]
-    timing = result.timings
-    status = (f"Done in {timing.get('total_s', 0):.1f} s (first words after {timing['first_token_s']:.1f} s)"
-              if "first_token_s" in timing else f"Done in {timing.get('total_s', 0):.1f} s")
-    status += f" · seed {result.settings.get('seed')} · image-text agreement {result.score:+.3f}"
-    if result.notice:
-        status = f"**{result.notice}**  \n{status}"
-    return shown, grounding, captions, status, result.to_dict()
-
-
-def _answer_views(result: AnswerResult) -> tuple:
-    """The demo's outputs for an answer: the answer in the story box, no grounding, the captions, status, JSON."""
-    captions = [[i + 1, caption] for i, caption in enumerate(result.captions)]
-    status = f"Answered in {result.timings.get('total_s', 0):.1f} s (a question gets an answer, not a story)"
-    if result.notice:
-        status = f"**{result.notice}**  \n{status}"
-    return result.answer, [], captions, status, result.to_dict()
-
-
-def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS,
-               delete_cache: tuple[int, int] | None = (DELETE_CACHE_S, DELETE_CACHE_S)) -> gr.Blocks:
-    """The Gradio Blocks page; its main event is exposed to `gradio_client` as `/story`.
-
-    `delete_cache`: Gradio's (frequency, age) in seconds: every `frequency` seconds the files this page's users
-    uploaded that are older than `age` are deleted from Gradio's temp folder (the examples are kept); None: never.
-    """
-
-    def write(pictures: list | None, prompt: str, style: str, tone: str, audience: str, length: str,
-              temperature: float, top_k: int, top_p: float, repetition_penalty: float, no_repeat_ngram_size: int,
-              num_candidates: int, num_beams: int, seed: int | None, max_new_tokens: int, do_sample: bool,
-              previous: str = "") -> Iterator[tuple]:
-        """Stream the story (one candidate, no beams) or, with several candidates or beams, show the reranked best;
-        a question in the prompt box gets its answer in the story box instead."""
-        try:
-            images = [load_image(path, max_pixels=max_pixels, name=f"picture {i + 1}")
-                      for i, (path, _caption) in enumerate(pictures or [])]
-            settings = dict(prompt=prompt or None, style=_choice(style), tone=_choice(tone),
-                            audience=_choice(audience), length=length or DEFAULT_LENGTH, previous=previous or None,
-                            temperature=temperature, top_k=int(top_k), top_p=top_p,
-                            repetition_penalty=repetition_penalty, no_repeat_ngram_size=int(no_repeat_ngram_size),
-                            num_candidates=int(num_candidates), num_beams=int(num_beams),
-                            seed=None if seed is None else int(seed),
-                            max_new_tokens=int(max_new_tokens) if max_new_tokens else None, do_sample=do_sample)
-            if is_question(prompt):  # "what is the dog doing?": the answer replaces the story box, no streaming
-                yield gr.skip(), None, None, "Reading the pictures…", gr.skip()
-                yield _answer_views(teller.answer(images or None, prompt, seed=settings["seed"],
-                                                  max_new_tokens=settings["max_new_tokens"] or 48))
-                return
-            head = previous.rstrip() + "\n\n" if previous and previous.strip() else ""
-            yield head, None, None, "Reading the pictures…", gr.skip()
-            if num_candidates == 1 and num_beams == 1:
-                events = teller.stream_result(images or None, **settings)
-            else:
-                events = iter([teller.generate_story(images or None, **settings)])
-            text = head
-            for event in events:
-                if isinstance(event, str):
-                    text += event
-                    yield text, gr.skip(), gr.skip(), "Writing…", gr.skip()
-                else:
-                    yield _story_views(event, head + event.story)
-        except (StoryInputError, ImageError) as err:
-            what = "answer this question" if is_question(prompt) else "write this story"
-            yield gr.skip(), gr.skip(), gr.skip(), f"**Cannot {what}:** {err}", gr.skip()
-            raise gr.Error(str(err)) from err
-
-    with gr.Blocks(title="mmstory: stories from pictures", delete_cache=delete_cache) as demo:
-        gr.Markdown("# mmstory\nUpload one picture or several (in story order), or pick an example, then press "
-                    "**Write the story**. The captions and how well each sentence agrees with the pictures appear "
-                    "under the story.")
-        with gr.Row():
-            with gr.Column(scale=1):
-                pictures = gr.Gallery(label="Pictures, in story order", type="filepath", file_types=["image"],
-                                      interactive=True, columns=4, height=260, elem_id="pictures")
-                gr.Examples(examples=[[[example_image(name)]] for name in EXAMPLES], inputs=[pictures],
-                            label="Examples (click one)", elem_id="examples")
-                prompt = gr.Textbox("", label="Prompt (optional)", lines=2, max_length=MAX_PROMPT_CHARS,
-                                    placeholder="what the story should be about, or a question about the pictures",
-                                    info="a question (\"what is the dog doing?\") is answered instead of a story")
-                with gr.Row():
-                    style = gr.Dropdown([ANY, *STYLES], value=ANY, label="Style", allow_custom_value=True,
-                                        info="or type 'custom: your own'")
-                    tone = gr.Dropdown([ANY, *TONES], value=ANY, label="Tone")
-                    audience = gr.Dropdown([ANY, *AUDIENCES], value=ANY, label="Audience")
-                    length = gr.Dropdown(list(LENGTHS), value=DEFAULT_LENGTH, label="Length", allow_custom_value=True,
-                                         info="or a number of words")
-                defaults = Decoding()
-                with gr.Accordion("Advanced decoding", open=False):
-                    temperature = gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label="Temperature")
-                    top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k (0 = off)")
-                    top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="Top-p")
-                    repetition_penalty = gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.05,
-                                                   label="Repetition penalty")
-                    no_repeat = gr.Slider(0, 8, value=defaults.no_repeat_ngram_size, step=1,
-                                          label="No-repeat n-gram size (0 = off)")
-                    num_candidates = gr.Slider(1, 8, value=1, step=1, label="Candidates",
-                                               info="more than 1: rerank by image-text agreement (no streaming)")
-                    num_beams = gr.Slider(1, 8, value=1, step=1, label="Beams", info="more than 1: no streaming")
-                    seed = gr.Number(value=defaults.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
-                    max_new_tokens = gr.Number(value=0, precision=0, minimum=0, maximum=2048,
-                                               label="Max new tokens (0: from the length)")
-                    do_sample = gr.Checkbox(value=defaults.do_sample, label="Sample (off: greedy)")
-                with gr.Row():
-                    generate = gr.Button("Write the story", variant="primary", elem_id="generate")
-                    new_version = gr.Button("New version", elem_id="new-version")
-                    continue_button = gr.Button("Continue the story", elem_id="continue")
-            with gr.Column(scale=1):
-                story = gr.Textbox("", label="Story", lines=14, interactive=True, buttons=["copy"], elem_id="story")
-                status = gr.Markdown(label="Status", elem_id="status")
-                grounding = gr.HighlightedText(label="Grounding: agreement of each sentence with its best picture",
-                                               show_legend=True, elem_id="grounding")
-                captions = gr.Dataframe(headers=["picture", "caption"], datatype=["number", "str"],
-                                        column_widths=["15%", "85%"], interactive=False, wrap=True,
-                                        label="Captions", elem_id="captions")
-                with gr.Accordion("Full result (JSON)", open=False):
-                    details = gr.JSON(label="StoryResult")
-
-        inputs = [pictures, prompt, style, tone, audience, length, temperature, top_k, top_p, repetition_penalty,
-                  no_repeat, num_candidates, num_beams, seed, max_new_tokens, do_sample]
-        outputs = [story, grounding, captions, status, details]
-        shown = dict(show_progress_on=story)  # progress and errors on the story box, not over every output
-        generate.click(write, inputs, outputs, api_name="story", **shown)
-        continue_button.click(write, [*inputs, story], outputs, api_name="continue_story", **shown)
-        new_version.click(lambda: random.randrange(2**32), None, seed, queue=False, api_visibility="private").then(
-            write, inputs, outputs, api_visibility="private", **shown)
-    return demo
-
-
-# --- the server -------------------------------------------------------------------------------------------------------
-def build_app(teller: StoryTeller, *, model_name: str, json_api: bool = True, queue_size: int = 8,
-              max_upload_mb: float = 20, max_pixels: int = MAX_PIXELS,
-              delete_cache_s: int | None = DELETE_CACHE_S) -> FastAPI:
-    """One FastAPI app: `/health`, optionally `POST /api/story` and `/api/answer`, and the Gradio page at `/`.
-
-    `delete_cache_s`: Gradio's uploads older than this many seconds are deleted, checked as often (0/None: never).
-    """
-    upload_limit = int(max_upload_mb * 2**20)
-    app = FastAPI(title="mmstory", summary="Stories from pictures", docs_url="/api/docs",
-                  openapi_url="/api/openapi.json", redoc_url=None)
-    started = time.time()
-    if json_api:
-        add_json_api(app, teller, queue_size, upload_limit, max_pixels)
-
-    @app.get("/openapi.json", include_in_schema=False)
-    def openapi_alias() -> JSONResponse:
-        """The schema at FastAPI's usual address too (it lives at /api/openapi.json, beside /api/docs)."""
-        return JSONResponse(app.openapi())
-
-    @app.get("/health")
-    def health() -> dict[str, Any]:
-        """Liveness and load: the model served and how many JSON API stories are waiting or running."""
-        admission = getattr(app.state, "admission", None)
-        return {"status": "ok", "model": model_name, "device": str(teller.device), "dtype": teller.dtype,
-                "quantize": teller.quantize,
-                "json_api": json_api, "busy": admission.active if admission else 0, "queue_size": queue_size,
-                "uptime_s": round(time.time() - started, 1)}
-
-    delete_cache = (int(delete_cache_s), int(delete_cache_s)) if delete_cache_s else None
-    demo = build_demo(teller, max_pixels=max_pixels, delete_cache=delete_cache).queue(
-        max_size=queue_size, default_concurrency_limit=1)
-    # Gradio checks that file paths in a request were uploaded only once `has_launched` is set, which `launch()` does
-    # and `mount_gradio_app` does not: without this, a client could name any server file as a picture.
-    demo.has_launched = True
-    return gr.mount_gradio_app(app, demo, path="/", max_file_size=upload_limit, footer_links=["api"],
-                               theme=gr.themes.Soft(), css=CSS)
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    command = argv[0] if argv and argv[0] in ("demo", "serve") else "serve"
-    rest = argv[1:] if argv and argv[0] in ("demo", "serve") else argv
-    parser = argparse.ArgumentParser(
-        prog=f"mmstory {command}",
-        description="Launch the Gradio demo" + (" plus the JSON API (POST /api/story, POST /api/answer)"
-                                                if command == "serve" else ""))
-    parser.add_argument("--model", default="mmstory-small", help="packaged name or a save_pretrained directory")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
-                        help="address to bind (0.0.0.0 exposes it to the network); default: $GRADIO_SERVER_NAME, "
-                             "else 127.0.0.1")
-    # a string default goes through type=int too, so a bad $GRADIO_SERVER_PORT is a clear usage error
-    parser.add_argument("--port", type=int, default=os.environ.get("GRADIO_SERVER_PORT") or "7860",
-                        help="port to bind; default: $GRADIO_SERVER_PORT, else 7860")
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP + " (default: auto); checked before the model "
-                                                                       "loads")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--quantize", default="int4", choices=["none", "int8", "int4"],
-                            help="story-writer weights in decode steps: int4 is the packaged SmolLM2's own Q4_1 "
-                                 "precision and the fastest; none keeps the loaded bf16/float32 weights")
-    parser.add_argument("--queue-size", type=int, default=8,
-                        help="stories waiting or running per API before clients are told the server is busy")
-    parser.add_argument("--max-upload-mb", type=float, default=20, help="largest upload (request body) accepted")
-    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
-                        help=f"largest image accepted, in pixels (at most {MAX_PIXELS:,})")
-    parser.add_argument("--delete-cache", type=int, metavar="SECONDS",
-                        default=os.environ.get("MMSTORY_DELETE_CACHE") or str(DELETE_CACHE_S),
-                        help="delete the demo's uploads older than SECONDS from Gradio's temp folder, checked every "
-                             f"SECONDS (0: keep them); default: $MMSTORY_DELETE_CACHE, else {DELETE_CACHE_S}")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    args = parser.parse_args(rest)
-    if not 1 <= args.max_pixels <= MAX_PIXELS:
-        parser.error(f"--max-pixels must be between 1 and {MAX_PIXELS:,}")
-    if args.queue_size < 1 or args.max_upload_mb <= 0:
-        parser.error("--queue-size and --max-upload-mb must be positive")
-    if args.delete_cache < 0:
-        parser.error("--delete-cache must be 0 (keep uploads) or a number of seconds")
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port must be between 0 and 65535, not {args.port}")
-    try:  # before the model loads: a machine without the GPU asked for is told so at once
-        resolve_device(args.device)
-    except DeviceError as err:
-        parser.error(f"--device: {err}")
-    args.command = command
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`mmstory demo|serve [options]`: load the model once, then serve until interrupted."""
-    args = parse_args(list(argv or []))
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        teller = StoryTeller.from_pretrained(args.model, dtype=args.dtype, device=args.device,
-                                             quantize=None if args.quantize == "none" else args.quantize)
-    except FileNotFoundError as err:  # no such directory, or the packaged weights are not there yet
-        print(f"mmstory {args.command}: {err}", file=sys.stderr)
-        return 2
-    teller.warmup()  # compile the decode step before the first request, not during it
-    app = build_app(teller, model_name=str(args.model), json_api=args.command == "serve", queue_size=args.queue_size,
-                    max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, delete_cache_s=args.delete_cache)
-    print(f"mmstory {args.command}: http://{args.host}:{args.port}/ on {teller.device}"
-          + (f"  (JSON API: POST http://{args.host}:{args.port}/api/story and /api/answer; "
-             f"docs at http://{args.host}:{args.port}/api/docs)"
-             if args.command == "serve" else ""),
-          flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0

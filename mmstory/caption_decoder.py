@@ -1,0 +1,322 @@
+"""CoCa's small caption decoder: a causal Transformer over a compact vocabulary that cross-attends to image tokens,
+with greedy, sampled and (constrained) beam-search decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CaptionDecoder(nn.Module):
+    """CoCa's multimodal text decoder: a small causal Transformer that cross-attends to image tokens.
+
+    Trained from scratch; far cheaper than running the pretrained LM, so it can learn to caption on a CPU. It works
+    in a compact vocabulary (PAD, BOS, EOS, UNK, then the decoder tokenizer's ids that the training captions use), so
+    its output layer is a few thousand rows instead of the LM's full vocabulary.
+    """
+
+    PAD, BOS, EOS, UNK = 0, 1, 2, 3
+    SPECIALS = 4
+
+    def __init__(self, tokenizer_size: int, vocab_size: int | None, token_dim: int, width: int, depth: int,
+                 heads: int, max_length: int, dropout: float, tag_slots: int = 0):
+        super().__init__()
+        self.max_length = max_length
+        size = self.SPECIALS + (vocab_size or tokenizer_size)
+        # compact id -> tokenizer id; the identity over the whole tokenizer until fit_vocabulary() picks a subset
+        token_ids = torch.full((size,), -1, dtype=torch.long)
+        token_ids[self.SPECIALS:] = torch.arange(size - self.SPECIALS) if vocab_size is None else -1
+        self.register_buffer("token_ids", token_ids)
+        self.tokenizer_size = tokenizer_size
+        self.embed = nn.Embedding(size, width)
+        self.position = nn.Parameter(torch.zeros(1, max_length + 1, width))
+        self.image_proj = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, width))
+        # tag words (the image classifier's top classes, OSCAR-style) join the memory as embedded tokens: the same
+        # embedding as the output head, so a tag word is easy to copy into the caption; slots carry rank position
+        self.tag_slots = tag_slots
+        self.tag_position = nn.Parameter(torch.zeros(1, tag_slots, width)) if tag_slots else None
+        layer = nn.TransformerDecoderLayer(width, heads, 4 * width, dropout, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.layers = nn.TransformerDecoder(layer, depth)
+        self.norm = nn.LayerNorm(width)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    @property
+    def needs_vocabulary(self) -> bool:
+        return bool((self.token_ids[self.SPECIALS:] < 0).all())
+
+    def fit_vocabulary(self, token_id_lists: list[list[int]]) -> None:
+        """Keep the most frequent tokenizer ids of the training captions (ties broken by id, so it is deterministic)."""
+        counts = torch.bincount(torch.tensor([t for ids in token_id_lists for t in ids] or [0], dtype=torch.long),
+                                minlength=self.tokenizer_size)
+        room = self.token_ids.numel() - self.SPECIALS
+        order = sorted(range(counts.numel()), key=lambda i: (-int(counts[i]), i))
+        chosen = [i for i in order[:room] if counts[i] > 0]
+        self.token_ids[self.SPECIALS:] = -1
+        self.token_ids[self.SPECIALS: self.SPECIALS + len(chosen)] = torch.tensor(chosen, dtype=torch.long)
+
+    def compact_table(self) -> torch.Tensor:
+        """Tokenizer id -> compact id ([tokenizer_size + 1]; UNK for ids outside the vocabulary, PAD at index -1 so
+        that -1 padding maps to PAD). Derived from `token_ids` and rebuilt only when that buffer changes."""
+        key = (self.token_ids.data_ptr(), self.token_ids._version)
+        if getattr(self, "_table_key", None) != key:
+            table = torch.full((self.tokenizer_size + 1,), self.UNK, dtype=torch.long)
+            table[-1] = self.PAD
+            known = self.token_ids.cpu()
+            valid = known >= 0
+            table[known[valid]] = torch.arange(known.numel())[valid]
+            self._table, self._table_key = table, key
+        return self._table
+
+    def to_compact(self, token_id_lists: list[list[int]]) -> list[list[int]]:
+        table = self.compact_table().tolist()
+        return [[table[t] for t in ids] for ids in token_id_lists]
+
+    def to_tokenizer(self, compact_lists: list[list[int]]) -> list[list[int]]:
+        table = self.token_ids.tolist()
+        return [[table[c] for c in ids if c >= self.SPECIALS and table[c] >= 0] for ids in compact_lists]
+
+    def forward(self, input_ids: torch.Tensor, image_tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                tag_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] for `input_ids` [B, T] that start with BOS; `padding_mask` is True at padding;
+        `tag_ids` [B, tag_slots] are compact ids of tag words (PAD where empty), required when tag_slots > 0."""
+        length = input_ids.shape[1]
+        if length > self.position.shape[1]:
+            raise ValueError(f"caption of {length} tokens exceeds the caption decoder's {self.position.shape[1]}")
+        x = self.embed(input_ids) + self.position[:, :length]
+        memory, memory_mask = self._memory(image_tokens, tag_ids)
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        x = self.layers(x, memory, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=padding_mask,
+                        memory_key_padding_mask=memory_mask)
+        return F.linear(self.norm(x), self.embed.weight)  # output head tied to the input embedding
+
+    def _memory(self, image_tokens: torch.Tensor, tag_ids: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the decoder cross-attends to: projected image tokens, then the tag words; and its padding mask."""
+        memory, memory_mask = self.image_proj(image_tokens), None
+        if self.tag_slots:
+            if tag_ids is None or tag_ids.shape[1] != self.tag_slots:
+                raise ValueError(f"this caption decoder reads {self.tag_slots} tag ids per image")
+            memory = torch.cat([memory, self.embed(tag_ids) + self.tag_position], dim=1)
+            empty = torch.zeros(image_tokens.shape[:2], dtype=torch.bool, device=memory.device)
+            memory_mask = torch.cat([empty, tag_ids == self.PAD], dim=1)
+        return memory, memory_mask
+
+    # --- incremental decoding: the same layers, one new token at a time, keys and values cached ------------------
+    def start(self, image_tokens: torch.Tensor, tag_ids: torch.Tensor | None = None) -> DecodeState:
+        """Begin decoding (inference only: no dropout): the memory's cross-attention keys and values, once."""
+        memory, memory_mask = self._memory(image_tokens, tag_ids)
+        cross = []
+        for layer in self.layers.layers:
+            attn = layer.multihead_attn
+            _, k_weight, v_weight = attn.in_proj_weight.chunk(3)
+            _, k_bias, v_bias = attn.in_proj_bias.chunk(3)
+            cross.append((self._heads(F.linear(memory, k_weight, k_bias), attn.num_heads),
+                          self._heads(F.linear(memory, v_weight, v_bias), attn.num_heads)))
+        visible = None if memory_mask is None else ~memory_mask[:, None, None, :]
+        return DecodeState(cross, visible, [None] * len(cross))
+
+    def step(self, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row ([B]) and return the next-token logits [B, V] (unusable ids at -inf); `state`
+        grows by that token. Equal to `forward` on the whole prefix, without recomputing it; it follows the pre-norm
+        (`norm_first=True`) GELU layers that `__init__` builds, reading their weights directly."""
+        position = state.length
+        if position >= self.position.shape[1]:
+            raise ValueError(f"the caption decoder's {self.position.shape[1]} positions are used up")
+        x = self.embed(token_ids)[:, None] + self.position[:, position: position + 1]
+        for i, layer in enumerate(self.layers.layers):
+            attn = layer.self_attn
+            q, k, v = (self._heads(t, attn.num_heads) for t in
+                       F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))
+            if state.keys[i] is not None:
+                k, v = torch.cat([state.keys[i][0], k], dim=2), torch.cat([state.keys[i][1], v], dim=2)
+            state.keys[i] = (k, v)
+            x = x + attn.out_proj(self._merge(F.scaled_dot_product_attention(q, k, v)))
+            cross = layer.multihead_attn
+            q_weight, q_bias = cross.in_proj_weight.chunk(3)[0], cross.in_proj_bias.chunk(3)[0]
+            q = self._heads(F.linear(layer.norm2(x), q_weight, q_bias), cross.num_heads)
+            out = F.scaled_dot_product_attention(q, *state.memory[i], attn_mask=state.memory_visible)
+            x = x + cross.out_proj(self._merge(out))
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))
+        state.length += 1
+        logits = F.linear(self.norm(x[:, 0]), self.embed.weight).float()
+        return logits.masked_fill(self._unusable, float("-inf"))
+
+    @staticmethod
+    def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+        return x.unflatten(-1, (heads, -1)).transpose(1, 2)  # [B, T, W] -> [B, H, T, W/H]
+
+    @staticmethod
+    def _merge(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).flatten(2)
+
+    @property
+    def _unusable(self) -> torch.Tensor:
+        """Ids never to generate: PAD, BOS, UNK and unused slots of the compact vocabulary."""
+        mask = self.token_ids < 0
+        mask[self.EOS] = False
+        return mask
+
+    @torch.no_grad()
+    def generate(self, image_tokens: torch.Tensor, max_new_tokens: int | None = None, num_beams: int = 1,
+                 length_penalty: float = 1.0, repetition_penalty: float = 1.0,
+                 tag_ids: torch.Tensor | None = None,
+                 required: Sequence[Sequence[int] | None] | None = None) -> list[list[int]]:
+        """Greedy (num_beams=1) or beam search; returns compact ids without BOS/EOS, one list per image.
+        `required` (beam search only): per image, compact ids of which the caption must contain one, or None."""
+        if num_beams == 1:
+            if required is not None and any(r is not None for r in required):
+                raise ValueError("required words need beam search (num_beams > 1)")
+            steps = min(max_new_tokens or self.max_length, self.max_length)
+            return self._decode_batch(image_tokens, steps, repetition_penalty, tag_ids)
+        found = self.candidates(image_tokens, max_new_tokens, num_beams, length_penalty, repetition_penalty, tag_ids,
+                                required)
+        return [rows[0][1] for rows in found]
+
+    @torch.no_grad()
+    def candidates(self, image_tokens: torch.Tensor, max_new_tokens: int | None = None, num_beams: int = 3,
+                   length_penalty: float = 1.0, repetition_penalty: float = 1.0,
+                   tag_ids: torch.Tensor | None = None,
+                   required: Sequence[Sequence[int] | None] | None = None) -> list[list[tuple[float, list[int]]]]:
+        """Beam search's finished captions per image, best first, as (length-normalised log-probability, ids);
+        `required`: per image, compact ids of which every caption must contain one (constrained search), or None."""
+        steps = min(max_new_tokens or self.max_length, self.max_length)
+        required = [None] * image_tokens.shape[0] if required is None else list(required)
+        if len(required) != image_tokens.shape[0]:
+            raise ValueError(f"required has {len(required)} entries for {image_tokens.shape[0]} images")
+        return [beam_search(self, image_tokens[i: i + 1], steps, num_beams, length_penalty, repetition_penalty,
+                            None if tag_ids is None else tag_ids[i: i + 1], required[i])
+                for i in range(image_tokens.shape[0])]
+
+    @torch.no_grad()
+    def sample(self, image_tokens: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
+               max_new_tokens: int | None = None, tag_ids: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> list[list[int]]:
+        """`num_samples` captions per image drawn from the decoder's own distribution (row i * num_samples + j is
+        sample j of image i): the exploration self-critical training learns from."""
+        if temperature <= 0:
+            raise ValueError("sampling needs temperature > 0; use generate() for greedy decoding")
+        steps = min(max_new_tokens or self.max_length, self.max_length)
+        tokens = image_tokens.repeat_interleave(num_samples, dim=0)
+        tags = None if tag_ids is None else tag_ids.repeat_interleave(num_samples, dim=0)
+        return self._decode_batch(tokens, steps, 1.0, tags, temperature, generator)
+
+    def _decode_batch(self, image_tokens: torch.Tensor, steps: int, repetition_penalty: float,
+                tag_ids: torch.Tensor | None = None, temperature: float = 0.0,
+                generator: torch.Generator | None = None) -> list[list[int]]:
+        """Token by token for the whole batch: the argmax, or a draw at `temperature` > 0."""
+        batch = image_tokens.shape[0]
+        ids = torch.full((batch, 1), self.BOS, dtype=torch.long, device=image_tokens.device)
+        state = self.start(image_tokens, tag_ids)
+        active = torch.arange(batch, device=ids.device)  # rows still writing: finished ones leave the batch
+        for _ in range(steps):
+            rows = ids[active]
+            logits = _penalise_repeats(self.step(state, rows[:, -1]), rows[:, 1:], repetition_penalty)
+            if temperature > 0:
+                probs = (logits / temperature).softmax(-1)
+                next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                next_ids = logits.argmax(-1)
+            column = torch.full((batch,), self.PAD, dtype=torch.long, device=ids.device)
+            column[active] = next_ids
+            ids = torch.cat([ids, column[:, None]], dim=1)
+            writing = next_ids != self.EOS
+            active = active[writing]
+            if active.numel() == 0:
+                break
+            state.select(writing.nonzero()[:, 0])
+        return [_strip(row.tolist(), self.EOS, self.PAD) for row in ids[:, 1:]]
+
+
+def beam_search(decoder: CaptionDecoder, image_tokens: torch.Tensor, steps: int, beams: int, length_penalty: float,
+                repetition_penalty: float, tag_ids: torch.Tensor | None = None,
+                required: Sequence[int] | None = None) -> list[tuple[float, list[int]]]:
+    """Beam search for one image. With `required` (compact ids of one word's forms), constrained beam search
+    (Anderson et al., 2017): a second bank of `beams` hypotheses that have not written one of them yet, and
+    only captions that contain one finish; if none does within `steps`, the open hypotheses are returned."""
+    required = list(required) if required else None  # no forms: no constraint
+    ids = torch.full((1, 1), decoder.BOS, dtype=torch.long, device=image_tokens.device)
+    scores = torch.zeros(1, device=ids.device)
+    has_word = torch.tensor([required is None], device=ids.device)
+    state = decoder.start(image_tokens, tag_ids)
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(steps):
+        logits = _penalise_repeats(decoder.step(state, ids[:, -1]), ids[:, 1:], repetition_penalty)
+        logprobs = scores[:, None] + logits.log_softmax(-1)
+        vocab = logprobs.shape[-1]
+        # bank 1: hypotheses that contain the word (all of them when none is required); an open hypothesis
+        # without it joins bank 1 by writing it, and stays in bank 2 (where it cannot end) otherwise
+        with_word = logprobs.masked_fill(~has_word[:, None], float("-inf"))
+        banks = [(with_word, True)]
+        if required is not None:
+            with_word[:, required] = logprobs[:, required]
+            without = logprobs.masked_fill(has_word[:, None], float("-inf"))
+            without[:, required + [decoder.EOS]] = float("-inf")
+            banks.append((without, False))
+        next_rows, next_scores, sources, next_has = [], [], [], []
+        for bank, contains in banks:
+            top_scores, top_index = bank.view(-1).topk(min(2 * beams, bank.numel()))
+            kept = 0
+            for score, index in zip(top_scores.tolist(), top_index.tolist()):
+                if score == float("-inf") or kept == beams:
+                    break
+                row, token = divmod(index, vocab)
+                sequence = ids[row, 1:].tolist() + [token]
+                if token == decoder.EOS:
+                    finished.append((score / (len(sequence) ** length_penalty), sequence[:-1]))
+                else:
+                    next_rows.append(sequence)
+                    next_scores.append(score)
+                    sources.append(row)
+                    next_has.append(contains)
+                    kept += 1
+        best_finished = max((f[0] for f in finished), default=float("-inf"))
+        best_open = max(next_scores, default=float("-inf")) / ((step + 2) ** length_penalty)
+        if not next_rows or (len(finished) >= beams and best_finished > best_open):
+            break
+        ids = torch.tensor([[decoder.BOS] + row for row in next_rows], device=ids.device)
+        scores = torch.tensor(next_scores, device=ids.device)
+        has_word = torch.tensor(next_has, device=ids.device)
+        state.select(torch.tensor(sources, device=ids.device))
+    if not finished:  # out of steps: the open hypotheses, those with the required word if any has it
+        open_rows = [(s / (len(r) ** length_penalty), r, has) for s, r, has
+                     in zip(scores.tolist(), ids[:, 1:].tolist(), has_word.tolist())]
+        finished = [(s, r) for s, r, has in open_rows if has] or [(s, r) for s, r, _ in open_rows]
+    return sorted(finished, key=lambda item: -item[0])[:beams]
+
+
+class DecodeState:
+    """The caption decoder's incremental-decoding cache: per layer, the memory's cross-attention keys/values and the
+    self-attention keys/values of the tokens fed so far, for each row of the batch."""
+
+    def __init__(self, memory: list[tuple[torch.Tensor, torch.Tensor]], memory_visible: torch.Tensor | None,
+                 keys: list[tuple[torch.Tensor, torch.Tensor] | None]):
+        self.memory, self.memory_visible, self.keys, self.length = memory, memory_visible, keys, 0
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) these rows: finished rows leave, beams follow their parents."""
+        self.memory = [(k[rows], v[rows]) for k, v in self.memory]
+        if self.memory_visible is not None:
+            self.memory_visible = self.memory_visible[rows]
+        self.keys = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.keys]
+
+
+def _penalise_repeats(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty, as `transformers` applies it."""
+    if penalty == 1.0 or previous.numel() == 0:
+        return logits
+    chosen = logits.gather(1, previous)
+    chosen = torch.where(chosen < 0, chosen * penalty, chosen / penalty)
+    return logits.scatter(1, previous, chosen)
+
+
+def _strip(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
+    out = []
+    for token in ids:
+        if token in (eos_id, pad_id):
+            break
+        out.append(token)
+    return out

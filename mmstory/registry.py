@@ -1,0 +1,116 @@
+"""Named model configurations and where pretrained models are found, in the manner of open_clip and timm.
+
+Configs only: building a model from one is `mmstory.factory.create_model`, which is why this module imports no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from mmstory.config import BridgeConfig, CaptionDecoderConfig, ModelConfig, PartConfig
+
+PRETRAINED_ROOT = Path(__file__).parent / "pretrained"
+_REGISTRY: dict[str, Callable[[], ModelConfig]] = {}
+
+
+def register(name: str) -> Callable[[Callable[[], ModelConfig]], Callable[[], ModelConfig]]:
+    def wrap(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+@register("mmstory-small")
+def mmstory_small() -> ModelConfig:
+    """The offline default: EfficientNet-Lite2 + all-MiniLM-L6-v2 + SmolLM2-135M-Instruct, all from PyPI packages."""
+    return ModelConfig(
+        name="mmstory-small",
+        # Lite2 (260 px, 9x9 tokens) over Lite0 (224 px, 7x7): the finer grid retrieves better (numbers in docs/)
+        vision=PartConfig("packaged:efficientnet-lite2"),
+        text=PartConfig("packaged:all-minilm-l6-v2"),
+        decoder=PartConfig("packaged:smollm2-135m-instruct"),
+        # sized so that the trained tensors ship in 18.9 MiB (bf16) and train in minutes per epoch on two cores
+        bridge=BridgeConfig(kind="resampler", num_queries=16, width=256, depth=2, heads=4),
+        # image_tags: EfficientNet's own top-5 ImageNet classes, as words, join the caption decoder's memory: they name
+        # things Flickr8k rarely shows (a cat, an espresso) that the caption data alone cannot teach
+        caption_decoder=CaptionDecoderConfig(enabled=True, vocab_size=6144, width=256, depth=3, heads=4, max_length=40,
+                                             image_tags=5, tag_tokens=4),
+        embed_dim=256,
+        # an ensemble of heads trained side by side in their own stage (configs/flickr8k_heads.yaml) retrieves better
+        # than one head; a 256-wide text MLP per head retrieves as well as a 1,024-wide one from a quarter of the
+        # weights, which keeps the file small (docs/mmstory-small-development.md has the measurements)
+        text_head_hidden=256,
+        contrastive_heads=4,
+        captioner="caption_decoder",  # it captions better than the LM through the bridge (the model card)
+        # 10 beams, the one chosen by log-prob + 120 x the image-caption agreement under the contrastive heads: beam
+        # search alone gives look-alike photos the same common caption; the agreement picks the specific one
+        caption_rerank=120.0,
+        caption_beams=10,
+        # ImageNet classes the classifier is >= 50% sure of put their word into the caption ('Egyptian cat' -> cat):
+        # it names what the caption data rarely shows, without costing the captions that it does show
+        caption_concepts=0.5,
+        # rerank by log p(image | caption) against 512 training images rather than the bare cosine: a caption as
+        # true of many training images does not win, so look-alike photos keep distinct captions; 512 is the
+        # fewest that rerank as well as more do (measurements in docs/mmstory-small-development.md)
+        caption_distractors=512,
+    )
+
+
+@register("tiny")
+def tiny() -> ModelConfig:
+    """Random parts built from code in seconds: for tests and for trying the training loop."""
+    return ModelConfig(
+        name="tiny",
+        vision=PartConfig("timm:test_efficientnet", pretrained=False),
+        text=PartConfig("tiny:bert"),
+        decoder=PartConfig("tiny:llama"),
+        bridge=BridgeConfig(kind="resampler", num_queries=4, width=32, depth=1, heads=2),
+        caption_decoder=CaptionDecoderConfig(enabled=True, width=32, depth=1, heads=2, max_length=64, dropout=0.0),
+        embed_dim=32,
+        max_caption_tokens=64,  # byte-level tokens: one per character
+    )
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_model_config(name: str) -> ModelConfig:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model config {name!r}; known: {', '.join(list_models())}")
+    return _REGISTRY[name]()
+
+
+def resolve_pretrained(name_or_path: str | Path) -> Path:
+    """A packaged name, a local directory, or a Hugging Face hub id (downloaded; needs network)."""
+    if isinstance(name_or_path, str) and (PRETRAINED_ROOT / name_or_path / "config.json").is_file():
+        return PRETRAINED_ROOT / name_or_path
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json; is it a directory written by save_pretrained()?")
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file; from_pretrained expects a directory written by save_pretrained()")
+    name = str(name_or_path)
+    if name in _REGISTRY:
+        raise FileNotFoundError(f"no trained weights are shipped for {name!r} in {PRETRAINED_ROOT}; train one with "
+                                "`mmstory train` or use create_model() for an untrained model")
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise FileNotFoundError(f"{name!r} is neither a packaged model ({', '.join(packaged_models())}), "
+                                "a local directory, nor a hub id of the form 'owner/name'")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=name, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as err:  # noqa: BLE001 - offline, missing repo, auth: all end in the same advice
+        raise FileNotFoundError(f"could not download {name!r} from the Hugging Face hub ({type(err).__name__}). "
+                                "Offline, pass a local directory written by save_pretrained().") from err
+
+
+def packaged_models() -> list[str]:
+    if not PRETRAINED_ROOT.is_dir():
+        return []
+    return sorted(p.name for p in PRETRAINED_ROOT.iterdir() if (p / "config.json").is_file())

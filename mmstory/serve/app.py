@@ -1,0 +1,142 @@
+"""The Gradio demo and the HTTP API: a thin layer over StoryTeller, loaded once per process.
+
+`mmstory demo` serves the Gradio page (and its API, usable from `gradio_client`); `mmstory serve` adds the plain JSON
+endpoints `POST /api/story` and `POST /api/answer` on the same server (OpenAPI page at `/api/docs`, schema at
+`/api/openapi.json`); `POST /api/story` can also stream the story as NDJSON. Both commands answer `GET /health`. A
+prompt that is a question about the pictures ("what is the dog doing?") gets an answer of a sentence or two instead of
+a story, on every surface. Uploads are decoded only from the bytes sent; client-given file names and paths are never
+used, so nothing outside the upload is ever read. Gradio's uploads are deleted from its temp folder once they are
+older than `--delete-cache` seconds (an hour by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+try:  # the [serve] extra; only `mmstory demo` / `mmstory serve` import this module
+    import gradio as gr
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+except ImportError as err:
+    raise ImportError(f"the demo and the JSON API need the serve extra: pip install 'mmstory[serve]' ({err})") from err
+
+from mmstory.devices import DEVICE_HELP, DeviceError, resolve_device
+from mmstory.generation import StoryTeller
+from mmstory.images import MAX_PIXELS
+from mmstory.serve.api import add_json_api
+from mmstory.serve.demo import DELETE_CACHE_S, build_demo
+
+CSS = "#grounding .textfield { word-break: normal; }"  # Gradio breaks highlighted text mid-word by default
+
+
+
+def build_app(teller: StoryTeller, *, model_name: str, json_api: bool = True, queue_size: int = 8,
+              max_upload_mb: float = 20, max_pixels: int = MAX_PIXELS,
+              delete_cache_s: int | None = DELETE_CACHE_S) -> FastAPI:
+    """One FastAPI app: `/health`, optionally `POST /api/story` and `/api/answer`, and the Gradio page at `/`.
+
+    `delete_cache_s`: Gradio's uploads older than this many seconds are deleted, checked as often (0/None: never).
+    """
+    upload_limit = int(max_upload_mb * 2**20)
+    app = FastAPI(title="mmstory", summary="Stories from pictures", docs_url="/api/docs",
+                  openapi_url="/api/openapi.json", redoc_url=None)
+    started = time.time()
+    if json_api:
+        add_json_api(app, teller, queue_size, upload_limit, max_pixels)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_alias() -> JSONResponse:
+        """The schema at FastAPI's usual address too (it lives at /api/openapi.json, beside /api/docs)."""
+        return JSONResponse(app.openapi())
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Liveness and load: the model served and how many JSON API stories are waiting or running."""
+        admission = getattr(app.state, "admission", None)
+        return {"status": "ok", "model": model_name, "device": str(teller.device), "dtype": teller.dtype,
+                "quantize": teller.quantize,
+                "json_api": json_api, "busy": admission.active if admission else 0, "queue_size": queue_size,
+                "uptime_s": round(time.time() - started, 1)}
+
+    delete_cache = (int(delete_cache_s), int(delete_cache_s)) if delete_cache_s else None
+    demo = build_demo(teller, max_pixels=max_pixels, delete_cache=delete_cache).queue(
+        max_size=queue_size, default_concurrency_limit=1)
+    # Gradio checks that file paths in a request were uploaded only once `has_launched` is set, which `launch()` does
+    # and `mount_gradio_app` does not: without this, a client could name any server file as a picture.
+    demo.has_launched = True
+    return gr.mount_gradio_app(app, demo, path="/", max_file_size=upload_limit, footer_links=["api"],
+                               theme=gr.themes.Soft(), css=CSS)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    command = argv[0] if argv and argv[0] in ("demo", "serve") else "serve"
+    rest = argv[1:] if argv and argv[0] in ("demo", "serve") else argv
+    parser = argparse.ArgumentParser(
+        prog=f"mmstory {command}",
+        description="Launch the Gradio demo" + (" plus the JSON API (POST /api/story, POST /api/answer)"
+                                                if command == "serve" else ""))
+    parser.add_argument("--model", default="mmstory-small", help="packaged name or a save_pretrained directory")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+                        help="address to bind (0.0.0.0 exposes it to the network); default: $GRADIO_SERVER_NAME, "
+                             "else 127.0.0.1")
+    # a string default goes through type=int too, so a bad $GRADIO_SERVER_PORT is a clear usage error
+    parser.add_argument("--port", type=int, default=os.environ.get("GRADIO_SERVER_PORT") or "7860",
+                        help="port to bind; default: $GRADIO_SERVER_PORT, else 7860")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP + " (default: auto); checked before the model "
+                                                                       "loads")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--quantize", default="int4", choices=["none", "int8", "int4"],
+                            help="story-writer weights in decode steps: int4 is the packaged SmolLM2's own Q4_1 "
+                                 "precision and the fastest; none keeps the loaded bf16/float32 weights")
+    parser.add_argument("--queue-size", type=int, default=8,
+                        help="stories waiting or running per API before clients are told the server is busy")
+    parser.add_argument("--max-upload-mb", type=float, default=20, help="largest upload (request body) accepted")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help=f"largest image accepted, in pixels (at most {MAX_PIXELS:,})")
+    parser.add_argument("--delete-cache", type=int, metavar="SECONDS",
+                        default=os.environ.get("MMSTORY_DELETE_CACHE") or str(DELETE_CACHE_S),
+                        help="delete the demo's uploads older than SECONDS from Gradio's temp folder, checked every "
+                             f"SECONDS (0: keep them); default: $MMSTORY_DELETE_CACHE, else {DELETE_CACHE_S}")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    args = parser.parse_args(rest)
+    if not 1 <= args.max_pixels <= MAX_PIXELS:
+        parser.error(f"--max-pixels must be between 1 and {MAX_PIXELS:,}")
+    if args.queue_size < 1 or args.max_upload_mb <= 0:
+        parser.error("--queue-size and --max-upload-mb must be positive")
+    if args.delete_cache < 0:
+        parser.error("--delete-cache must be 0 (keep uploads) or a number of seconds")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, not {args.port}")
+    try:  # before the model loads: a machine without the GPU asked for is told so at once
+        resolve_device(args.device)
+    except DeviceError as err:
+        parser.error(f"--device: {err}")
+    args.command = command
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mmstory demo|serve [options]`: load the model once, then serve until interrupted."""
+    args = parse_args(list(argv or []))
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        teller = StoryTeller.from_pretrained(args.model, dtype=args.dtype, device=args.device,
+                                             quantize=None if args.quantize == "none" else args.quantize)
+    except FileNotFoundError as err:  # no such directory, or the packaged weights are not there yet
+        print(f"mmstory {args.command}: {err}", file=sys.stderr)
+        return 2
+    teller.warmup()  # compile the decode step before the first request, not during it
+    app = build_app(teller, model_name=str(args.model), json_api=args.command == "serve", queue_size=args.queue_size,
+                    max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, delete_cache_s=args.delete_cache)
+    print(f"mmstory {args.command}: http://{args.host}:{args.port}/ on {teller.device}"
+          + (f"  (JSON API: POST http://{args.host}:{args.port}/api/story and /api/answer; "
+             f"docs at http://{args.host}:{args.port}/api/docs)"
+             if args.command == "serve" else ""),
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

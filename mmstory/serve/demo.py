@@ -1,0 +1,157 @@
+"""The Gradio demo page: pictures, story settings and the story with each sentence's best-matching picture."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+try:  # the [serve] extra; only `mmstory demo` / `mmstory serve` import this module
+    import gradio as gr
+except ImportError as err:
+    raise ImportError(f"the demo and the JSON API need the serve extra: pip install 'mmstory[serve]' ({err})") from err
+
+from mmstory.answering import AnswerResult, is_question
+from mmstory.examples import EXAMPLES, example_image
+from mmstory.generation import Decoding, StoryResult, StoryTeller
+from mmstory.images import MAX_PIXELS, ImageError, load_image
+from mmstory.prompts import AUDIENCES, DEFAULT_LENGTH, LENGTHS, MAX_PROMPT_CHARS, STYLES, TONES, StoryInputError
+
+ANY = "any"  # the demo's "no preference" choice for style, tone and audience
+DELETE_CACHE_S = 3600  # Gradio's uploads older than this are deleted, checked this often (0: never)
+
+
+def _choice(value: str | None) -> str | None:
+    return None if value in (None, "", ANY) else value
+
+
+def _story_views(result: StoryResult, shown: str) -> tuple:
+    """The demo's outputs for a finished story: text, grounding highlights, captions table, status, full JSON."""
+    grounding = [(s.text + " ", s.grounding) for s in result.sentences]
+    captions = [[i + 1, caption] for i, caption in enumerate(result.captions)]
+    timing = result.timings
+    status = (f"Done in {timing.get('total_s', 0):.1f} s (first words after {timing['first_token_s']:.1f} s)"
+              if "first_token_s" in timing else f"Done in {timing.get('total_s', 0):.1f} s")
+    status += f" · seed {result.settings.get('seed')} · image-text agreement {result.score:+.3f}"
+    if result.notice:
+        status = f"**{result.notice}**  \n{status}"
+    return shown, grounding, captions, status, result.to_dict()
+
+
+def _answer_views(result: AnswerResult) -> tuple:
+    """The demo's outputs for an answer: the answer in the story box, no grounding, the captions, status, JSON."""
+    captions = [[i + 1, caption] for i, caption in enumerate(result.captions)]
+    status = f"Answered in {result.timings.get('total_s', 0):.1f} s (a question gets an answer, not a story)"
+    if result.notice:
+        status = f"**{result.notice}**  \n{status}"
+    return result.answer, [], captions, status, result.to_dict()
+
+
+def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS,
+               delete_cache: tuple[int, int] | None = (DELETE_CACHE_S, DELETE_CACHE_S)) -> gr.Blocks:
+    """The Gradio Blocks page; its main event is exposed to `gradio_client` as `/story`.
+
+    `delete_cache`: Gradio's (frequency, age) in seconds: every `frequency` seconds the files this page's users
+    uploaded that are older than `age` are deleted from Gradio's temp folder (the examples are kept); None: never.
+    """
+
+    def write(pictures: list | None, prompt: str, style: str, tone: str, audience: str, length: str,
+              temperature: float, top_k: int, top_p: float, repetition_penalty: float, no_repeat_ngram_size: int,
+              num_candidates: int, num_beams: int, seed: int | None, max_new_tokens: int, do_sample: bool,
+              previous: str = "") -> Iterator[tuple]:
+        """Stream the story (one candidate, no beams) or, with several candidates or beams, show the reranked best;
+        a question in the prompt box gets its answer in the story box instead."""
+        try:
+            images = [load_image(path, max_pixels=max_pixels, name=f"picture {i + 1}")
+                      for i, (path, _caption) in enumerate(pictures or [])]
+            settings = dict(prompt=prompt or None, style=_choice(style), tone=_choice(tone),
+                            audience=_choice(audience), length=length or DEFAULT_LENGTH, previous=previous or None,
+                            temperature=temperature, top_k=int(top_k), top_p=top_p,
+                            repetition_penalty=repetition_penalty, no_repeat_ngram_size=int(no_repeat_ngram_size),
+                            num_candidates=int(num_candidates), num_beams=int(num_beams),
+                            seed=None if seed is None else int(seed),
+                            max_new_tokens=int(max_new_tokens) if max_new_tokens else None, do_sample=do_sample)
+            if is_question(prompt):  # "what is the dog doing?": the answer replaces the story box, no streaming
+                yield gr.skip(), None, None, "Reading the pictures…", gr.skip()
+                yield _answer_views(teller.answer(images or None, prompt, seed=settings["seed"],
+                                                  max_new_tokens=settings["max_new_tokens"] or 48))
+                return
+            head = previous.rstrip() + "\n\n" if previous and previous.strip() else ""
+            yield head, None, None, "Reading the pictures…", gr.skip()
+            if num_candidates == 1 and num_beams == 1:
+                events = teller.stream_result(images or None, **settings)
+            else:
+                events = iter([teller.generate_story(images or None, **settings)])
+            text = head
+            for event in events:
+                if isinstance(event, str):
+                    text += event
+                    yield text, gr.skip(), gr.skip(), "Writing…", gr.skip()
+                else:
+                    yield _story_views(event, head + event.story)
+        except (StoryInputError, ImageError) as err:
+            what = "answer this question" if is_question(prompt) else "write this story"
+            yield gr.skip(), gr.skip(), gr.skip(), f"**Cannot {what}:** {err}", gr.skip()
+            raise gr.Error(str(err)) from err
+
+    with gr.Blocks(title="mmstory: stories from pictures", delete_cache=delete_cache) as demo:
+        gr.Markdown("# mmstory\nUpload one picture or several (in story order), or pick an example, then press "
+                    "**Write the story**. The captions and how well each sentence agrees with the pictures appear "
+                    "under the story.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                pictures = gr.Gallery(label="Pictures, in story order", type="filepath", file_types=["image"],
+                                      interactive=True, columns=4, height=260, elem_id="pictures")
+                gr.Examples(examples=[[[example_image(name)]] for name in EXAMPLES], inputs=[pictures],
+                            label="Examples (click one)", elem_id="examples")
+                prompt = gr.Textbox("", label="Prompt (optional)", lines=2, max_length=MAX_PROMPT_CHARS,
+                                    placeholder="what the story should be about, or a question about the pictures",
+                                    info="a question (\"what is the dog doing?\") is answered instead of a story")
+                with gr.Row():
+                    style = gr.Dropdown([ANY, *STYLES], value=ANY, label="Style", allow_custom_value=True,
+                                        info="or type 'custom: your own'")
+                    tone = gr.Dropdown([ANY, *TONES], value=ANY, label="Tone")
+                    audience = gr.Dropdown([ANY, *AUDIENCES], value=ANY, label="Audience")
+                    length = gr.Dropdown(list(LENGTHS), value=DEFAULT_LENGTH, label="Length", allow_custom_value=True,
+                                         info="or a number of words")
+                defaults = Decoding()
+                with gr.Accordion("Advanced decoding", open=False):
+                    temperature = gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label="Temperature")
+                    top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k (0 = off)")
+                    top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="Top-p")
+                    repetition_penalty = gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.05,
+                                                   label="Repetition penalty")
+                    no_repeat = gr.Slider(0, 8, value=defaults.no_repeat_ngram_size, step=1,
+                                          label="No-repeat n-gram size (0 = off)")
+                    num_candidates = gr.Slider(1, 8, value=1, step=1, label="Candidates",
+                                               info="more than 1: rerank by image-text agreement (no streaming)")
+                    num_beams = gr.Slider(1, 8, value=1, step=1, label="Beams", info="more than 1: no streaming")
+                    seed = gr.Number(value=defaults.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
+                    max_new_tokens = gr.Number(value=0, precision=0, minimum=0, maximum=2048,
+                                               label="Max new tokens (0: from the length)")
+                    do_sample = gr.Checkbox(value=defaults.do_sample, label="Sample (off: greedy)")
+                with gr.Row():
+                    generate = gr.Button("Write the story", variant="primary", elem_id="generate")
+                    new_version = gr.Button("New version", elem_id="new-version")
+                    continue_button = gr.Button("Continue the story", elem_id="continue")
+            with gr.Column(scale=1):
+                story = gr.Textbox("", label="Story", lines=14, interactive=True, buttons=["copy"], elem_id="story")
+                status = gr.Markdown(label="Status", elem_id="status")
+                grounding = gr.HighlightedText(label="Grounding: agreement of each sentence with its best picture",
+                                               show_legend=True, elem_id="grounding")
+                captions = gr.Dataframe(headers=["picture", "caption"], datatype=["number", "str"],
+                                        column_widths=["15%", "85%"], interactive=False, wrap=True,
+                                        label="Captions", elem_id="captions")
+                with gr.Accordion("Full result (JSON)", open=False):
+                    details = gr.JSON(label="StoryResult")
+
+        inputs = [pictures, prompt, style, tone, audience, length, temperature, top_k, top_p, repetition_penalty,
+                  no_repeat, num_candidates, num_beams, seed, max_new_tokens, do_sample]
+        outputs = [story, grounding, captions, status, details]
+        shown = dict(show_progress_on=story)  # progress and errors on the story box, not over every output
+        generate.click(write, inputs, outputs, api_name="story", **shown)
+        continue_button.click(write, [*inputs, story], outputs, api_name="continue_story", **shown)
+        new_version.click(lambda: random.randrange(2**32), None, seed, queue=False, api_visibility="private").then(
+            write, inputs, outputs, api_visibility="private", **shown)
+    return demo
+
+
