@@ -66,6 +66,13 @@ class CLIInputError(ValueError):
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")  # what `mmstory caption DIR` picks up
 
 
+def _load_teller(args: argparse.Namespace, device):
+    from mmstory.generation import StoryTeller
+
+    return StoryTeller.from_pretrained(args.model, device=device, dtype=args.dtype,
+                                       quantize=None if args.quantize == "none" else args.quantize)
+
+
 def _fail(err: Exception | str) -> int:
     print(f"mmstory: {err}", file=sys.stderr)
     return 2
@@ -159,7 +166,7 @@ def _answer(args: argparse.Namespace, question: str, max_new_tokens: int) -> int
     """Check the question and images, then load the model and answer: bad input fails before the model loads."""
     from mmstory.answering import MAX_ANSWER_TOKENS, check_question
     from mmstory.devices import DeviceError
-    from mmstory.generation import StoryInputError, StoryTeller
+    from mmstory.generation import StoryInputError
     from mmstory.images import ImageError
 
     try:
@@ -170,8 +177,7 @@ def _answer(args: argparse.Namespace, question: str, max_new_tokens: int) -> int
         device = _device(args)
     except (StoryInputError, ImageError, DeviceError) as err:
         return _fail(err)
-    teller = StoryTeller.from_pretrained(args.model, device=device, dtype=args.dtype,
-                                         quantize=None if args.quantize == "none" else args.quantize)
+    teller = _load_teller(args, device)
     try:
         result = teller.answer(images, question, max_new_tokens=max_new_tokens, seed=args.seed)
     except StoryInputError as err:
@@ -235,7 +241,7 @@ def _check_story_args(args: argparse.Namespace) -> dict:
 def cmd_story(args: argparse.Namespace) -> int:
     from mmstory.answering import is_question
     from mmstory.devices import DeviceError
-    from mmstory.generation import StoryInputError, StoryTeller
+    from mmstory.generation import StoryInputError
     from mmstory.images import ImageError
 
     if is_question(args.prompt):  # "what is the dog doing?" asks for an answer, not a story
@@ -246,8 +252,7 @@ def cmd_story(args: argparse.Namespace) -> int:
         device = _device(args)
     except (StoryInputError, ImageError, DeviceError) as err:
         return _fail(err)
-    teller = StoryTeller.from_pretrained(args.model, device=device, dtype=args.dtype,
-                                         quantize=None if args.quantize == "none" else args.quantize)
+    teller = _load_teller(args, device)
     try:
         if args.stream:
             for event in teller.stream_result(images, num_candidates=1, **kwargs):

@@ -64,3 +64,16 @@ def live_server(model_dir: Path, workdir: Path, command: str = "serve", *extra: 
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextlib.contextmanager
+def tiny_live_server(workdir: Path, command: str = "serve", *extra: str) -> Iterator[LiveServer]:
+    """`live_server` on the tiny random model (seed 0), saved under `workdir`: what most server tests need."""
+    import torch
+
+    from mmstory import create_model
+
+    torch.manual_seed(0)
+    create_model("tiny").save_pretrained(workdir / "tiny")
+    with live_server(workdir / "tiny", workdir, command, *extra) as running:
+        yield running

@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from live_server import live_server
+from live_server import tiny_live_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -21,14 +21,7 @@ TIMEOUT_MS = 60_000
 
 @pytest.fixture(scope="module")
 def demo_url(tmp_path_factory):
-    import torch
-
-    from mmstory import create_model
-
-    workdir = tmp_path_factory.mktemp("demo")
-    torch.manual_seed(0)
-    create_model("tiny").save_pretrained(workdir / "tiny")
-    with live_server(workdir / "tiny", workdir, "demo") as running:
+    with tiny_live_server(tmp_path_factory.mktemp("demo"), "demo") as running:
         yield running.url
 
 

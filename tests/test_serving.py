@@ -16,7 +16,7 @@ import pytest
 from conftest import make_photo
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from live_server import live_server
+from live_server import tiny_live_server
 
 from mmstory.generation import MAX_IMAGES
 from mmstory.images import MAX_PIXELS
@@ -50,15 +50,8 @@ def huge_png(width: int = 20000, height: int = 20000) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import torch
-
-    from mmstory import create_model
-
-    workdir = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    create_model("tiny").save_pretrained(workdir / "tiny")
-    with live_server(workdir / "tiny", workdir, "serve", "--queue-size", str(QUEUE_SIZE),
-                     "--max-upload-mb", str(UPLOAD_MB)) as running:
+    with tiny_live_server(tmp_path_factory.mktemp("serve"), "serve", "--queue-size", str(QUEUE_SIZE),
+                          "--max-upload-mb", str(UPLOAD_MB)) as running:
         yield running
 
 

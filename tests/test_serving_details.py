@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 from conftest import ROOT, make_photo, requires_packaged
-from live_server import live_server
+from live_server import live_server, tiny_live_server
 
 FAST = {"length": 20, "max_new_tokens": 24}  # the tiny model writes these in well under 1 s
 QUEUE_SIZE = 2
@@ -146,13 +146,8 @@ def test_dockerfile_builds_the_cpu_server_image():
 # --- a real server ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from mmstory import create_model
-
-    workdir = tmp_path_factory.mktemp("serve-details")
-    torch.manual_seed(0)
-    create_model("tiny").save_pretrained(workdir / "tiny")
-    with live_server(workdir / "tiny", workdir, "serve", "--device", "cpu", "--queue-size", str(QUEUE_SIZE),
-                     "--delete-cache", str(DELETE_AFTER_S)) as running:
+    with tiny_live_server(tmp_path_factory.mktemp("serve-details"), "serve", "--device", "cpu", "--queue-size",
+                          str(QUEUE_SIZE), "--delete-cache", str(DELETE_AFTER_S)) as running:
         yield running
 
 
