@@ -36,14 +36,7 @@ def _add_story_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audience", default=None, choices=["children", "adults"])
     p.add_argument("--length", default=None, help="short (the default), medium, long, or a number of words")
     p.add_argument("--continue-from", dest="previous", default=None, help="a file with the story so far")
-    from mmstory.generation import Decoding  # the one source of decoding defaults (serving's schema uses it too)
-
-    defaults = Decoding()
-    for name in ("temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "num_beams",
-                 "num_candidates", "seed"):
-        value = getattr(defaults, name)
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    _add_decoding_args(p)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--quantize", default="int4", choices=["none", "int8", "int4"],
                        help="story-writer weights in decode steps: int4 is the packaged SmolLM2's own Q4_1 "
@@ -51,6 +44,26 @@ def _add_story_args(p: argparse.ArgumentParser) -> None:
     _add_device_arg(p)
     p.add_argument("--stream", action="store_true", help="print the story as it is written")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+
+def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """One flag per `Decoding` field, with its default: the one source of the decoding knobs (serving's schema and
+    the demo's controls read it too). A bool field gets --name/--no-name."""
+    import dataclasses
+    from typing import get_type_hints
+
+    from mmstory.generation import Decoding
+
+    hints = get_type_hints(Decoding)
+    for field in dataclasses.fields(Decoding):
+        flag, hint = "--" + field.name.replace("_", "-"), hints[field.name]
+        kind = next((t for t in (bool, int, float) if hint is t or t in getattr(hint, "__args__", ())), str)
+        default = "from the length" if field.name == "max_new_tokens" else field.default
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                           help=f"default: {field.default}")
+        else:
+            p.add_argument(flag, type=kind, default=field.default, help=f"default: {default}")
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -201,6 +214,8 @@ def _length(text: str | None) -> str | int:
 
 def _check_story_args(args: argparse.Namespace) -> dict:
     """Every story setting checked as StoryTeller would check it, without a model: StoryInputError or ValueError."""
+    import dataclasses
+
     from mmstory.generation import (
         AUDIENCES,
         STYLES,
@@ -230,9 +245,8 @@ def _check_story_args(args: argparse.Namespace) -> dict:
     _choose(args.style, STYLES, "style", free_prefix="custom:")
     _choose(args.tone, TONES, "tone")
     _choose(args.audience, AUDIENCES, "audience")
-    decoding = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                    num_beams=args.num_beams, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    decoding = {field.name: getattr(args, field.name) for field in dataclasses.fields(Decoding)
+                if field.name != "num_candidates"}
     Decoding(**decoding, num_candidates=1 if args.stream else args.num_candidates).validate()
     return dict(prompt=args.prompt, style=args.style, tone=args.tone, audience=args.audience, length=length,
                 previous=previous, **decoding)

@@ -117,6 +117,22 @@ def test_bad_story_settings_fail_before_the_model_loads(no_model, photo, args, m
     assert no_model == []
 
 
+def test_story_flags_are_decodings_fields_with_its_defaults():
+    """The story command's decoding flags are generated from `Decoding`: one flag per field, the same default."""
+    import argparse
+    import dataclasses
+
+    from mmstory.generation import Decoding
+
+    parser = argparse.ArgumentParser()
+    cli._add_story_args(parser)
+    args = parser.parse_args([])
+    for field in dataclasses.fields(Decoding):
+        assert getattr(args, field.name) == field.default, field.name
+    flags = parser.parse_args(["--top-k", "7", "--top-p", "0.5", "--seed", "3", "--no-do-sample"])
+    assert (flags.top_k, flags.top_p, flags.seed, flags.do_sample) == (7, 0.5, 3, False)
+
+
 def test_unreadable_and_surplus_images_fail_before_the_model_loads(no_model, tmp_path, photo, capsys):
     text = tmp_path / "notes.jpg"
     text.write_text("hello")

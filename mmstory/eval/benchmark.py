@@ -26,8 +26,12 @@ from pathlib import Path
 
 import torch
 
-STORY_SAMPLING = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.92, repetition_penalty=1.15,
-                      no_repeat_ngram_size=4)  # StoryTeller's defaults
+from mmstory.generation import Decoding
+
+_STORY = Decoding()  # StoryTeller's own defaults, so the benchmark samples as the product does
+STORY_SAMPLING = dict(do_sample=_STORY.do_sample, temperature=_STORY.temperature, top_k=_STORY.top_k,
+                      top_p=_STORY.top_p, repetition_penalty=_STORY.repetition_penalty,
+                      no_repeat_ngram_size=_STORY.no_repeat_ngram_size)
 PROMPT = "Write a short story (about 200 words) about this scene: a tabby cat sitting on a wooden boat at sunset."
 QUANTIZE_NAMES = {"exact": None, "int8": "int8", "int4": "int4"}
 LLAMA_CPP_HINT = "pip install llama-cpp-python==0.3.36  (builds from source, about 5 minutes on 2 cores)"
@@ -237,8 +241,8 @@ def run_coca(tokens: int, generation_type: str) -> dict:
     image = torch.randn(1, 3, 224, 224, dtype=torch.bfloat16)
     start = time.perf_counter()
     out = model.generate(image, seq_len=tokens + 1, max_seq_len=tokens + 1, generation_type=generation_type,
-                         top_k=50, top_p=0.92, sot_token_id=1, eos_token_id=2, pad_token_id=0,
-                         fixed_output_length=True)
+                         top_k=STORY_SAMPLING["top_k"], top_p=STORY_SAMPLING["top_p"], sot_token_id=1, eos_token_id=2,
+                         pad_token_id=0, fixed_output_length=True)
     elapsed = time.perf_counter() - start
     new = out.shape[1] - 1
     return {"name": f"open_clip CoCa generate ({generation_type})", "tokens": new, "seconds": elapsed,
@@ -257,8 +261,10 @@ def run_llama_cpp(tokens: int, threads: int, chat_prompt: str) -> dict:
                 verbose=False, seed=0)
     times = []
     start = time.perf_counter()
-    for _ in llm.create_completion(chat_prompt, max_tokens=tokens, stream=True, temperature=0.8, top_k=50,
-                                   top_p=0.92, repeat_penalty=1.15, logit_bias={llm.token_eos(): -1e9}):
+    for _ in llm.create_completion(chat_prompt, max_tokens=tokens, stream=True,
+                                   temperature=STORY_SAMPLING["temperature"], top_k=STORY_SAMPLING["top_k"],
+                                   top_p=STORY_SAMPLING["top_p"], repeat_penalty=STORY_SAMPLING["repetition_penalty"],
+                                   logit_bias={llm.token_eos(): -1e9}):
         times.append(time.perf_counter())  # a chunk per token, except where a character spans tokens
     # the end token is banned, so exactly `tokens` come out
     return {"name": f"llama.cpp (Q4_1 GGUF, {threads} threads)", **_rates(start, times, 1, steps=tokens)}

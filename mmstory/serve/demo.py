@@ -124,7 +124,8 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS,
                                           label="No-repeat n-gram size (0 = off)")
                     num_candidates = gr.Slider(1, 8, value=1, step=1, label="Candidates",
                                                info="more than 1: rerank by image-text agreement (no streaming)")
-                    num_beams = gr.Slider(1, 8, value=1, step=1, label="Beams", info="more than 1: no streaming")
+                    num_beams = gr.Slider(1, 8, value=defaults.num_beams, step=1, label="Beams",
+                                          info="more than 1: no streaming")
                     seed = gr.Number(value=defaults.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
                     max_new_tokens = gr.Number(value=0, precision=0, minimum=0, maximum=2048,
                                                label="Max new tokens (0: from the length)")
