@@ -5,6 +5,8 @@ The registry (named configs, packaged and hub locations) is `mmstory.registry`, 
 
 from __future__ import annotations
 
+import dataclasses
+
 from mmstory.config import ModelConfig
 from mmstory.model import StoryModel
 from mmstory.registry import (  # noqa: F401 - the registry's names, where open_clip users look for them
@@ -18,10 +20,17 @@ from mmstory.registry import (  # noqa: F401 - the registry's names, where open_
 
 
 def create_model(name_or_config: str | ModelConfig, **overrides):
-    """Build an untrained StoryModel from a registered name or a ModelConfig (pretrained parts load from specs)."""
+    """Build an untrained StoryModel from a registered name or a ModelConfig (pretrained parts load from specs).
+
+    `overrides` replace ModelConfig fields through `dataclasses.replace`, so the config's own checks run on them."""
     config = get_model_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise AttributeError(f"ModelConfig has no field {key!r}")
-        setattr(config, key, value)
-    return StoryModel(config)
+    return StoryModel(override(config, **overrides))
+
+
+def override(config, **overrides):
+    """A copy of a config dataclass with `overrides` replaced and validated (`__post_init__` runs again)."""
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise AttributeError(f"{type(config).__name__} has no field(s) {unknown}; known: {sorted(names)}")
+    return dataclasses.replace(config, **overrides) if overrides else config

@@ -39,3 +39,16 @@ def test_registry_lists_models():
     assert {"tiny", "mmstory-small"} <= set(list_models())
     with pytest.raises(KeyError, match="unknown model config"):
         get_model_config("nope")
+
+
+def test_create_model_overrides_are_validated():
+    from mmstory.factory import create_model, override
+
+    with pytest.raises(ValueError, match="contrastive_heads must be >= 1"):
+        create_model("tiny", contrastive_heads=0)
+    with pytest.raises(ValueError, match="captioner must be one of"):
+        create_model("tiny", captioner="poet")
+    with pytest.raises(AttributeError, match="no field"):
+        create_model("tiny", contrastive_headz=2)
+    config = get_model_config("tiny")
+    assert override(config, embed_dim=16).embed_dim == 16 and config.embed_dim == 32  # a copy: the given one stays
