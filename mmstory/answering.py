@@ -167,9 +167,9 @@ def answer_question(teller: StoryTeller, images: ImageInput | Sequence[ImageInpu
         tokens, pooled = teller._encode(pil_images)
         captions = model.generate_captions(image_tokens=tokens, image_pooled=pooled,
                                           repetition_penalty=CAPTION_REPETITION_PENALTY)
-        hints = model.sure_classes(pooled, model.config.caption_concepts)  # as the story prompt names them
+        hints = model.sure_classes(pooled, model.generation_config.caption_concepts)  # as the story prompt names them
         timings["caption_s"] = time.perf_counter() - t
-        use_prefix = model.config.story_prefix
+        use_prefix = model.generation_config.story_prefix
         text_prompt = model.format_prompt(build_question_prompt(captions, question, hints, with_images=use_prefix))
         prefixes = list(model.visual_prefix(tokens, pooled)) if use_prefix else []
         embeds = model.prompt_embeddings(text_prompt, prefixes)[None]

@@ -110,21 +110,21 @@ class CaptioningMixin:
                           concepts: float | None = None) -> list[str]:
         """One caption per image, batched, from the configured captioning path.
 
-        `rerank` (default: the config's `caption_rerank`) > 0 picks, among the caption decoder's beams, the one with
-        the best log-probability + rerank x cosine agreement with the image under the contrastive head: beam search
-        alone favours the captions most common in the training data over the ones specific to the picture. With
-        distractors (`caption_distractors`) the cosine is taken relative to the training images' (log p(image |
+        `rerank` (default: the generation config's `caption_rerank`) > 0 picks, among the caption decoder's beams, the
+        one with the best log-probability + rerank x cosine agreement with the image under the contrastive head: beam
+        search alone favours the captions most common in the training data over the ones specific to the picture.
+        With distractors (`caption_distractors`) the cosine is taken relative to the training images' (log p(image |
         caption), over the temperature), so that a caption as true of many other pictures does not win.
-        `concepts` (default: the config's `caption_concepts`) > 0 makes the caption decoder's beam search write the
-        word of a class the image classifier is that sure of (`concept_words`).
+        `concepts` (default: the generation config's `caption_concepts`) > 0 makes the caption decoder's beam search
+        write the word of a class the image classifier is that sure of (`concept_words`).
         """
         if image_tokens is None:
             image_tokens, image_pooled = self.encode_image(pixel_values)
-        captioner = captioner or self.config.captioner
+        captioner = captioner or self.generation_config.captioner
         max_new_tokens = max_new_tokens or self.config.max_caption_tokens
-        rerank = self.config.caption_rerank if rerank is None else rerank
-        num_beams = self.config.caption_beams if num_beams is None else num_beams
-        concepts = self.config.caption_concepts if concepts is None else concepts
+        rerank = self.generation_config.caption_rerank if rerank is None else rerank
+        num_beams = self.generation_config.caption_beams if num_beams is None else num_beams
+        concepts = self.generation_config.caption_concepts if concepts is None else concepts
         if captioner == "caption_decoder":
             if self.caption_decoder is None:
                 raise ValueError("this model has no caption decoder; use captioner='decoder'")

@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     caption.add_argument("images", nargs="*", help="image files, directories or glob patterns")
     caption.add_argument("--example", action="append", default=[])
     caption.add_argument("--model", default="mmstory-small")
-    caption.add_argument("--num-beams", type=int, default=None, help="default: the model config's caption_beams")
+    caption.add_argument("--num-beams", type=int, default=None, help="default: the generation config's caption_beams")
     from mmstory.generation import CAPTION_BATCH
 
     caption.add_argument("--batch-size", type=int, default=CAPTION_BATCH, help="images captioned at a time")

@@ -89,24 +89,13 @@ class ModelConfig:
     caption_weight: float = 1.0  # captioning loss through the causal-LM decoder
     caption_decoder_weight: float = 1.0  # captioning loss through the caption decoder (when enabled)
     caption_prompt: str = "Describe the picture in one sentence."
-    max_caption_tokens: int = 40
-    captioner: str = "decoder"  # which path writes captions at inference: "decoder" or "caption_decoder"
-    story_prefix: bool = True  # the story writer reads the images' visual prefixes (False: captions only)
-    caption_rerank: float = 0.0  # beam-search captions reranked by log-prob + this x image-text cosine (CoCa head)
-    caption_beams: int = 3  # the beams captions are decoded with unless a caller says otherwise
-    # > 0: when the vision backbone's ImageNet classifier is at least this sure of a class whose name ends in a
-    # common caption word ('Egyptian cat' -> cat), beam search must write that word (constrained beam search)
-    caption_concepts: float = 0.0
+    max_caption_tokens: int = 40  # the caption targets' length in training, and the longest caption written
     # > 0: the model keeps the pooled image features of this many training images (`mmstory train` fills them), and
     # caption reranking scores log p(image | caption) against them instead of the bare cosine: a caption that fits many
     # training images as well as this one loses (a pragmatic listener, as in discriminative captioning)
     caption_distractors: int = 0
 
     def __post_init__(self) -> None:
-        if self.captioner not in CAPTIONERS:
-            raise ValueError(f"captioner must be one of {CAPTIONERS}, got {self.captioner!r}")
-        if self.captioner == "caption_decoder" and not self.caption_decoder.enabled:
-            raise ValueError("captioner='caption_decoder' needs caption_decoder.enabled=True")
         for name in ("contrastive_weight", "caption_weight", "caption_decoder_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -114,8 +103,6 @@ class ModelConfig:
             raise ValueError(f"caption_distractors must be >= 0, got {self.caption_distractors}")
         if self.contrastive_heads < 1:
             raise ValueError(f"contrastive_heads must be >= 1, got {self.contrastive_heads}")
-        if not 0.0 <= self.caption_concepts <= 1.0:
-            raise ValueError(f"caption_concepts is a classifier confidence in [0, 1], got {self.caption_concepts}")
 
     # --- I/O -----------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -131,6 +118,51 @@ class ModelConfig:
     @classmethod
     def load_json(cls, path: str | Path) -> ModelConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class GenerationConfig:
+    """Inference settings, saved beside the weights as generation_config.json (as Hugging Face keeps them): how
+    captions are decoded and what the story writer reads. They change what a trained model writes, not its weights."""
+
+    captioner: str = "decoder"  # which path writes captions: "decoder" or "caption_decoder"
+    caption_beams: int = 3  # the beams captions are decoded with unless a caller says otherwise
+    caption_rerank: float = 0.0  # beam-search captions reranked by log-prob + this x image-text cosine (CoCa head)
+    # > 0: when the vision backbone's ImageNet classifier is at least this sure of a class whose name ends in a
+    # common caption word ('Egyptian cat' -> cat), beam search must write that word (constrained beam search)
+    caption_concepts: float = 0.0
+    story_prefix: bool = True  # the story writer reads the images' visual prefixes (False: captions only)
+
+    def __post_init__(self) -> None:
+        if self.captioner not in CAPTIONERS:
+            raise ValueError(f"captioner must be one of {CAPTIONERS}, got {self.captioner!r}")
+        if not 0.0 <= self.caption_concepts <= 1.0:
+            raise ValueError(f"caption_concepts is a classifier confidence in [0, 1], got {self.caption_concepts}")
+
+    def check(self, model: ModelConfig) -> None:
+        """The settings this architecture can run."""
+        if self.captioner == "caption_decoder" and not model.caption_decoder.enabled:
+            raise ValueError("captioner='caption_decoder' needs caption_decoder.enabled=True")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
+        return from_dict(cls, data)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+GENERATION_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationConfig))
+
+
+def split_generation(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A model mapping that may hold inference settings too (config.json before generation_config.json, or training
+    overrides) as (ModelConfig part, GenerationConfig part)."""
+    return ({k: v for k, v in data.items() if k not in GENERATION_FIELDS},
+            {k: v for k, v in data.items() if k in GENERATION_FIELDS})
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:

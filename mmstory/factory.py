@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from mmstory.config import ModelConfig
+from mmstory.config import GENERATION_FIELDS, GenerationConfig, ModelConfig
 from mmstory.model import StoryModel
 from mmstory.registry import (  # noqa: F401 - the registry's names, where open_clip users look for them
     PRETRAINED_ROOT,
+    get_generation_config,
     get_model_config,
     list_models,
     packaged_models,
@@ -19,12 +20,16 @@ from mmstory.registry import (  # noqa: F401 - the registry's names, where open_
 )
 
 
-def create_model(name_or_config: str | ModelConfig, **overrides):
+def create_model(name_or_config: str | ModelConfig, generation_config: GenerationConfig | None = None, **overrides):
     """Build an untrained StoryModel from a registered name or a ModelConfig (pretrained parts load from specs).
 
-    `overrides` replace ModelConfig fields through `dataclasses.replace`, so the config's own checks run on them."""
+    `overrides` replace ModelConfig or GenerationConfig fields through `dataclasses.replace`, so their checks run on
+    them. The generation config defaults to the one registered with the name."""
     config = get_model_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
-    return StoryModel(override(config, **overrides))
+    if generation_config is None:
+        generation_config = get_generation_config(config.name)
+    generation = {k: overrides.pop(k) for k in list(overrides) if k in GENERATION_FIELDS}
+    return StoryModel(override(config, **overrides), override(generation_config, **generation))
 
 
 def override(config, **overrides):

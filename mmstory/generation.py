@@ -221,7 +221,7 @@ class StoryTeller:
                 concepts: float | None = None, batch_size: int = CAPTION_BATCH) -> list[str]:
         """One caption per image, in order, for any number of images: they are loaded and captioned `batch_size`
         at a time (the MAX_IMAGES limit is for one story, not for captioning). `concepts`: the classifier
-        confidence above which a class's word must appear (default: the model config's `caption_concepts`; 0 turns
+        confidence above which a class's word must appear (default: the generation config's `caption_concepts`; 0 turns
         it off). Any unreadable image raises StoryInputError (`mmstory caption` skips and counts them instead)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise StoryInputError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -276,8 +276,8 @@ class StoryTeller:
             captions = self.model.generate_captions(image_tokens=tokens, image_pooled=pooled,
                                                     repetition_penalty=CAPTION_REPETITION_PENALTY)
             timings["caption_s"] = time.perf_counter() - t
-            use_prefix = self.model.config.story_prefix
-            hints = self.model.sure_classes(pooled, self.model.config.caption_concepts)
+            use_prefix = self.model.generation_config.story_prefix
+            hints = self.model.sure_classes(pooled, self.model.generation_config.caption_concepts)
             instruction = build_instruction(captions, prompt, style_text, tone_text, audience_text, budget, previous,
                                             with_images=use_prefix, hints=hints)
             text_prompt = self.model.format_prompt(instruction)

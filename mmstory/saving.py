@@ -1,5 +1,6 @@
-"""Saving and loading a StoryModel: config.json + model.safetensors (only what a spec cannot rebuild), and a LoRA
-writer's adapters beside them in PEFT's own format. Mixed into StoryModel.
+"""Saving and loading a StoryModel: config.json (architecture) + generation_config.json (inference settings) +
+model.safetensors (only what a spec cannot rebuild), and a LoRA writer's adapters beside them in PEFT's own format.
+Mixed into StoryModel.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmstory.config import ModelConfig, PartConfig
+from mmstory.config import GenerationConfig, ModelConfig, PartConfig, split_generation
 from mmstory.registry import resolve_pretrained
 from mmstory.specs import is_reproducible
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from mmstory.model import StoryModel
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"  # as Hugging Face names it
 WEIGHTS_NAME = "model.safetensors"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's own file names, for the story writer's LoRA
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -39,11 +41,13 @@ class PretrainedMixin:
         return keep
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """config.json + model.safetensors; a LoRA writer's adapters go beside them in PEFT's own format
-        (adapter_config.json + adapter_model.safetensors), so `peft.PeftModel.from_pretrained` loads them too."""
+        """config.json + generation_config.json + model.safetensors; a LoRA writer's adapters go beside them in
+        PEFT's own format (adapter_config.json + adapter_model.safetensors), so `peft.PeftModel.from_pretrained` loads
+        them too."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_json(directory / CONFIG_NAME)
+        self.generation_config.save_json(directory / GENERATION_CONFIG_NAME)
         tensors = self.trained_state_dict()
         adapters = {k: tensors.pop(k) for k in list(tensors) if k.startswith("decoder.") and "lora_" in k}
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -69,8 +73,7 @@ class PretrainedMixin:
     def from_pretrained(cls, name_or_path: str | Path) -> StoryModel:
         """Load from a packaged name (e.g. 'mmstory-small'), a local directory, or a hub id (needs network)."""
         directory = resolve_pretrained(name_or_path)
-        config = ModelConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-        model = cls(config)
+        model = cls(*load_configs(directory))
         weights = directory / WEIGHTS_NAME
         tensors = load_file(str(weights)) if weights.is_file() else {}
         if (directory / ADAPTER_WEIGHTS_NAME).is_file():
@@ -79,6 +82,16 @@ class PretrainedMixin:
             model.load_trained_state(tensors)
         model.eval()
         return model
+
+
+def load_configs(directory: str | Path) -> tuple[ModelConfig, GenerationConfig]:
+    """A saved directory's architecture and inference settings. A config.json of the single-file form (inference
+    settings inside it, no generation_config.json) loads too; generation_config.json wins where both name a field."""
+    directory = Path(directory)
+    model, generation = split_generation(json.loads((directory / CONFIG_NAME).read_text()))
+    if (directory / GENERATION_CONFIG_NAME).is_file():
+        generation.update(json.loads((directory / GENERATION_CONFIG_NAME).read_text()))
+    return ModelConfig.from_dict(model), GenerationConfig.from_dict(generation)
 
 
 def save_writer_adapters(adapters: dict[str, torch.Tensor], part: PartConfig, directory: Path) -> None:

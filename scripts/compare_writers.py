@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens, pooled = teller._encode([open_image(record.image)])
         captions = teller.model.generate_captions(image_tokens=tokens, image_pooled=pooled,
                                                        repetition_penalty=CAPTION_REPETITION_PENALTY)
-        hints = teller.model.sure_classes(pooled, teller.model.config.caption_concepts)
+        hints = teller.model.sure_classes(pooled, teller.model.generation_config.caption_concepts)
         requests.append((captions, build_instruction(captions, None, None, None, None, args.length, None,
                                                      with_images=False, hints=hints)))
     print(f"captions for {len(records)} images", file=sys.stderr, flush=True)

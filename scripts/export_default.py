@@ -1,4 +1,5 @@
-"""Export trained runs as the packaged default model: mmstory/pretrained/<name>/{config.json, model.safetensors}.
+"""Export trained runs as the packaged default model: mmstory/pretrained/<name>/{config.json, generation_config.json,
+model.safetensors}.
 
     python scripts/export_default.py runs/flickr8k/best --bridge-from runs/flickr8k_bridge/best
 
@@ -7,21 +8,23 @@ reranking compares against) from `--projections-from` (the heads stage, config f
 else from the first run.
 Trained tensors are stored in bfloat16 and the distractor images' features in float8 (e4m3; they only feed a
 logsumexp, and dev captions did not change measurably); all load back into float32, and the shipped file stays small.
-The config keeps the stage-1 loss weights so that fine-tuning from the shipped model trains every head again.
+The config keeps the stage-1 loss weights so that fine-tuning from the shipped model trains every head again; the
+inference settings are the registered ones (chosen on dev after training), with --captioner.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmstory.config import ModelConfig
-from mmstory.factory import PRETRAINED_ROOT, get_model_config
-from mmstory.model import CONFIG_NAME, WEIGHTS_NAME
+from mmstory.factory import PRETRAINED_ROOT, get_generation_config, get_model_config
+from mmstory.model import CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME
+from mmstory.saving import load_configs
 from mmstory.train.trainer import latest_checkpoint
 
 CONTRASTIVE_HEAD = ("image_projection.", "text_projection.", "logit_scale", "distractor_pooled")
@@ -56,21 +59,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help=f"default: {PRETRAINED_ROOT}/<name>")
     args = parser.parse_args()
 
-    config = ModelConfig.load_json(args.run_dir / CONFIG_NAME)
+    config = load_configs(args.run_dir)[0]
     reference = get_model_config(args.name)
     config.name = args.name
-    config.captioner = args.captioner
     config.contrastive_weight = reference.contrastive_weight
     config.caption_weight = reference.caption_weight
     config.caption_decoder_weight = reference.caption_decoder_weight
-    config.caption_rerank = reference.caption_rerank  # inference settings, chosen on dev after training
-    config.caption_beams = reference.caption_beams
-    config.caption_concepts = reference.caption_concepts
     if args.projections_from is not None:  # the heads' shapes (and distractor images) of the run they come from
-        heads = ModelConfig.load_json(_weights_dir(args.projections_from) / CONFIG_NAME)
+        heads = load_configs(_weights_dir(args.projections_from))[0]
         for field in HEAD_FIELDS:
             setattr(config, field, getattr(heads, field))
-    config.story_prefix = args.bridge_from is not None  # an untrained bridge would only feed the writer noise
+    generation = dataclasses.replace(
+        get_generation_config(args.name), captioner=args.captioner,
+        story_prefix=args.bridge_from is not None)  # an untrained bridge would only feed the writer noise
+    generation.check(config)
     tensors = load_file(str(args.run_dir / WEIGHTS_NAME))
     for source, prefixes in ((args.bridge_from, ("bridge.",)), (args.projections_from, CONTRASTIVE_HEAD)):
         if source is not None:
@@ -80,10 +82,11 @@ def main() -> None:
     out = args.out or PRETRAINED_ROOT / args.name
     out.mkdir(parents=True, exist_ok=True)
     config.save_json(out / CONFIG_NAME)
+    generation.save_json(out / GENERATION_CONFIG_NAME)
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "source": str(args.run_dir)})
     size = (out / WEIGHTS_NAME).stat().st_size / 2**20
     print(json.dumps({"exported": str(out), "tensors": len(tensors), "megabytes": round(size, 2),
-                      "captioner": config.captioner}))
+                      "captioner": generation.captioner}))
 
 
 if __name__ == "__main__":

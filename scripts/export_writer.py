@@ -3,7 +3,8 @@
     python scripts/export_writer.py runs/writer_vist/best            # -> mmstory/pretrained/mmstory-small
 
 The packaged model.safetensors is left byte for byte as it is (the writer run trains nothing else, which is checked);
-config.json takes the run's writer settings (LoRA rank, targets; no visual prefix), and the adapters are written in
+config.json takes the run's writer settings (LoRA rank, targets), generation_config.json its story_prefix (no visual
+prefix), and the adapters are written in
 PEFT's own format beside it (adapter_config.json + adapter_model.safetensors), in bfloat16.
 """
 
@@ -15,9 +16,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mmstory.config import ModelConfig
 from mmstory.factory import PRETRAINED_ROOT
-from mmstory.model import ADAPTER_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME, load_writer_adapters, save_writer_adapters
+from mmstory.model import (
+    ADAPTER_WEIGHTS_NAME,
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_writer_adapters,
+    save_writer_adapters,
+)
+from mmstory.saving import load_configs
 
 
 def main() -> None:
@@ -27,7 +35,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help=f"default: {PRETRAINED_ROOT}/<name>")
     args = parser.parse_args()
     out = args.out or PRETRAINED_ROOT / args.name
-    run = ModelConfig.load_json(args.run_dir / CONFIG_NAME)
+    run, run_generation = load_configs(args.run_dir)
     if run.decoder.train != "lora":
         raise SystemExit(f"{args.run_dir} has no LoRA writer (decoder.train is {run.decoder.train!r})")
     tensors = load_file(str(args.run_dir / WEIGHTS_NAME))
@@ -38,9 +46,10 @@ def main() -> None:
     changed = [k for k, v in tensors.items() if k not in shipped or not torch.equal(v.float(), shipped[k].float())]
     if changed or set(shipped) != set(tensors):
         raise SystemExit(f"the run's other tensors differ from {out}'s ({changed[:3]}): it was not trained from them")
-    config = ModelConfig.load_json(out / CONFIG_NAME)
-    config.decoder, config.story_prefix = run.decoder, run.story_prefix
+    config, generation = load_configs(out)
+    config.decoder, generation.story_prefix = run.decoder, run_generation.story_prefix
     config.save_json(out / CONFIG_NAME)
+    generation.save_json(out / GENERATION_CONFIG_NAME)
     save_writer_adapters({k: v.to(torch.bfloat16) for k, v in adapters.items()}, run.decoder, out)
     size = (out / ADAPTER_WEIGHTS_NAME).stat().st_size / 2**20
     print(f"{out}: {len(adapters)} adapter tensors ({size:.1f} MiB) from {args.run_dir}")

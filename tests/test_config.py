@@ -1,6 +1,6 @@
 import pytest
 
-from mmstory.config import ModelConfig, from_dict, load_yaml, save_yaml
+from mmstory.config import GenerationConfig, ModelConfig, from_dict, load_yaml, save_yaml
 from mmstory.factory import get_model_config, list_models
 
 
@@ -21,10 +21,8 @@ def test_unknown_keys_and_bad_values_fail_loudly():
     data["decoder"]["train"] = "sometimes"
     with pytest.raises(ValueError, match="train must be one of"):
         from_dict(ModelConfig, data)
-    data = get_model_config("tiny").to_dict()
-    data["caption_concepts"] = 50
-    with pytest.raises(ValueError, match="caption_concepts"):
-        from_dict(ModelConfig, data)
+    with pytest.raises(ValueError, match="caption_concepts is a classifier confidence"):
+        from_dict(GenerationConfig, {"caption_concepts": 50})
     data = get_model_config("tiny").to_dict()
     data["contrastive_heads"] = 0
     with pytest.raises(ValueError, match="contrastive_heads"):
@@ -42,13 +40,44 @@ def test_registry_lists_models():
 
 
 def test_create_model_overrides_are_validated():
+    from mmstory.config import CaptionDecoderConfig
     from mmstory.factory import create_model, override
 
     with pytest.raises(ValueError, match="contrastive_heads must be >= 1"):
         create_model("tiny", contrastive_heads=0)
     with pytest.raises(ValueError, match="captioner must be one of"):
-        create_model("tiny", captioner="poet")
+        create_model("tiny", captioner="poet")  # a GenerationConfig field: checked the same way
+    with pytest.raises(ValueError, match="needs caption_decoder.enabled"):
+        create_model("tiny", captioner="caption_decoder", caption_decoder=CaptionDecoderConfig(enabled=False))
+    assert create_model("tiny", caption_beams=5).generation_config.caption_beams == 5
     with pytest.raises(AttributeError, match="no field"):
         create_model("tiny", contrastive_headz=2)
     config = get_model_config("tiny")
     assert override(config, embed_dim=16).embed_dim == 16 and config.embed_dim == 32  # a copy: the given one stays
+
+
+def test_generation_config_is_saved_beside_the_weights_and_the_single_file_form_still_loads(tmp_path):
+    import json
+
+    from mmstory.factory import create_model
+    from mmstory.saving import CONFIG_NAME, GENERATION_CONFIG_NAME, load_configs
+
+    model = create_model("tiny", caption_beams=4, story_prefix=False)
+    model.save_pretrained(tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / GENERATION_CONFIG_NAME).read_text())
+    assert saved == GenerationConfig(caption_beams=4, story_prefix=False).to_dict()
+    assert not set(saved) & set(json.loads((tmp_path / "new" / CONFIG_NAME).read_text()))
+    assert load_configs(tmp_path / "new") == (model.config, model.generation_config)
+    old = tmp_path / "old"  # the single-file form: the inference settings inside config.json
+    old.mkdir()
+    (old / CONFIG_NAME).write_text(json.dumps({**model.config.to_dict(), **saved}))
+    assert load_configs(old) == (model.config, model.generation_config)
+
+
+def test_the_registered_generation_config_comes_with_the_name():
+    from mmstory.registry import get_generation_config
+
+    small = get_generation_config("mmstory-small")
+    assert (small.captioner, small.caption_beams, small.caption_rerank, small.caption_concepts) == (
+        "caption_decoder", 10, 120.0, 0.5)
+    assert get_generation_config("tiny") == GenerationConfig()

@@ -40,7 +40,7 @@ def test_reranking_picks_the_best_scoring_candidate(tiny_teller):
     image_embeds = tiny_teller.model.image_embedding(pooled)
     scores = [tiny_teller._agreement(c, image_embeds) for c in result.candidates]
     assert len(result.candidates) == 4
-    hints = tiny_teller.model.sure_classes(pooled, tiny_teller.model.config.caption_concepts)
+    hints = tiny_teller.model.sure_classes(pooled, tiny_teller.model.generation_config.caption_concepts)
     best = pick_candidate(result.candidates, result.captions, hints, scores, [False] * 4, 20)
     assert result.story == result.candidates[best]
     assert result.score == pytest.approx(scores[best])
@@ -238,7 +238,7 @@ def test_seed_out_of_range_is_refused(tiny_teller):
 
 
 def test_story_without_visual_prefix_writes_from_captions_only(tiny_model):
-    tiny_model.config.story_prefix = False
+    tiny_model.generation_config.story_prefix = False
     teller = StoryTeller(tiny_model, dtype="float32")
     result = teller.generate_story([make_photo(0), make_photo(1)], seed=0, **FAST)
     assert len(result.captions) == 2 and isinstance(result.story, str)

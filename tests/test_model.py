@@ -185,7 +185,8 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, tiny_model):
     before = tiny_model(pixels, CAPTIONS)
     captions_before = tiny_model.generate_captions(pixels, max_new_tokens=6, captioner="caption_decoder")
     tiny_model.save_pretrained(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "generation_config.json",
+                                                                 "model.safetensors"]
     loaded = StoryModel.from_pretrained(tmp_path / "m")
     after = loaded(pixels, CAPTIONS)
     for name in ("loss", "contrastive_loss", "caption_loss", "caption_decoder_loss"):

@@ -91,7 +91,7 @@ def test_mmstory_train_runs_a_writer_config(tiny_dir, story_files, tmp_path):
                       f"lora_r: 2\nlora_targets: [q_proj]\nmixed_precision: 'no'\n")
     assert train_main(["--config", str(config), "--output-dir", str(tmp_path / "run"), "--max-steps", "2"]) == 0
     loaded = StoryModel.from_pretrained(tmp_path / "run" / "final")
-    assert loaded.config.decoder.train == "lora" and not loaded.config.story_prefix
+    assert loaded.config.decoder.train == "lora" and not loaded.generation_config.story_prefix
 
 
 def test_adapters_are_saved_in_peft_format_and_load_both_ways(tiny_model, tiny_dir, tmp_path):

@@ -319,7 +319,7 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
     """Evaluate a StoryModel on (image, reference captions) records; returns the report as a dict.
 
     The model is wrapped in a StoryTeller (which casts the decoder to `dtype`), so the numbers are those of the
-    product as served. Decoding settings default to StoryTeller.caption's (the config's caption_beams,
+    product as served. Decoding settings default to StoryTeller.caption's (the generation config's caption_beams,
     CAPTION_REPETITION_PENALTY). `judge` (a JudgeLM) adds the stories' perplexity under a larger LM; None skips it.
     `device`: where the model runs, as for StoryTeller (None/"auto": cuda when available, else cpu).
     """
@@ -334,7 +334,7 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
         raise ValueError("no records with a non-empty caption to evaluate")
     if "stories" in tasks and stories > 0:
         word_budget(story_length)  # a bad length fails now, not after the captioning pass
-    num_beams = model.config.caption_beams if num_beams is None else num_beams
+    num_beams = model.generation_config.caption_beams if num_beams is None else num_beams
     begin = time.perf_counter()
     torch.manual_seed(seed)
     teller = StoryTeller(model, dtype=dtype, device=device)
@@ -355,7 +355,8 @@ def evaluate(model, records: Sequence[ImageCaptions], *, tasks: Sequence[str] = 
         "mmstory_version": __version__,
         "settings": {"tasks": list(tasks), "model_name": model.config.name, "dtype": dtype,
                      "device": str(teller.device), "batch_size": batch_size,
-                     "seed": seed, "captioning": {**caption_kwargs, "captioner": captioner or model.config.captioner},
+                     "seed": seed,
+                     "captioning": {**caption_kwargs, "captioner": captioner or model.generation_config.captioner},
                      "captions_per_image": captions_per_image, "stories": stories, "story_length": story_length,
                      "rerank_top_k": rerank_top_k if rerank else 0, "rerank_weight": rerank_weight,
                      "story_candidates": story_candidates or Decoding.num_candidates,
@@ -414,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "'all'")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images of the split")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
-    p.add_argument("--num-beams", type=int, default=None, help="default: the model config's caption_beams")
+    p.add_argument("--num-beams", type=int, default=None, help="default: the generation config's caption_beams")
     p.add_argument("--repetition-penalty", type=float, default=CAPTION_REPETITION_PENALTY)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--captioner", choices=["decoder", "caption_decoder"], default=None,

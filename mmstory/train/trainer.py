@@ -35,14 +35,14 @@ import yaml
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from mmstory.config import ModelConfig, from_dict, to_yaml
+from mmstory.config import GenerationConfig, ModelConfig, from_dict, split_generation, to_yaml
 from mmstory.data import (
     Skipped,
     records_fingerprint,
 )
 from mmstory.images import MAX_PIXELS
 from mmstory.model import WEIGHTS_NAME, StoryModel
-from mmstory.registry import get_model_config
+from mmstory.registry import get_generation_config, get_model_config
 from mmstory.train.checkpoints import (  # noqa: F401 - re-exported: the checkpoint helpers were defined here
     CheckpointMixin,
     TrainState,
@@ -194,9 +194,18 @@ class TrainConfig:
         return cls.from_dict(data)
 
 
-def build_model_config(section: ModelSection) -> ModelConfig:
-    base = dict(section.config) if section.config is not None else get_model_config(section.name).to_dict()
-    return ModelConfig.from_dict(_deep_merge(base, section.overrides))
+def build_configs(section: ModelSection) -> tuple[ModelConfig, GenerationConfig]:
+    """The section's architecture and inference settings: a registered name's (or a full mapping, which may be of
+    the single-file form holding both), with `overrides` deep-merged into whichever of the two names the field."""
+    if section.config is not None:
+        base, generation = split_generation(dict(section.config))
+        generation = {**GenerationConfig().to_dict(), **generation}
+    else:
+        base = get_model_config(section.name).to_dict()
+        generation = get_generation_config(section.name).to_dict()
+    overrides, generation_overrides = split_generation(section.overrides)
+    return (ModelConfig.from_dict(_deep_merge(base, overrides)),
+            GenerationConfig.from_dict({**generation, **generation_overrides}))
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
@@ -278,7 +287,7 @@ class Trainer(TrainDataMixin, CheckpointMixin, DevEvalMixin, SelfCriticalMixin):
             raise FileExistsError(f"{self.out} already holds checkpoints; pass --resume to continue that run or "
                                   "choose another --output-dir")
         set_seed(config.seed)
-        self.model = StoryModel(build_model_config(config.model))
+        self.model = StoryModel(*build_configs(config.model))
         if config.model.init_from is not None:
             self.model.load_trained_state(load_file(str(Path(config.model.init_from) / WEIGHTS_NAME)))
         freeze_unused_heads(self.model)
@@ -479,7 +488,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 def prepare_features(config: TrainConfig) -> None:
     """Fill the image (and caption) feature caches for the config's splits, e.g. before parallel stages."""
-    model = StoryModel(build_model_config(config.model))
+    model = StoryModel(*build_configs(config.model))
     freeze_unused_heads(model)
     for name, source in (("train", config.data.train), ("dev", config.data.dev)):
         if source is None:

@@ -116,7 +116,7 @@ def add_writer_adapters(model: StoryModel, config: WriterTrainConfig) -> None:
     part = PartConfig(spec=model.config.decoder.spec, train="lora", pretrained=model.config.decoder.pretrained,
                       lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       lora_targets=list(config.lora_targets))
-    model.config.story_prefix = False
+    model.generation_config.story_prefix = False
     model.configure_part("decoder", part)
     for name, param in model.named_parameters():
         param.requires_grad_(name.startswith("decoder.") and "lora_" in name)
