@@ -188,7 +188,8 @@ def test_wheel_installs_into_a_fresh_venv_and_tells_a_story(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("flickr8k", "flickr8k_bridge", "flickr8k_heads", "flickr8k_scst", "tiny", "writer_vist"):
         assert f"mmstory/configs/{name}.yaml" in names
-    for name in ("model.safetensors", "config.json", "adapter_model.safetensors", "adapter_config.json", "README.md"):
+    for name in ("model.safetensors", "config.json", "generation_config.json", "adapter_model.safetensors",
+                 "adapter_config.json", "README.md"):
         assert f"mmstory/pretrained/mmstory-small/{name}" in names
     assert "mmstory/py.typed" in names
 
