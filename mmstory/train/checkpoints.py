@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from mmstory.files import atomic_write_text
 from mmstory.train.features import tensors_sha256
 
 if TYPE_CHECKING:
@@ -56,9 +57,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n", tmp_name=f".{path.name}.tmp")
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
@@ -145,9 +144,7 @@ class CheckpointMixin:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            pointer = self.out / ".latest.tmp"
-            pointer.write_text(final.name + "\n")
-            os.replace(pointer, self.out / "latest")
+            atomic_write_text(self.out / "latest", final.name + "\n", tmp_name=".latest.tmp")
             old = sorted((p for p in self.out.glob("checkpoint-*") if p != final),
                          key=lambda p: int(p.name.split("-")[1]))
             for path in old[: max(len(old) - self.config.keep_checkpoints + 1, 0)]:

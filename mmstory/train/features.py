@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 import uuid
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from mmstory.components import VisionEncoder
 from mmstory.data import ImageCaptions, ImageRef, Key, Skipped, TarMember, item_name, open_image, skip_reason
+from mmstory.files import atomic_write, atomic_write_text
 from mmstory.images import MAX_PIXELS, ImageError, ImageProcessor
 
 Location = tuple[str, int]  # (shard file, row)
@@ -152,9 +152,8 @@ class FeatureCache:
 
     def _save_digests(self, digests: dict[str, list]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".tmp-{uuid.uuid4().hex[:12]}.json"
-        tmp.write_text(json.dumps(digests))
-        os.replace(tmp, self.directory / DIGESTS_NAME)  # runs sharing the cache each write a whole file
+        atomic_write_text(self.directory / DIGESTS_NAME, json.dumps(digests),  # runs sharing the cache each
+                          tmp_name=f".tmp-{uuid.uuid4().hex[:12]}.json")  # write a whole file
 
     @torch.no_grad()
     def _encode(self, images: list[ImageRef], identities: list[str], batch_size: int, num_workers: int,
@@ -188,10 +187,11 @@ class FeatureCache:
         tokens = torch.cat(pending.tokens) if pending.tokens else torch.zeros(0, 1, 1, dtype=self.dtype)
         pooled = torch.cat(pending.pooled) if pending.pooled else torch.zeros(0, 1, dtype=self.dtype)
         name = uuid.uuid4().hex[:12]
-        tmp = self.directory / f".tmp-{name}.safetensors"
-        save_file({"tokens": tokens.contiguous(), "pooled": pooled.contiguous()}, str(tmp),
-                  metadata={"identities": json.dumps(pending.identities), "bad": json.dumps(pending.bad)})
-        os.replace(tmp, self.directory / f"shard-{name}.safetensors")
+        atomic_write(self.directory / f"shard-{name}.safetensors",
+                     lambda tmp: save_file({"tokens": tokens.contiguous(), "pooled": pooled.contiguous()}, str(tmp),
+                                           metadata={"identities": json.dumps(pending.identities),
+                                                     "bad": json.dumps(pending.bad)}),
+                     tmp_name=f".tmp-{name}.safetensors")
 
 
 @dataclass
@@ -234,9 +234,9 @@ def text_features(root: str | Path, encode: Callable[[list[str]], torch.Tensor],
                 table = torch.zeros(len(unique), features.shape[1], dtype=dtype)
             table[rows] = features
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}.safetensors")
-    save_file({"features": table.contiguous()}, str(tmp), metadata={"fingerprint": json.dumps(fingerprint)})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({"features": table.contiguous()}, str(tmp),
+                                             metadata={"fingerprint": json.dumps(fingerprint)}),
+                 tmp_name=f".tmp-{uuid.uuid4().hex[:12]}.safetensors")
     return TextFeatures(lookup, table, len(unique), time.perf_counter() - start)
 
 
