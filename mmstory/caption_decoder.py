@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import RepetitionPenaltyLogitsProcessor
 
 
 class CaptionDecoder(nn.Module):
@@ -305,12 +306,10 @@ class DecodeState:
 
 
 def _penalise_repeats(logits: torch.Tensor, previous: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's repetition penalty, as `transformers` applies it."""
+    """CTRL's repetition penalty: `transformers`' own processor, on the compact vocabulary's logits."""
     if penalty == 1.0 or previous.numel() == 0:
         return logits
-    chosen = logits.gather(1, previous)
-    chosen = torch.where(chosen < 0, chosen * penalty, chosen / penalty)
-    return logits.scatter(1, previous, chosen)
+    return RepetitionPenaltyLogitsProcessor(float(penalty))(previous, logits)
 
 
 def _strip(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
