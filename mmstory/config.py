@@ -223,7 +223,31 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    return from_dict(cls, yaml.safe_load(path.read_text()) or {})
+    return from_dict(cls, read_yaml(path))
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping; a top-level `base: FILE` (relative to this file) is read first and this file deep-merged over
+    it, so configs that share a block (the Flickr8k stages' data) keep it in one place."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ValueError(f"{path}: its base configs include it again ({' -> '.join(map(str, _seen))})")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or "base" not in data:
+        return data
+    base = path.parent / data.pop("base")
+    if not base.is_file():
+        raise FileNotFoundError(f"{path}: base config not found: {base}")
+    return deep_merge(read_yaml(base, (*_seen, path.resolve())), data)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` over `base`; mappings under the same key merge, anything else replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else value
+    return merged
 
 
 def save_yaml(obj: Any, path: str | Path) -> None:

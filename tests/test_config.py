@@ -81,3 +81,33 @@ def test_the_registered_generation_config_comes_with_the_name():
     assert (small.captioner, small.caption_beams, small.caption_rerank, small.caption_concepts) == (
         "caption_decoder", 10, 120.0, 0.5)
     assert get_generation_config("tiny") == GenerationConfig()
+
+
+def test_a_yaml_base_is_read_first_and_merged_under(tmp_path):
+    from mmstory.config import read_yaml
+
+    (tmp_path / "_shared.yaml").write_text("data: {train: {path: a.csv, split: t.txt}, num_workers: 2}\nepochs: 3\n")
+    (tmp_path / "stage.yaml").write_text("base: _shared.yaml\ndata: {train: {split: other.txt}}\nepochs: 5\n")
+    assert read_yaml(tmp_path / "stage.yaml") == {"data": {"train": {"path": "a.csv", "split": "other.txt"},
+                                                           "num_workers": 2}, "epochs": 5}
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ValueError, match="include it again"):
+        read_yaml(tmp_path / "loop.yaml")
+    (tmp_path / "lost.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match="base config not found"):
+        read_yaml(tmp_path / "lost.yaml")
+
+
+def test_the_flickr8k_stages_share_one_data_block():
+    from pathlib import Path
+
+    from mmstory.train.trainer import CONFIG_DIR, TrainConfig, packaged_configs
+
+    shared = TrainConfig.load(CONFIG_DIR / "_flickr8k_data.yaml").data
+    for name in ("flickr8k", "flickr8k_bridge", "flickr8k_heads", "flickr8k_scst"):
+        assert "base: _flickr8k_data.yaml" in (CONFIG_DIR / f"{name}.yaml").read_text()
+        data = TrainConfig.load(CONFIG_DIR / f"{name}.yaml").data
+        assert (data.train, data.feature_cache_dir, data.encode_batch_size) == (
+            shared.train, shared.feature_cache_dir, shared.encode_batch_size)
+        assert Path(data.dev.split) == Path(shared.dev.split)
+    assert "_flickr8k_data" not in packaged_configs()  # a shared part, not a config to train from

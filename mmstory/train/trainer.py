@@ -35,7 +35,15 @@ import yaml
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from mmstory.config import GenerationConfig, ModelConfig, from_dict, split_generation, to_yaml
+from mmstory.config import (
+    GenerationConfig,
+    ModelConfig,
+    deep_merge,
+    from_dict,
+    read_yaml,
+    split_generation,
+    to_yaml,
+)
 from mmstory.data import (
     Skipped,
     records_fingerprint,
@@ -179,7 +187,7 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path)
         for item in overrides or []:
             key, eq, value = item.partition("=")
             if not eq:
@@ -204,16 +212,8 @@ def build_configs(section: ModelSection) -> tuple[ModelConfig, GenerationConfig]
         base = get_model_config(section.name).to_dict()
         generation = get_generation_config(section.name).to_dict()
     overrides, generation_overrides = split_generation(section.overrides)
-    return (ModelConfig.from_dict(_deep_merge(base, overrides)),
+    return (ModelConfig.from_dict(deep_merge(base, overrides)),
             GenerationConfig.from_dict({**generation, **generation_overrides}))
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
-            merged.get(key), dict) else value
-    return merged
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -507,7 +507,7 @@ CONFIG_DIR = Path(__file__).parents[1] / "configs"  # the shipped configs, packa
 
 
 def packaged_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("_"))  # _*: shared parts
 
 
 def resolve_config(name_or_path: str | Path) -> Path:
