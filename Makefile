@@ -56,4 +56,4 @@ test-fast: setup lint
 
 ## Decoding speed, latency and training throughput.
 bench: setup
-	$(BIN)/python scripts/benchmark.py $(ARGS)
+	$(BIN)/mmstory bench $(ARGS)
