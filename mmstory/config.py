@@ -85,9 +85,6 @@ class ModelConfig:
     # cosines (a deep ensemble in one dot product: embeddings are contrastive_heads x embed_dim wide)
     contrastive_heads: int = 1
     init_temperature: float = 0.07
-    contrastive_weight: float = 1.0
-    caption_weight: float = 1.0  # captioning loss through the causal-LM decoder
-    caption_decoder_weight: float = 1.0  # captioning loss through the caption decoder (when enabled)
     caption_prompt: str = "Describe the picture in one sentence."
     max_caption_tokens: int = 40  # the caption targets' length in training, and the longest caption written
     # > 0: the model keeps the pooled image features of this many training images (`mmstory train` fills them), and
@@ -96,9 +93,6 @@ class ModelConfig:
     caption_distractors: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("contrastive_weight", "caption_weight", "caption_decoder_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
         if self.caption_distractors < 0:
             raise ValueError(f"caption_distractors must be >= 0, got {self.caption_distractors}")
         if self.contrastive_heads < 1:
@@ -110,7 +104,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return from_dict(cls, data)
+        """Loss weights that older config.json files carry (now `TrainConfig.loss`) are dropped: they never changed
+        the weights, only how a run trained them."""
+        return from_dict(cls, {k: v for k, v in data.items() if k not in LEGACY_LOSS_FIELDS})
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -155,6 +151,8 @@ class GenerationConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+# once ModelConfig fields, now the training config's `loss` section (mmstory.losses.StoryLoss)
+LEGACY_LOSS_FIELDS = ("contrastive_weight", "caption_weight", "caption_decoder_weight")
 GENERATION_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationConfig))
 
 

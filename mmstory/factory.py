@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from mmstory.config import GENERATION_FIELDS, GenerationConfig, ModelConfig
+from mmstory.losses import LOSS_WEIGHT_FIELDS, StoryLoss
 from mmstory.model import StoryModel
 from mmstory.registry import (  # noqa: F401 - the registry's names, where open_clip users look for them
     PRETRAINED_ROOT,
@@ -24,12 +25,14 @@ def create_model(name_or_config: str | ModelConfig, generation_config: Generatio
     """Build an untrained StoryModel from a registered name or a ModelConfig (pretrained parts load from specs).
 
     `overrides` replace ModelConfig or GenerationConfig fields through `dataclasses.replace`, so their checks run on
-    them. The generation config defaults to the one registered with the name."""
+    them; loss weights (`contrastive_weight=0.0`, ...) make the model's `loss_fn` (a `StoryLoss`). The generation
+    config defaults to the one registered with the name."""
     config = get_model_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     if generation_config is None:
         generation_config = get_generation_config(config.name)
     generation = {k: overrides.pop(k) for k in list(overrides) if k in GENERATION_FIELDS}
-    return StoryModel(override(config, **overrides), override(generation_config, **generation))
+    weights = {k: overrides.pop(k) for k in list(overrides) if k in LOSS_WEIGHT_FIELDS}
+    return StoryModel(override(config, **overrides), override(generation_config, **generation), StoryLoss(**weights))
 
 
 def override(config, **overrides):

@@ -1,7 +1,8 @@
 """CoCa's losses and their weighted sum, kept apart from the model so they can be tested against hand-computed values.
 
-`StoryModel.forward` returns `story_losses` (or, for self-critical training, `self_critical_output`): the model
-computes each head's features and logits, this module weighs and adds them.
+`StoryModel.forward` returns each head's features and logits (`story_outputs`) and, with captions, the losses a
+`StoryLoss` makes of them (or, for self-critical training, `self_critical_output`): the model computes, this module
+weighs and adds. The weights are a training setting (`TrainConfig.loss`), not part of the model config.
 """
 
 from __future__ import annotations
@@ -76,46 +77,102 @@ def leave_one_out_baseline(rewards: torch.Tensor, samples_per_image: int) -> tor
     return ((groups.sum(dim=1, keepdim=True) - groups) / (samples_per_image - 1)).reshape(-1)
 
 
+LOSS_WEIGHT_FIELDS = ("contrastive_weight", "caption_weight", "caption_decoder_weight")
+
+
+@dataclass
+class StoryLoss:
+    """CoCa's objective: the weighted sum of the three heads' losses, from `StoryModel.forward`'s features and logits.
+
+    A training setting (`TrainConfig.loss`), not part of the model: a head whose weight is 0 is not run."""
+
+    contrastive_weight: float = 1.0
+    caption_weight: float = 1.0  # captioning loss through the causal-LM decoder
+    caption_decoder_weight: float = 1.0  # captioning loss through the caption decoder (when enabled)
+
+    def __post_init__(self) -> None:
+        for name in LOSS_WEIGHT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"loss {name} must be a number, got {value!r}")
+            if value < 0:
+                raise ValueError(f"loss {name} must be >= 0, got {value}")
+        if not any(getattr(self, name) > 0 for name in LOSS_WEIGHT_FIELDS):
+            raise ValueError(f"at least one loss weight ({', '.join(LOSS_WEIGHT_FIELDS)}) must be > 0")
+
+    def to_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in LOSS_WEIGHT_FIELDS}
+
+    def __call__(self, out: StoryModelOutput) -> StoryModelOutput:
+        """`out` (features and logits, as `StoryModel.forward` returns them) with its losses and total filled in."""
+        parts = (out.logit_scale, out.image_embeds, out.caption_logits, out.caption_decoder_logits)
+        ref = next((t for t in parts if t is not None), None)
+        out.loss = ref.new_zeros(()) if ref is not None else torch.zeros(())  # adding 0: the same sum in any dtype
+        if self.contrastive_weight > 0 and out.image_embeds is not None:
+            out.contrastive_loss = contrastive_loss(out.image_embeds, out.text_embeds, out.logit_scale,
+                                                    heads=out.contrastive_heads)
+            out.loss = out.loss + self.contrastive_weight * out.contrastive_loss
+        if self.caption_weight > 0 and out.caption_logits is not None:
+            out.caption_loss = caption_loss(out.caption_logits, out.caption_labels)
+            out.loss = out.loss + self.caption_weight * out.caption_loss
+        if self.caption_decoder_weight > 0 and out.caption_decoder_logits is not None:
+            out.caption_decoder_loss = caption_loss(out.caption_decoder_logits, out.caption_decoder_labels)
+            out.loss = out.loss + self.caption_decoder_weight * out.caption_decoder_loss
+        return out
+
+
 @dataclass
 class StoryModelOutput:
-    loss: torch.Tensor
+    loss: torch.Tensor | None = None
     contrastive_loss: torch.Tensor | None = None
     caption_loss: torch.Tensor | None = None
     caption_decoder_loss: torch.Tensor | None = None
+    # features and logits (CoCa's forward): the contrastive head's embeddings and scale, each captioner's logits and
+    # the labels they predict (IGNORE_INDEX where nothing is); None for a head that was not run
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
+    contrastive_heads: int = 1
+    caption_logits: torch.Tensor | None = None
+    caption_labels: torch.Tensor | None = None
+    caption_decoder_logits: torch.Tensor | None = None
+    caption_decoder_labels: torch.Tensor | None = None
+
+
+def story_outputs(model: StoryModel, captions: list[str], image_tokens: torch.Tensor, image_pooled: torch.Tensor,
+                  text_pooled: torch.Tensor | None, heads: StoryLoss) -> StoryModelOutput:
+    """Each head's features and logits, for the heads `heads` weighs above 0 (the others are not run)."""
+    out = StoryModelOutput(contrastive_heads=model.config.contrastive_heads)
+    if heads.contrastive_weight > 0:
+        out.logit_scale = model.contrastive_scale()
+        out.text_embeds = model.text_embedding(captions, pooled=text_pooled)
+        out.image_embeds = model.image_embedding(image_pooled)
+    if heads.caption_weight > 0:
+        embeds, mask, labels = model._caption_batch(model.visual_prefix(image_tokens, image_pooled), captions)
+        out.caption_logits = model.decoder(inputs_embeds=embeds, attention_mask=mask).logits
+        out.caption_labels = labels
+    if model.caption_decoder is not None and heads.caption_decoder_weight > 0:
+        ids, padding = model._caption_decoder_batch(captions, image_tokens.device)
+        out.caption_decoder_logits = model.caption_decoder(ids, image_tokens.float(), padding,
+                                                           model.image_tags(image_pooled))
+        labels = ids.masked_fill(padding, IGNORE_INDEX)
+        labels[:, 0] = IGNORE_INDEX  # BOS is given, never predicted
+        out.caption_decoder_labels = labels
+    return out
 
 
 def story_losses(model: StoryModel, captions: list[str], image_tokens: torch.Tensor, image_pooled: torch.Tensor,
-                 text_pooled: torch.Tensor | None) -> StoryModelOutput:
-    """The config's weighted sum of the three heads' losses (a head whose weight is 0 is not run)."""
-    cfg = model.config
-    zero = model.logit_scale.new_zeros(())
-    out = StoryModelOutput(loss=zero)
-    if cfg.contrastive_weight > 0:
-        scale = model.contrastive_scale()
-        text = model.text_embedding(captions, pooled=text_pooled)
-        out.contrastive_loss = contrastive_loss(model.image_embedding(image_pooled), text, scale,
-                                                heads=cfg.contrastive_heads)
-        out.loss = out.loss + cfg.contrastive_weight * out.contrastive_loss
-    if cfg.caption_weight > 0:
-        embeds, mask, labels = model._caption_batch(model.visual_prefix(image_tokens, image_pooled), captions)
-        logits = model.decoder(inputs_embeds=embeds, attention_mask=mask).logits
-        out.caption_loss = caption_loss(logits, labels)
-        out.loss = out.loss + cfg.caption_weight * out.caption_loss
-    if model.caption_decoder is not None and cfg.caption_decoder_weight > 0:
-        ids, padding = model._caption_decoder_batch(captions, image_tokens.device)
-        logits = model.caption_decoder(ids, image_tokens.float(), padding, model.image_tags(image_pooled))
-        labels = ids.masked_fill(padding, IGNORE_INDEX)
-        labels[:, 0] = IGNORE_INDEX  # BOS is given, never predicted
-        out.caption_decoder_loss = caption_loss(logits, labels)
-        out.loss = out.loss + cfg.caption_decoder_weight * out.caption_decoder_loss
-    return out
+                 text_pooled: torch.Tensor | None, loss: StoryLoss | None = None) -> StoryModelOutput:
+    """`loss` (default: the model's `loss_fn`) applied to the heads' features and logits."""
+    loss = model.loss_fn if loss is None else loss
+    return loss(story_outputs(model, captions, image_tokens, image_pooled, text_pooled, loss))
 
 
 def self_critical_output(model: StoryModel, samples: list[list[int]], advantages: torch.Tensor | None,
                          pixel_values: torch.Tensor | None, image_tokens: torch.Tensor | None,
                          image_pooled: torch.Tensor | None) -> StoryModelOutput:
     """The caption decoder's policy-gradient loss on its own samples (`StoryModel.forward` with caption_samples)."""
-    cfg = model.config
+    cfg = model.loss_fn
     if model.caption_decoder is None or cfg.caption_decoder_weight == 0:
         raise ValueError("self-critical training needs the caption decoder (caption_decoder_weight > 0)")
     if cfg.contrastive_weight > 0 or cfg.caption_weight > 0:

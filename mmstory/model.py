@@ -19,7 +19,7 @@ from mmstory.caption_decoder import CaptionDecoder
 from mmstory.captioning import CONCEPT_VOCABULARY, CaptioningMixin, ImageWordsMixin, tidy_caption  # noqa: F401
 from mmstory.components import MLPBridge, ProjectionHead, ResamplerBridge, TextEncoder, VisionEncoder
 from mmstory.config import GenerationConfig, ModelConfig, PartConfig
-from mmstory.losses import IGNORE_INDEX, StoryModelOutput, self_critical_output, story_losses
+from mmstory.losses import IGNORE_INDEX, StoryLoss, StoryModelOutput, self_critical_output, story_losses
 from mmstory.prompts import IMAGE_PLACEHOLDER
 from mmstory.registry import get_generation_config
 from mmstory.saving import (  # noqa: F401 - re-exported: saving and loading were defined here
@@ -42,9 +42,12 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, PretrainedMixin, nn.Module):
     training batches. Captioning (`mmstory.captioning`), saving and loading (`mmstory.saving`) and the weighted
     losses (`mmstory.losses`) live in their own modules."""
 
-    def __init__(self, config: ModelConfig, generation_config: GenerationConfig | None = None):
-        """`generation_config` (inference settings) defaults to the one registered with `config.name`."""
+    def __init__(self, config: ModelConfig, generation_config: GenerationConfig | None = None,
+                 loss: StoryLoss | None = None):
+        """`generation_config` (inference settings) defaults to the one registered with `config.name`; `loss` (the
+        training objective `forward` applies when given captions, from `TrainConfig.loss`) to every weight 1.0."""
         super().__init__()
+        self.loss_fn = loss if loss is not None else StoryLoss()
         self.config = config
         self.generation_config = generation_config or get_generation_config(config.name)
         self.generation_config.check(config)
@@ -181,8 +184,10 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, PretrainedMixin, nn.Module):
     def forward(self, pixel_values: torch.Tensor | None = None, captions: list[str] | None = None, *,
                 image_tokens: torch.Tensor | None = None, image_pooled: torch.Tensor | None = None,
                 text_pooled: torch.Tensor | None = None, caption_samples: list[list[int]] | None = None,
-                sample_advantages: torch.Tensor | None = None) -> StoryModelOutput:
-        """Losses for a batch of (image, caption) pairs; pass pixels or cached encoder features (image and text).
+                sample_advantages: torch.Tensor | None = None, loss: StoryLoss | None = None) -> StoryModelOutput:
+        """Each head's features and logits for a batch of (image, caption) pairs, and the losses `loss` (default:
+        `self.loss_fn`) makes of them; pass pixels or cached encoder features (image and text). Heads that `loss`
+        weighs 0 are not run.
 
         Self-critical training passes the caption decoder's own `caption_samples` (compact ids, one per image row)
         with their `sample_advantages` instead of captions: the caption decoder's loss is then the policy gradient
@@ -197,7 +202,7 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, PretrainedMixin, nn.Module):
             if pixel_values is None:
                 raise ValueError("pass pixel_values or cached image_tokens/image_pooled")
             image_tokens, image_pooled = self.encode_image(pixel_values)
-        return story_losses(self, captions, image_tokens, image_pooled, text_pooled)
+        return story_losses(self, captions, image_tokens, image_pooled, text_pooled, loss)
 
     def _caption_ids(self, captions: list[str], max_tokens: int, eos: int | None = None) -> list[list[int]]:
         ids = self.tokenize_captions(captions)

@@ -27,8 +27,8 @@ import torch
 from mmstory.data import load_records
 from mmstory.train.trainer import TrainConfig, train
 
-OBJECTIVES = {"all losses (LM caption loss on)": ["model.overrides.caption_weight=1.0"],
-              "no LM (caption decoder + con.)": ["model.overrides.caption_weight=0.0"]}
+OBJECTIVES = {"all losses (LM caption loss on)": ["loss.caption_weight=1.0"],
+              "no LM (caption decoder + con.)": ["loss.caption_weight=0.0"]}
 
 
 def run(args: argparse.Namespace, workdir: Path, name: str, use_cache: bool, overrides: list[str]) -> dict:

@@ -8,7 +8,7 @@ reranking compares against) from `--projections-from` (the heads stage, config f
 else from the first run.
 Trained tensors are stored in bfloat16 and the distractor images' features in float8 (e4m3; they only feed a
 logsumexp, and dev captions did not change measurably); all load back into float32, and the shipped file stays small.
-The config keeps the stage-1 loss weights so that fine-tuning from the shipped model trains every head again; the
+The loss weights are no part of the model config (they are the training config's `loss` section); the
 inference settings are the registered ones (chosen on dev after training), with --captioner.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmstory.factory import PRETRAINED_ROOT, get_generation_config, get_model_config
+from mmstory.factory import PRETRAINED_ROOT, get_generation_config
 from mmstory.model import CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME
 from mmstory.saving import load_configs
 from mmstory.train.trainer import latest_checkpoint
@@ -60,11 +60,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_configs(args.run_dir)[0]
-    reference = get_model_config(args.name)
     config.name = args.name
-    config.contrastive_weight = reference.contrastive_weight
-    config.caption_weight = reference.caption_weight
-    config.caption_decoder_weight = reference.caption_decoder_weight
     if args.projections_from is not None:  # the heads' shapes (and distractor images) of the run they come from
         heads = load_configs(_weights_dir(args.projections_from))[0]
         for field in HEAD_FIELDS:

@@ -111,3 +111,28 @@ def test_the_flickr8k_stages_share_one_data_block():
             shared.train, shared.feature_cache_dir, shared.encode_batch_size)
         assert Path(data.dev.split) == Path(shared.dev.split)
     assert "_flickr8k_data" not in packaged_configs()  # a shared part, not a config to train from
+
+
+def test_loss_weights_left_in_an_old_model_config_still_load(tmp_path):
+    import json
+
+    from mmstory.train.trainer import TrainConfig
+
+    old = {**get_model_config("tiny").to_dict(), "contrastive_weight": 0.0, "caption_weight": 0.5,
+           "caption_decoder_weight": 1.0}
+    assert "caption_weight" not in get_model_config("tiny").to_dict()  # no longer a ModelConfig field
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    assert ModelConfig.load_json(path) == get_model_config("tiny")  # an old config.json: the weights are dropped
+    # a training config that sets them the old way (model.overrides or model.config) has them moved to `loss`
+    data = {"data": {"train": {"path": "x.csv"}}, "model": {"name": "tiny", "overrides": {"caption_weight": 0.0}}}
+    config = TrainConfig.from_dict(data)
+    assert config.model.overrides == {} and config.loss.to_dict() == {
+        "contrastive_weight": 1.0, "caption_weight": 0.0, "caption_decoder_weight": 1.0}
+    assert data["model"]["overrides"] == {"caption_weight": 0.0}  # the caller's mapping is left as it was
+    config = TrainConfig.from_dict({"data": {"train": {"path": "x.csv"}}, "loss": {"caption_decoder_weight": 2.0},
+                                    "model": {"name": None, "config": old}})
+    assert "caption_weight" not in config.model.config
+    assert config.loss.to_dict() == {"contrastive_weight": 0.0, "caption_weight": 0.5, "caption_decoder_weight": 1.0}
+    config = TrainConfig.from_dict({"data": {"train": {"path": "x.csv"}}, "loss": {"caption_weight": 0.0}})
+    assert config.loss.caption_weight == 0.0 and config.loss.contrastive_weight == 1.0

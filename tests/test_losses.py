@@ -86,3 +86,58 @@ def test_infonce_with_heads_is_the_mean_of_each_heads_infonce():
     assert torch.allclose(contrastive_loss(*side_by_side, scale, heads=3), torch.stack(per_head).mean())
     with pytest.raises(ValueError, match="does not split into 5 heads"):
         contrastive_loss(*side_by_side, scale, heads=5)
+
+
+def test_story_loss_weights_are_validated():
+    from mmstory.losses import StoryLoss
+
+    assert StoryLoss().to_dict() == {"contrastive_weight": 1.0, "caption_weight": 1.0, "caption_decoder_weight": 1.0}
+    with pytest.raises(ValueError, match="caption_weight must be >= 0"):
+        StoryLoss(caption_weight=-1.0)
+    with pytest.raises(ValueError, match="at least one loss weight"):
+        StoryLoss(contrastive_weight=0.0, caption_weight=0.0, caption_decoder_weight=0.0)
+    with pytest.raises(TypeError, match="must be a number"):
+        StoryLoss(contrastive_weight="1")
+
+
+def test_story_loss_gives_the_numbers_of_the_old_weighted_sum(tiny_model):
+    """The loss object on forward's features and logits equals the old path: the model-side weighted sum of each
+    head's loss, each recomputed here from the outputs with the plain loss functions."""
+    from mmstory.losses import StoryLoss, story_outputs
+
+    tiny_model.eval()  # no dropout: the same features on each call
+    torch.manual_seed(0)
+    pixels = torch.randn(3, 3, tiny_model.vision.image_size, tiny_model.vision.image_size)
+    captions = ["A dog runs on the grass .", "two children play", "a red car parked in a quiet street at night"]
+    with torch.no_grad():
+        tokens, pooled = tiny_model.encode_image(pixels)
+        for weights in ({}, {"contrastive_weight": 0.5, "caption_weight": 2.0, "caption_decoder_weight": 0.25},
+                        {"caption_weight": 0.0}, {"contrastive_weight": 0.0, "caption_weight": 0.0}):
+            loss = StoryLoss(**weights)
+            out = tiny_model(image_tokens=tokens, image_pooled=pooled, captions=captions, loss=loss)
+            # the old total, from the parts: zero + w_con * con + w_cap * cap + w_dec * dec (heads weighed 0 left out)
+            old = tiny_model.logit_scale.new_zeros(())
+            if loss.contrastive_weight > 0:
+                con = contrastive_loss(out.image_embeds, out.text_embeds, out.logit_scale, heads=out.contrastive_heads)
+                assert torch.equal(out.contrastive_loss, con)
+                old = old + loss.contrastive_weight * con
+            else:
+                assert out.contrastive_loss is None and out.image_embeds is None
+            if loss.caption_weight > 0:
+                cap = caption_loss(out.caption_logits, out.caption_labels)
+                assert torch.equal(out.caption_loss, cap)
+                old = old + loss.caption_weight * cap
+            else:
+                assert out.caption_loss is None and out.caption_logits is None
+            dec = caption_loss(out.caption_decoder_logits, out.caption_decoder_labels)
+            old = old + loss.caption_decoder_weight * dec
+            assert torch.equal(out.loss, old)
+            # the loss object applied again to the same features and logits: the same numbers
+            total = out.loss
+            assert torch.equal(StoryLoss(**weights)(out).loss, total)
+            fresh = story_outputs(tiny_model, captions, tokens, pooled, None, loss)  # features and logits alone
+            assert fresh.loss is None and fresh.contrastive_loss is None and fresh.caption_decoder_logits is not None
+        # the model's own loss_fn (default weights 1.0, as ModelConfig's were) is what forward uses without `loss`
+        assert torch.equal(tiny_model(image_tokens=tokens, image_pooled=pooled, captions=captions).loss,
+                           tiny_model(image_tokens=tokens, image_pooled=pooled, captions=captions,
+                                      loss=StoryLoss()).loss)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmstory import StoryModel, create_model, get_model_config
-from mmstory.losses import IGNORE_INDEX
+from mmstory.losses import IGNORE_INDEX, StoryLoss
 
 
 def _pixels(model, n=3, seed=0):
@@ -18,7 +18,7 @@ CAPTIONS = ["A dog runs on the grass .", "two children play", "a red car parked 
 
 def test_forward_returns_weighted_sum_of_losses(tiny_model):
     out = tiny_model(_pixels(tiny_model), CAPTIONS)
-    cfg = tiny_model.config
+    cfg = tiny_model.loss_fn
     expected = (cfg.contrastive_weight * out.contrastive_loss + cfg.caption_weight * out.caption_loss
                 + cfg.caption_decoder_weight * out.caption_decoder_loss)
     assert torch.allclose(out.loss, expected)
@@ -28,10 +28,8 @@ def test_forward_returns_weighted_sum_of_losses(tiny_model):
 
 
 def test_zero_weights_skip_their_losses():
-    config = get_model_config("tiny")
-    config.caption_weight = 0.0
-    config.contrastive_weight = 0.0
-    model = create_model(config)
+    model = create_model(get_model_config("tiny"), caption_weight=0.0, contrastive_weight=0.0)
+    assert model.loss_fn == StoryLoss(contrastive_weight=0.0, caption_weight=0.0)
     out = model(_pixels(model), CAPTIONS)
     assert out.caption_loss is None and out.contrastive_loss is None
     assert torch.allclose(out.loss, out.caption_decoder_loss)
@@ -243,7 +241,7 @@ def test_caption_decoder_samples_are_reproducible_and_scored_by_self_critical_fo
     with pytest.raises(ValueError, match="temperature"):
         tiny_model.caption_decoder.sample(tokens, 2, temperature=0.0)
     # the policy-gradient loss: -mean over real tokens of advantage x log p(token), as the caption log-likelihood sees
-    cfg = tiny_model.config
+    cfg = tiny_model.loss_fn
     cfg.contrastive_weight = cfg.caption_weight = 0.0
     advantages = torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0, -0.5])
     rows = {k: v.repeat_interleave(3, dim=0) for k, v in (("image_tokens", tokens), ("image_pooled", pooled))}

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from mmstory import StoryModel, create_model
 from mmstory.config import to_yaml
 from mmstory.eval.metrics import caption_scores
+from mmstory.losses import StoryLoss
 from mmstory.train.trainer import (
     DEFAULT_LR,
     TrainConfig,
@@ -88,12 +89,12 @@ def test_flickr8k_configs_point_at_the_shared_data(name):
     assert config.model.name == "mmstory-small" and config.data.use_feature_cache
     if name == "flickr8k_scst":  # stage 1b starts from stage 1's best model and trains the caption decoder alone
         assert config.caption_objective == "scst" and config.model.init_from == "runs/flickr8k/best"
-        assert config.model.overrides == {"contrastive_weight": 0.0, "caption_weight": 0.0, "contrastive_heads": 1,
-                                          "text_head_hidden": 1024}
+        assert config.model.overrides == {"contrastive_heads": 1, "text_head_hidden": 1024}
+        assert config.loss == StoryLoss(contrastive_weight=0.0, caption_weight=0.0)
     if name != "flickr8k_heads":  # stages 1, 1b and 2 keep the one 1,024-wide head they were tuned with (reproducible)
         assert (config.model.overrides["contrastive_heads"], config.model.overrides["text_head_hidden"]) == (1, 1024)
     if name == "flickr8k_heads":  # the contrastive heads alone, as many as the registry says
-        assert config.model.overrides == {"caption_weight": 0.0, "caption_decoder_weight": 0.0}
+        assert config.model.overrides == {} and config.loss == StoryLoss(caption_weight=0.0, caption_decoder_weight=0.0)
     if not (FLICKR8K / "captions.csv").is_file():
         pytest.skip("../shared/data/flickr8k is not present on this machine")
     for source in (config.data.train, config.data.dev):
@@ -317,7 +318,7 @@ def test_self_critical_stage_trains_the_caption_decoder_and_keeps_the_best_dev_c
     train(tiny_config(csv, tmp_path / "xe", *common, "max_steps=6", "model.overrides={caption_weight: 0.0}"))
     stage = [*common, f"model.init_from={tmp_path / 'xe' / 'best'}", "caption_objective=scst", "scst_samples=3",
              "best_metric=cider_d", "scst_discriminability=0.5",
-             "model.overrides={caption_weight: 0.0, contrastive_weight: 0.0}"]
+             "loss={caption_weight: 0.0, contrastive_weight: 0.0}"]
     before = StoryModel.from_pretrained(tmp_path / "xe" / "best").trained_state_dict()
     report = train(tiny_config(csv, tmp_path / "scst", *stage, "max_steps=4", "eval_every=2"))
     after = StoryModel.from_pretrained(tmp_path / "scst" / "checkpoint-4").trained_state_dict()

@@ -58,7 +58,7 @@ def _model_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
 def caption_features(model: StoryModel, records: list[ImageCaptions], data: DataConfig,
                      progress: bool = False) -> TextFeatures | None:
     """A frozen text encoder's features for every caption, computed once (the contrastive loss needs them)."""
-    if model.config.text.train != "frozen" or model.config.contrastive_weight <= 0:
+    if model.config.text.train != "frozen" or model.loss_fn.contrastive_weight <= 0:
         return None
     fingerprint = {"spec": model.config.text.spec, "weights_sha256": tensors_sha256(model.text.state_dict()),
                    "pooling": "mean", "max_length": 128, "dtype": data.feature_dtype}

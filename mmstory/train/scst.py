@@ -22,9 +22,9 @@ def scst_reward(config: TrainConfig, model: StoryModel, records: list[ImageCapti
     """The CIDEr-D reward over the training references when the run is self-critical, else None."""
     if config.caption_objective != "scst":
         return None
-    if model.caption_decoder is None or model.config.contrastive_weight > 0 or model.config.caption_weight > 0:
+    if model.caption_decoder is None or model.loss_fn.contrastive_weight > 0 or model.loss_fn.caption_weight > 0:
         raise ValueError("caption_objective: scst trains the caption decoder alone: the model needs one, and "
-                         "model.overrides must set contrastive_weight and caption_weight to 0")
+                         "the loss section must set contrastive_weight and caption_weight to 0")
     return CiderDReward({item_name(r.image): r.captions for r in records})
 
 

@@ -49,6 +49,7 @@ from mmstory.data import (
     records_fingerprint,
 )
 from mmstory.images import MAX_PIXELS
+from mmstory.losses import LOSS_WEIGHT_FIELDS, StoryLoss
 from mmstory.model import WEIGHTS_NAME, StoryModel
 from mmstory.registry import get_generation_config, get_model_config
 from mmstory.train.checkpoints import (  # noqa: F401 - re-exported: the checkpoint helpers were defined here
@@ -95,7 +96,7 @@ class DataSource:
 class ModelSection:
     name: str | None = "tiny"  # a registered config (mmstory.factory), unless `config` is given
     config: dict[str, Any] | None = None  # a full ModelConfig mapping
-    overrides: dict[str, Any] = field(default_factory=dict)  # deep-merged in, e.g. {caption_weight: 0}
+    overrides: dict[str, Any] = field(default_factory=dict)  # deep-merged in, e.g. {contrastive_heads: 1}
     init_from: str | None = None  # a save_pretrained() directory whose trained tensors start this run (stages)
 
 
@@ -137,6 +138,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: StoryLoss = field(default_factory=StoryLoss)  # the heads' loss weights; a head weighed 0 is not run
     output_dir: str = "runs/train"
     batch_size: int = 16  # per process
     grad_accum_steps: int = 1
@@ -179,7 +181,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return from_dict(cls, data)
+        return from_dict(cls, move_loss_weights(data))
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -202,6 +204,27 @@ class TrainConfig:
         return cls.from_dict(data)
 
 
+def move_loss_weights(data: dict[str, Any]) -> dict[str, Any]:
+    """Loss weights that older configs set under `model.overrides` or `model.config` (ModelConfig fields once) moved
+    to the `loss` section; where both name one, the old place (the more specific: `--set model.overrides...`) wins."""
+    model = data.get("model")
+    if not isinstance(model, dict):
+        return data
+    moved: dict[str, Any] = {}
+    model = dict(model)
+    for key in ("config", "overrides"):
+        if isinstance(model.get(key), dict) and any(k in LOSS_WEIGHT_FIELDS for k in model[key]):
+            section = dict(model[key])
+            moved.update({k: section.pop(k) for k in LOSS_WEIGHT_FIELDS if k in section})
+            model[key] = section
+    if not moved:
+        return data
+    loss = data.get("loss") or {}
+    if not isinstance(loss, dict):
+        return data  # from_dict says what is wrong with it
+    return {**data, "model": model, "loss": {**loss, **moved}}
+
+
 def build_configs(section: ModelSection) -> tuple[ModelConfig, GenerationConfig]:
     """The section's architecture and inference settings: a registered name's (or a full mapping, which may be of
     the single-file form holding both), with `overrides` deep-merged into whichever of the two names the field."""
@@ -221,7 +244,7 @@ def build_configs(section: ModelSection) -> tuple[ModelConfig, GenerationConfig]
 # --------------------------------------------------------------------------------------------------------------------
 def freeze_unused_heads(model: StoryModel) -> None:
     """A head whose loss weight is 0 gets no gradient; freezing it keeps it out of the optimiser and DDP's reducer."""
-    cfg = model.config
+    cfg = model.loss_fn
     if cfg.contrastive_weight == 0:
         for module in (model.image_projection, model.text_projection):
             module.requires_grad_(False)
@@ -287,7 +310,7 @@ class Trainer(TrainDataMixin, CheckpointMixin, DevEvalMixin, SelfCriticalMixin):
             raise FileExistsError(f"{self.out} already holds checkpoints; pass --resume to continue that run or "
                                   "choose another --output-dir")
         set_seed(config.seed)
-        self.model = StoryModel(*build_configs(config.model))
+        self.model = StoryModel(*build_configs(config.model), loss=config.loss)
         if config.model.init_from is not None:
             self.model.load_trained_state(load_file(str(Path(config.model.init_from) / WEIGHTS_NAME)))
         freeze_unused_heads(self.model)
@@ -488,7 +511,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 def prepare_features(config: TrainConfig) -> None:
     """Fill the image (and caption) feature caches for the config's splits, e.g. before parallel stages."""
-    model = StoryModel(*build_configs(config.model))
+    model = StoryModel(*build_configs(config.model), loss=config.loss)
     freeze_unused_heads(model)
     for name, source in (("train", config.data.train), ("dev", config.data.dev)):
         if source is None:
