@@ -4,7 +4,7 @@
 
 Runs the real trainer on the first `--images` training images with the config's model (mmstory-small: frozen packaged
 parts, bf16 autocast), from pixels (JPEG decode + EfficientNet-Lite0 every step) and from a freshly encoded feature
-cache, for two objectives whatever the config says: every loss on (`caption_weight: 1`: the caption loss runs the
+cache, for two objectives whatever the config says: every loss on (`loss.caption_weight: 1`: the caption loss runs the
 frozen SmolLM2 forward and backward, which dominates a step), and the CPU-cheap one without it (`caption_weight: 0`:
 contrastive + caption decoder only), where the image encoder is a large share of a step. samples/s is the batch size
 over the median step time (the first step, lazy set-up, left out): on a shared machine other processes' bursts
