@@ -10,11 +10,16 @@ import re
 import torch
 
 from mmstory.components import similarity
+from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, words
 
 CONCEPT_VOCABULARY = 2000  # concept words come from the caption decoder's this many most frequent tokens
 # the one repetition penalty every captioning call site uses (the CLI, the API, the story, the answer, evaluation):
 # beam search without it repeats a phrase ("a dog and a dog")
 CAPTION_REPETITION_PENALTY = 1.2
+# ImageNet-1k's standard order: its animals come first; dogs and house cats are the ones people are photographed with
+ANIMAL_CLASSES, DOG_CLASSES, HOUSE_CAT_CLASSES = range(0, 398), range(151, 269), range(281, 286)
+# the classifier's whole mass on animals below which a captioned animal is taken to be the caption data's habit
+UNSUPPORTED_ANIMAL = 0.05
 
 
 class ImageWordsMixin:
@@ -132,8 +137,9 @@ class CaptioningMixin:
             if concepts > 0 and num_beams > 1 and image_pooled is not None:
                 required = self.concept_words(image_pooled, concepts)
             if rerank > 0 and num_beams > 1 and image_pooled is not None:
-                return self._reranked_captions(image_tokens, image_pooled, max_new_tokens, num_beams, length_penalty,
-                                               repetition_penalty, rerank, required)
+                return self._checked(self._reranked_captions(image_tokens, image_pooled, max_new_tokens, num_beams,
+                                                             length_penalty, repetition_penalty, rerank, required),
+                                     image_pooled)
             compact = self.caption_decoder.generate(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
                                                     repetition_penalty, self.image_tags(image_pooled), required)
             ids = self.caption_decoder.to_tokenizer(compact)
@@ -147,7 +153,19 @@ class CaptioningMixin:
                                         length_penalty=length_penalty, pad_token_id=self.tokenizer.pad_token_id)
             ids = out.tolist()
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return [tidy_caption(t) for t in texts]
+        return self._checked([tidy_caption(t) for t in texts], image_pooled)
+
+    def _checked(self, captions: list[str], image_pooled: torch.Tensor | None) -> list[str]:
+        """The captions after `agree_with_classifier`, at the generation config's `caption_class_check`."""
+        threshold = self.generation_config.caption_class_check
+        if threshold <= 0 or image_pooled is None:
+            return captions
+        try:
+            probs = self.vision.class_logits(image_pooled.float()).softmax(-1).cpu()
+            synonyms = self.vision.class_synonyms()
+        except ValueError:  # no ImageNet-1k classifier on this backbone
+            return captions
+        return [agree_with_classifier(c, row, synonyms, threshold) for c, row in zip(captions, probs)]
 
     def _reranked_captions(self, image_tokens: torch.Tensor, image_pooled: torch.Tensor, max_new_tokens: int,
                            num_beams: int, length_penalty: float, repetition_penalty: float,
@@ -216,6 +234,55 @@ class CaptioningMixin:
         BOS excluded), and the mask of real tokens (EOS included)."""
         logits = self.caption_decoder(ids, image_tokens.float(), padding, self.image_tags(image_pooled)).float()
         return logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0], ~padding[:, 1:]
+
+
+def class_kind(index: int, synonyms: list[str]) -> set[str]:
+    """What a caption may call this class's creature: its object group ('dog' for a Shih-Tzu) and its own words."""
+    kind = {w for name in synonyms for w in words(name)}
+    if index in DOG_CLASSES:
+        kind.add("dog")
+    elif index in HOUSE_CAT_CLASSES:
+        kind.add("cat")
+    return kind | {OBJECT_FORMS[w] for w in kind if w in OBJECT_FORMS}
+
+
+def agree_with_classifier(caption: str, probs: torch.Tensor, synonyms: list[list[str]], threshold: float) -> str:
+    """The caption, or, when the image classifier is at least `threshold` sure of a class the caption contradicts,
+    the caption told about that class.
+
+    Trained on Flickr8k, the caption decoder sees people and dogs everywhere; on other photos the ImageNet classifier
+    knows better (a cheetah captioned "A little boy is standing in the water."). A sure animal class that the caption
+    does not name takes the place of the caption's subject ("A cheetah is standing in the water."), unless that
+    subject is a person beside a dog or a cat, which people are photographed with. A sure object class replaces a
+    captioned animal the classifier gives almost no weight to ("A brown dog is sitting on the floor." for an
+    espresso becomes "An espresso.").
+    """
+    if threshold <= 0 or not caption.strip():
+        return caption
+    confidence, index = (float(v) for v in probs.max(dim=-1))
+    index = int(index)
+    if confidence < threshold:
+        return caption
+    tokens = caption.split()
+    subject = next((i for i, token in enumerate(tokens[:8])
+                    if OBJECT_FORMS.get(words(token)[0] if words(token) else "") in CREATURE_GROUPS), None)
+    if subject is None:
+        return caption
+    name = synonyms[index][0]
+    article = "An" if name[:1].lower() in "aeiou" else "A"
+    group = OBJECT_FORMS[words(tokens[subject])[0]]
+    if index in ANIMAL_CLASSES:
+        kind = class_kind(index, synonyms[index])
+        named = {w for w in words(caption)} | {OBJECT_FORMS[w] for w in words(caption) if w in OBJECT_FORMS}
+        if named & kind or (group == "person" and (index in DOG_CLASSES or index in HOUSE_CAT_CLASSES)):
+            return caption
+        rest = tokens[subject + 1:]
+        if rest and rest[0] == "are":
+            rest[0] = "is"
+        return " ".join([article, name, *rest])
+    if group != "person" and float(probs[ANIMAL_CLASSES.start: ANIMAL_CLASSES.stop].sum()) < UNSUPPORTED_ANIMAL:
+        return f"{article} {name}."
+    return caption
 
 
 def tidy_caption(text: str) -> str:

@@ -127,13 +127,20 @@ class GenerationConfig:
     # > 0: when the vision backbone's ImageNet classifier is at least this sure of a class whose name ends in a
     # common caption word ('Egyptian cat' -> cat), beam search must write that word (constrained beam search)
     caption_concepts: float = 0.0
+    # > 0: a caption that an ImageNet class at least this sure contradicts is told about that class instead
+    # (mmstory.captioning.agree_with_classifier): the caption data's people and dogs are not in every photo
+    caption_class_check: float = 0.0
     story_prefix: bool = True  # the story writer reads the images' visual prefixes (False: captions only)
+    # the story's first sentence is the first picture's caption and the writer goes on from it: the story starts on
+    # what the picture shows instead of on whatever the writer's habits suggest
+    open_with_caption: bool = False
 
     def __post_init__(self) -> None:
         if self.captioner not in CAPTIONERS:
             raise ValueError(f"captioner must be one of {CAPTIONERS}, got {self.captioner!r}")
-        if not 0.0 <= self.caption_concepts <= 1.0:
-            raise ValueError(f"caption_concepts is a classifier confidence in [0, 1], got {self.caption_concepts}")
+        for name in ("caption_concepts", "caption_class_check"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a classifier confidence in [0, 1], got {getattr(self, name)}")
 
     def check(self, model: ModelConfig) -> None:
         """The settings this architecture can run."""

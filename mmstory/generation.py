@@ -36,6 +36,7 @@ from mmstory.prompts import (  # noqa: F401 - re-exported: the prompt and its ch
     _check_text,
     _choose,
     build_instruction,
+    story_opening,
     word_budget,
 )
 from mmstory.safety import ContentFilter
@@ -280,7 +281,9 @@ class StoryTeller:
             hints = self.model.sure_classes(pooled, self.model.generation_config.caption_concepts)
             instruction = build_instruction(captions, prompt, style_text, tone_text, audience_text, budget, previous,
                                             with_images=use_prefix, hints=hints)
-            text_prompt = self.model.format_prompt(instruction)
+            opening = (story_opening(captions[0], style, previous)
+                       if self.model.generation_config.open_with_caption else "")
+            text_prompt = self.model.format_prompt(instruction) + opening
             prefixes = list(self.model.visual_prefix(tokens, pooled)) if use_prefix else []
             embeds = self.model.prompt_embeddings(text_prompt, prefixes)[None]
             max_new = settings.max_new_tokens or int(budget * TOKENS_PER_WORD * 1.4) + 24
@@ -290,8 +293,9 @@ class StoryTeller:
                                       f"of {context} tokens before the story starts); shorten the prompt or the "
                                       "previous story")
             max_new = min(max_new, context - embeds.shape[1])
-            min_new = min(int(budget * MIN_STORY_SHARE * TOKENS_PER_WORD), max_new - 1)
-            stopper = WordBudget(self.model.tokenizer, budget)  # generate() passes only new tokens
+            to_write = max(budget - len(opening.split()), 1)  # the words the writer adds after the opening
+            min_new = min(int(to_write * MIN_STORY_SHARE * TOKENS_PER_WORD), max_new - 1)
+            stopper = WordBudget(self.model.tokenizer, to_write)  # generate() passes only new tokens
             cancel = threading.Event()  # set when a streaming consumer goes away mid-story
             rows = settings.num_candidates if settings.num_beams == 1 else 1  # beam search returns its candidates
             gen_kwargs = dict(
@@ -311,11 +315,11 @@ class StoryTeller:
             t = time.perf_counter()
             if stream:
                 texts, emitted = yield from _streamed(self._decode, gen_kwargs, self.model.tokenizer, budget, cancel,
-                                                      timings, start)
+                                                      timings, start, opening)
             else:
                 with torch.no_grad():
                     out = self._decode(**gen_kwargs)
-                texts = self.model.tokenizer.batch_decode(out, skip_special_tokens=True)
+                texts = [opening + text for text in self.model.tokenizer.batch_decode(out, skip_special_tokens=True)]
             timings["generate_s"] = time.perf_counter() - t
             candidates = [finish_story(text, budget) for text in texts]
             t = time.perf_counter()
@@ -381,9 +385,10 @@ class StoryTeller:
 
 
 def _streamed(decode, gen_kwargs: dict, tokenizer, budget: int, cancel: threading.Event, timings: dict,
-              start: float) -> Generator[str, None, tuple[list[str], str]]:
-    """Decode one candidate in a worker thread, yielding the story's settled part as it grows; returns (the raw
-    texts, the text yielded so far). The decode is cancelled and joined however the consumer stops."""
+              start: float, opening: str = "") -> Generator[str, None, tuple[list[str], str]]:
+    """Decode one candidate in a worker thread, yielding the story's settled part as it grows (from `opening`, the
+    text the prompt already ends with); returns (the raw texts, the text yielded so far). The decode is cancelled
+    and joined however the consumer stops."""
     streamer = TextIteratorStreamer(tokenizer, skip_special_tokens=True)
     errors: list[BaseException] = []
 
@@ -397,7 +402,7 @@ def _streamed(decode, gen_kwargs: dict, tokenizer, budget: int, cancel: threadin
 
     worker = threading.Thread(target=work, daemon=True, name="mmstory-decode")
     worker.start()
-    pieces: list[str] = []
+    pieces: list[str] = [opening]
     emitted = ""
     try:
         for piece in streamer:

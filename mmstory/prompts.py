@@ -74,6 +74,20 @@ def build_instruction(captions: list[str], prompt: str | None, style: str | None
     return "\n".join(lines)
 
 
+# styles with an opening or a form of their own, which a caption as the first sentence would break
+OWN_OPENING_STYLES = ("fairy tale", "poem")
+
+
+def story_opening(caption: str, style: str | None, previous: str | None) -> str:
+    """The sentence a story starts with when the generation config says `open_with_caption`: the caption as written,
+    or nothing for a continuation, a custom style or a style that sets its own opening."""
+    if previous or (style and style.strip().lower() not in STYLES) or (style and style.strip().lower() in
+                                                                      OWN_OPENING_STYLES):
+        return ""
+    sentence = _sentence(caption) if caption.strip() else ""
+    return sentence[:1].upper() + sentence[1:]
+
+
 def _sentence(caption: str) -> str:
     caption = caption.strip().rstrip(".")
     if not caption:

@@ -159,6 +159,8 @@ def _parse_objects(text: str) -> dict[str, str]:
 
 OBJECT_FORMS: dict[str, str] = _parse_objects(_OBJECT_TEXT)  # surface form -> canonical object
 OBJECT_GROUPS: frozenset[str] = frozenset(OBJECT_FORMS.values())
+# the people and animal groups: what a caption's subject usually is
+CREATURE_GROUPS: frozenset[str] = frozenset(_parse_objects(_OBJECT_TEXT.split("# vehicles")[0]).values())
 
 
 def object_mentions(text: str) -> list[str]:

@@ -288,3 +288,34 @@ def test_the_kept_story_names_what_the_caption_shows_and_not_what_it_does_not():
                           budget) == 1
     assert pick_candidate([names_it, vague], caption, [[]], agreement[:2], [True, False], budget) == 1
     assert pick_candidate([names_it, vague], caption, [[]], agreement[:2], open_[:2], 120) in (0, 1)
+
+
+# --- opening with the caption ----------------------------------------------------------------------------------
+def test_story_opening_is_the_caption_unless_the_style_or_a_continuation_sets_the_start():
+    from mmstory.prompts import story_opening
+
+    assert story_opening("a dog is running on the beach", None, None) == "A dog is running on the beach."
+    assert story_opening("A dog runs.", "mystery", None) == "A dog runs."
+    assert story_opening("A dog runs.", "Fairy Tale", None) == ""  # "beginning with 'Once upon a time'"
+    assert story_opening("A dog runs.", "poem", None) == ""
+    assert story_opening("A dog runs.", "custom: a limerick", None) == ""
+    assert story_opening("A dog runs.", None, "The story so far.") == ""
+    assert story_opening("  ", None, None) == ""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_story_opens_with_the_first_caption_when_the_config_says_so(tiny_teller, stream):
+    tiny_teller.model.generation_config.open_with_caption = True
+    photos = [make_photo(4), make_photo(5)]
+    if stream:
+        *chunks, result = list(tiny_teller.stream_result(photos, seed=3, length=30, max_new_tokens=24))
+        assert "".join(chunks) == result.story
+    else:
+        result = tiny_teller.generate_story(photos, seed=3, length=30, max_new_tokens=24, num_candidates=2)
+    opening = result.captions[0].strip().rstrip(".")
+    assert opening, "the tiny model wrote an empty caption: pick another photo"
+    assert result.story.lower().startswith(opening.lower()), (result.captions, result.story)
+    assert all(c.lower().startswith(opening.lower()) for c in result.candidates)
+    tiny_teller.model.generation_config.open_with_caption = False
+    plain = tiny_teller.generate_story(photos, seed=3, length=30, max_new_tokens=24, num_candidates=2)
+    assert not all(c.lower().startswith(opening.lower()) for c in plain.candidates)
