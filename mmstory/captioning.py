@@ -175,12 +175,28 @@ class CaptioningMixin:
         texts = [self._decode_compact([ids for _, ids in rows]) for rows in found]
         flat = [t for rows in texts for t in rows]
         agreement = self.caption_agreement(flat, image_pooled)
+        kinds = self._sure_animal_kinds(image_pooled)
         chosen, start = [], 0
         for image, rows in enumerate(found):
             scores = [logprob + weight * float(agreement[start + j, image]) for j, (logprob, _) in enumerate(rows)]
-            chosen.append(texts[image][max(range(len(rows)), key=scores.__getitem__)])
+            # a beam whose subject is the sure animal beats one that puts a person before it
+            first = [kinds[image] is not None and subject_group(t) in kinds[image] for t in texts[image]]
+            chosen.append(texts[image][max(range(len(rows)), key=lambda j: (first[j], scores[j]))])
             start += len(rows)
         return [tidy_caption(t) for t in chosen]
+
+    def _sure_animal_kinds(self, image_pooled: torch.Tensor) -> list[set[str] | None]:
+        """Per image, `class_kind` of the animal class the classifier is at least `caption_class_check` sure of."""
+        threshold = self.generation_config.caption_class_check
+        if threshold <= 0:
+            return [None] * image_pooled.shape[0]
+        try:
+            confidence, index = self.vision.class_logits(image_pooled.float()).softmax(-1).max(-1)
+            synonyms = self.vision.class_synonyms()
+        except ValueError:  # no ImageNet-1k classifier on this backbone
+            return [None] * image_pooled.shape[0]
+        return [class_kind(i, synonyms[i]) if c >= threshold and i in ANIMAL_CLASSES else None
+                for c, i in zip(confidence.tolist(), index.tolist())]
 
     def caption_agreement(self, captions: list[str], image_pooled: torch.Tensor) -> torch.Tensor:
         """[captions, images] agreement for caption reranking: the cosine under the contrastive head, less (with
@@ -246,6 +262,22 @@ def class_kind(index: int, synonyms: list[str]) -> set[str]:
     return kind | {OBJECT_FORMS[w] for w in kind if w in OBJECT_FORMS}
 
 
+def caption_subject(caption: str) -> int | None:
+    """The index (in `caption.split()`) of the caption's subject: its first person or animal word among the first
+    eight ("A black and white dog is ..." -> 4), or None."""
+    for i, token in enumerate(caption.split()[:8]):
+        found = words(token)
+        if found and OBJECT_FORMS.get(found[0]) in CREATURE_GROUPS:
+            return i
+    return None
+
+
+def subject_group(caption: str) -> str | None:
+    """The object group of the caption's subject ('person', 'dog', ...), or None."""
+    subject = caption_subject(caption)
+    return None if subject is None else OBJECT_FORMS[words(caption.split()[subject])[0]]
+
+
 def agree_with_classifier(caption: str, probs: torch.Tensor, synonyms: list[list[str]], threshold: float) -> str:
     """The caption, or, when the image classifier is at least `threshold` sure of a class the caption contradicts,
     the caption told about that class.
@@ -264,8 +296,7 @@ def agree_with_classifier(caption: str, probs: torch.Tensor, synonyms: list[list
     if confidence < threshold:
         return caption
     tokens = caption.split()
-    subject = next((i for i, token in enumerate(tokens[:8])
-                    if OBJECT_FORMS.get(words(token)[0] if words(token) else "") in CREATURE_GROUPS), None)
+    subject = caption_subject(caption)
     if subject is None:
         return caption
     name = synonyms[index][0]

@@ -134,6 +134,9 @@ class GenerationConfig:
     # the story's first sentence is the first picture's caption and the writer goes on from it: the story starts on
     # what the picture shows instead of on whatever the writer's habits suggest
     open_with_caption: bool = False
+    # words the story writer may not write (each as a word on its own, in lower and sentence case): a writer trained
+    # on photo albums narrates the photo ("This photo shows ...") instead of what it shows
+    story_avoid_words: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.captioner not in CAPTIONERS:

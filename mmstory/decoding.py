@@ -31,6 +31,7 @@ from transformers import (
     MinNewTokensLengthLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
@@ -308,6 +309,7 @@ class FastDecoder:
                seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
                pad_token_id: int | None = None,
                stopping_criteria: StoppingCallable | Sequence[StoppingCallable] | None = None,
+               suppress_tokens: Sequence[int] | None = None,
                ) -> Iterator[torch.LongTensor]:
         """Yield the next token of every row [B] per step, as `generate` would append it.
 
@@ -330,7 +332,7 @@ class FastDecoder:
         if attention_mask is None:
             attention_mask = torch.ones(batch, prompt_len, dtype=torch.long)
         attention_mask = attention_mask.to(torch.long)
-        processors = self._processors(eos, min_new_tokens, repetition_penalty, no_repeat_ngram_size)
+        processors = self._processors(eos, min_new_tokens, repetition_penalty, no_repeat_ngram_size, suppress_tokens)
         warpers = LogitsProcessorList()
         if do_sample and temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(temperature))
@@ -382,7 +384,7 @@ class FastDecoder:
 
     # --- internals -----------------------------------------------------------------------------------------------
     def _processors(self, eos: list[int], min_new_tokens: int, repetition_penalty: float,
-                    no_repeat_ngram_size: int) -> LogitsProcessorList:
+                    no_repeat_ngram_size: int, suppress_tokens: Sequence[int] | None = None) -> LogitsProcessorList:
         """transformers' processors, in generate's order; they see only the new tokens, as with inputs_embeds."""
         processors = LogitsProcessorList()
         if repetition_penalty != 1.0:
@@ -391,6 +393,8 @@ class FastDecoder:
             processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
         if min_new_tokens > 0 and eos:
             processors.append(MinNewTokensLengthLogitsProcessor(0, min_new_tokens, eos))
+        if suppress_tokens:
+            processors.append(SuppressTokensLogitsProcessor(list(suppress_tokens)))
         return processors
 
     @staticmethod

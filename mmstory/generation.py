@@ -310,6 +310,9 @@ class StoryTeller:
                 pad_token_id=self.model.tokenizer.pad_token_id,
                 stopping_criteria=StoppingCriteriaList([stopper, Cancelled(cancel)]),
             )
+            avoided = word_token_ids(self.model.tokenizer, self.model.generation_config.story_avoid_words)
+            if avoided:
+                gen_kwargs["suppress_tokens"] = avoided
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
             t = time.perf_counter()
@@ -419,6 +422,19 @@ def _streamed(decode, gen_kwargs: dict, tokenizer, budget: int, cancel: threadin
     if errors:
         raise errors[0]
     return ["".join(pieces)], emitted
+
+
+def word_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
+    """The tokenizer's single-token spellings of each word (with and without a leading space, lower and sentence
+    case): what `suppress_tokens` needs to keep a word out of a story."""
+    ids = set()
+    for word in words:
+        for form in {word, word.lower(), word[:1].upper() + word[1:]}:
+            for text in (form, " " + form):
+                encoded = tokenizer(text, add_special_tokens=False).input_ids
+                if len(encoded) == 1:
+                    ids.add(encoded[0])
+    return sorted(ids)
 
 
 def caption_coverage(story: str, captions: Sequence[str]) -> float:

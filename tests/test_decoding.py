@@ -58,6 +58,17 @@ def test_greedy_equals_transformers_with_penalties(tiny, compiled):
     assert torch.equal(compiled.generate(embeds, pad_token_id=0, **settings), hf_generate(model, embeds, **settings))
 
 
+def test_suppressed_tokens_never_appear_and_match_transformers(tiny, compiled):
+    model, _ = tiny
+    embeds = prompt(model, 2, length=14, seed=5)
+    settings = dict(max_new_tokens=30, do_sample=False)
+    free = compiled.generate(embeds, pad_token_id=0, **settings)
+    banned = sorted(set(free[:, :10].flatten().tolist()))[:6]  # tokens greedy decoding does choose
+    got = compiled.generate(embeds, pad_token_id=0, suppress_tokens=banned, **settings)
+    assert not set(got.flatten().tolist()) & set(banned)
+    assert torch.equal(got, hf_generate(model, embeds, suppress_tokens=banned, **settings))
+
+
 def test_greedy_equals_transformers_with_left_padding(tiny, compiled):
     model, _ = tiny
     embeds = prompt(model, 2, length=14, seed=4)

@@ -319,3 +319,22 @@ def test_a_story_opens_with_the_first_caption_when_the_config_says_so(tiny_telle
     tiny_teller.model.generation_config.open_with_caption = False
     plain = tiny_teller.generate_story(photos, seed=3, length=30, max_new_tokens=24, num_candidates=2)
     assert not all(c.lower().startswith(opening.lower()) for c in plain.candidates)
+
+
+def test_avoided_words_stay_out_of_every_candidate(tiny_teller):
+    from mmstory.generation import word_token_ids
+
+    tokenizer = tiny_teller.model.tokenizer  # the tiny model's byte-level vocabulary: its words are letters
+    settings = dict(seed=5, length=30, max_new_tokens=30, num_candidates=3)
+    free = tiny_teller.generate_story(make_photo(7), **settings)
+    avoid = sorted({ch.lower() for c in free.candidates for ch in c if ch.isascii() and ch.isalpha()})[:4]
+    assert avoid, free.candidates
+    ids = word_token_ids(tokenizer, avoid)
+    assert {tokenizer(w, add_special_tokens=False).input_ids[0] for w in avoid} <= set(ids)
+    tiny_teller.model.generation_config.story_avoid_words = avoid
+    try:
+        kept = tiny_teller.generate_story(make_photo(7), **settings)
+    finally:
+        tiny_teller.model.generation_config.story_avoid_words = []
+    for candidate in kept.candidates:
+        assert not {ch.lower() for ch in candidate} & set(avoid), candidate
