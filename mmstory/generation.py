@@ -480,7 +480,8 @@ _ENDS_SENTENCE = re.compile(r"[.!?][\"'”’)\]]*$")
 
 
 def finish_story(text: str, budget: int) -> str:
-    """Clean the raw generation and cut it to whole sentences within ~115% of the word budget.
+    """Clean the raw generation, drop sentences said a second time, and cut it to whole sentences within ~115% of
+    the word budget.
 
     When whole sentences would leave the story well short (one long run-on sentence crossing the limit), the next
     sentence is cut at its last clause boundary (comma, semicolon, colon) that fits, and closed with a period.
@@ -498,7 +499,12 @@ def finish_story(text: str, budget: int) -> str:
     limit = budget * 1.15
     kept, words = [], 0
     sentences = split_sentences(text)
+    seen = set()
     for sentence in sentences:
+        said = " ".join(sentence.lower().split())
+        if said in seen:  # the writer saying a sentence again (the opening, which its penalties do not see)
+            continue
+        seen.add(said)
         n = len(sentence.split())
         if kept and words + n > limit:
             if words < budget * 0.7:

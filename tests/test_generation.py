@@ -338,3 +338,8 @@ def test_avoided_words_stay_out_of_every_candidate(tiny_teller):
         tiny_teller.model.generation_config.story_avoid_words = []
     for candidate in kept.candidates:
         assert not {ch.lower() for ch in candidate} & set(avoid), candidate
+
+
+def test_finish_story_drops_a_sentence_said_twice():
+    text = "A cat sits on a wall. A cat sits on a wall. It watches the birds. It watches  the birds. Then it sleeps."
+    assert finish_story(text, 80) == "A cat sits on a wall. It watches the birds. Then it sleeps."
