@@ -29,7 +29,20 @@ def test_captions_follow_the_image(teller):
     names = ["chelsea", "coffee", "astronaut", "rocket", "motorcycle"]
     captions = teller.caption([example_image(n) for n in names])
     assert len(captions) == len(names) and len(set(captions)) == len(names), captions
-    assert all(len(c.split()) >= 3 for c in captions), captions
+    assert all(len(c.split()) >= 2 for c in captions), captions
+
+
+def test_a_caption_the_classifier_contradicts_is_told_about_its_class(teller):
+    # the caption decoder alone calls scikit-image's cup of coffee "A brown dog is sitting on the floor."
+    assert teller.model.generation_config.caption_class_check > 0
+    caption = teller.caption([example_image("coffee")])[0]
+    assert "espresso" in caption.lower() and "dog" not in caption.lower(), caption
+    teller.model.generation_config.caption_class_check = 0.0
+    try:
+        unchecked = teller.caption([example_image("coffee")])[0]
+    finally:
+        teller.model.generation_config.caption_class_check = 0.5
+    assert "espresso" not in unchecked.lower(), unchecked
 
 
 def test_caption_mentions_the_cat(teller):
