@@ -173,7 +173,7 @@ def answer_question(teller: StoryTeller, images: ImageInput | Sequence[ImageInpu
         text_prompt = model.format_prompt(build_question_prompt(captions, question, hints, with_images=use_prefix))
         prefixes = list(model.visual_prefix(tokens, pooled)) if use_prefix else []
         embeds = model.prompt_embeddings(text_prompt, prefixes)[None]
-        context = getattr(model.decoder.config, "max_position_embeddings", None) or 1 << 30
+        context = getattr(model.writer.config, "max_position_embeddings", None) or 1 << 30
         if embeds.shape[1] >= context - 16:
             raise StoryInputError(f"the question is too long for the writer's context ({embeds.shape[1]} of "
                                   f"{context} tokens before the answer starts); shorten it")

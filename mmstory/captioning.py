@@ -132,7 +132,7 @@ class CaptioningMixin:
         concepts = self.generation_config.caption_concepts if concepts is None else concepts
         if captioner == "caption_decoder":
             if self.caption_decoder is None:
-                raise ValueError("this model has no caption decoder; use captioner='decoder'")
+                raise ValueError("this model has no caption decoder; use captioner='writer'")
             required = None
             if concepts > 0 and num_beams > 1 and image_pooled is not None:
                 required = self.concept_words(image_pooled, concepts)
@@ -148,7 +148,7 @@ class CaptioningMixin:
             prompt = self.caption_prompt()
             embeds = torch.stack([self.prompt_embeddings(prompt, [p]) for p in prefix])
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-            out = self.decoder.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+            out = self.writer.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                         num_beams=num_beams, do_sample=False, repetition_penalty=repetition_penalty,
                                         length_penalty=length_penalty, pad_token_id=self.tokenizer.pad_token_id)
             ids = out.tolist()

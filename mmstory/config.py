@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 TRAIN_MODES = ("frozen", "lora", "full")
 BRIDGE_KINDS = ("resampler", "mlp")
-CAPTIONERS = ("decoder", "caption_decoder")
+CAPTIONERS = ("writer", "caption_decoder")
 
 
 @dataclass
@@ -75,7 +75,7 @@ class CaptionDecoderConfig:
 class ModelConfig:
     vision: PartConfig
     text: PartConfig
-    decoder: PartConfig
+    writer: PartConfig  # the story writer: a causal LM (a decoder spec, e.g. packaged:smollm2-135m-instruct)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     caption_decoder: CaptionDecoderConfig = field(default_factory=CaptionDecoderConfig)
     name: str = "custom"
@@ -105,8 +105,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Loss weights that older config.json files carry (now `TrainConfig.loss`) are dropped: they never changed
-        the weights, only how a run trained them."""
-        return from_dict(cls, {k: v for k, v in data.items() if k not in LEGACY_LOSS_FIELDS})
+        the weights, only how a run trained them. Their `decoder` part is the `writer`."""
+        data = {k: v for k, v in data.items() if k not in LEGACY_LOSS_FIELDS}
+        if "decoder" in data and "writer" not in data:
+            data["writer"] = data.pop("decoder")
+        return from_dict(cls, data)
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -121,7 +124,7 @@ class GenerationConfig:
     """Inference settings, saved beside the weights as generation_config.json (as Hugging Face keeps them): how
     captions are decoded and what the story writer reads. They change what a trained model writes, not its weights."""
 
-    captioner: str = "decoder"  # which path writes captions: "decoder" or "caption_decoder"
+    captioner: str = "writer"  # which path writes captions: "writer" (the LM through the bridge) or "caption_decoder"
     caption_beams: int = 3  # the beams captions are decoded with unless a caller says otherwise
     caption_rerank: float = 0.0  # beam-search captions reranked by log-prob + this x image-text cosine (CoCa head)
     # > 0: when the vision backbone's ImageNet classifier is at least this sure of a class whose name ends in a
@@ -139,6 +142,8 @@ class GenerationConfig:
     story_avoid_words: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.captioner == "decoder":  # the writer's captioning path, by its old name
+            self.captioner = "writer"
         if self.captioner not in CAPTIONERS:
             raise ValueError(f"captioner must be one of {CAPTIONERS}, got {self.captioner!r}")
         for name in ("caption_concepts", "caption_class_check"):

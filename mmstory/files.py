@@ -1,5 +1,6 @@
-"""Atomic file writes: a file is written under a temporary name beside it, then renamed over the target, so a reader
-(or a run killed half-way) sees the old file or the whole new one, never part of one."""
+"""Files on disk: atomic writes (a file is written under a temporary name beside it, then renamed over the target, so
+a reader, or a run killed half-way, sees the old file or the whole new one, never part of one) and the one way the
+caches tell a changed file (`file_stamp`)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], tmp_n
 
 def atomic_write_text(path: str | os.PathLike, text: str, tmp_name: str | None = None) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text), tmp_name)
+
+
+def file_stamp(path: str | os.PathLike) -> tuple[str, int, int]:
+    """(resolved path, size, modification time in ns): what says a file may have changed since a cache used it. The
+    GGUF conversion cache is keyed by it; the feature cache re-hashes a file's content only when it changes."""
+    path = Path(path)
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns

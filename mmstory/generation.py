@@ -169,9 +169,9 @@ class StoryTeller:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.dtype, self.quantize = dtype, quantize
-        self.model.decoder.to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        self.model.writer.to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
         try:  # static KV cache + compiled step for Llama-family decoders; others decode with transformers
-            self.fast: FastDecoder | None = FastDecoder(self.model.decoder, quantize=quantize, compile=compile)
+            self.fast: FastDecoder | None = FastDecoder(self.model.writer, quantize=quantize, compile=compile)
         except ValueError as err:
             if quantize is not None:
                 raise ValueError(f"quantize={quantize!r} is not available for this decoder: {err}") from err
@@ -182,7 +182,7 @@ class StoryTeller:
 
     def _decode(self, **kwargs) -> torch.Tensor:
         """The story writer's `generate`: FastDecoder where it applies (beam search goes to transformers inside)."""
-        return (self.fast or self.model.decoder).generate(**kwargs)
+        return (self.fast or self.model.writer).generate(**kwargs)
 
     def warmup(self) -> None:
         """Compile the decode step now for one row and the default candidate batch (servers: before requests)."""
@@ -287,7 +287,7 @@ class StoryTeller:
             prefixes = list(self.model.visual_prefix(tokens, pooled)) if use_prefix else []
             embeds = self.model.prompt_embeddings(text_prompt, prefixes)[None]
             max_new = settings.max_new_tokens or int(budget * TOKENS_PER_WORD * 1.4) + 24
-            context = getattr(self.model.decoder.config, "max_position_embeddings", None) or 1 << 30
+            context = getattr(self.model.writer.config, "max_position_embeddings", None) or 1 << 30
             if embeds.shape[1] >= context - 16:
                 raise StoryInputError(f"the request is too long for the story writer's context ({embeds.shape[1]} "
                                       f"of {context} tokens before the story starts); shorten the prompt or the "
@@ -457,15 +457,18 @@ def pick_candidate(candidates: Sequence[str], captions: Sequence[str], hints: Se
     Among the candidates the content filter passes (all of them, when none does), those that meet the length request,
     then those that speak of the most pictures (a content word of each picture's caption), then the best balance of
     image agreement, things the pictures show (half the share of the captions' content words the story uses) and
-    things they do not (objects neither a caption nor the classifier named). In an album the mean agreement alone
-    lets a story about one picture win.
+    things they do not (objects neither a caption nor the classifier named, counted again in the last third, where
+    a small writer drifts). In an album the mean agreement alone lets a story about one picture win.
     """
     seen = list(captions) + [word for words in hints for word in words]
 
     def key(i: int) -> tuple:
         story = candidates[i]
         named = content_word_recall(story, captions, min_captions=1) or 0.0
-        balance = agreement[i] + named / 2 - unseen_object_share(story, seen)
+        sentences = split_sentences(story)
+        last_third = " ".join(sentences[len(sentences) - max(1, len(sentences) // 3):])
+        balance = (agreement[i] + named / 2 - unseen_object_share(story, seen)
+                   - unseen_object_share(last_third, seen))
         return not blocked[i], meets_budget(story, budget), caption_coverage(story, captions), balance
 
     return max(range(len(candidates)), key=key)

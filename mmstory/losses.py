@@ -149,7 +149,7 @@ def story_outputs(model: StoryModel, captions: list[str], image_tokens: torch.Te
         out.image_embeds = model.image_embedding(image_pooled)
     if heads.caption_weight > 0:
         embeds, mask, labels = model._caption_batch(model.visual_prefix(image_tokens, image_pooled), captions)
-        out.caption_logits = model.decoder(inputs_embeds=embeds, attention_mask=mask).logits
+        out.caption_logits = model.writer(inputs_embeds=embeds, attention_mask=mask).logits
         out.caption_labels = labels
     if model.caption_decoder is not None and heads.caption_decoder_weight > 0:
         ids, padding = model._caption_decoder_batch(captions, image_tokens.device)

@@ -54,9 +54,9 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, PretrainedMixin, nn.Module):
         self.vision = VisionEncoder(*load_vision(config.vision.spec, config.vision.pretrained))
         text_model, self.text_tokenizer = load_text_encoder(config.text.spec, config.text.pretrained)
         self.text = TextEncoder(text_model)
-        self.decoder, self.tokenizer = load_decoder(config.decoder.spec, config.decoder.pretrained)
+        self.writer, self.tokenizer = load_decoder(config.writer.spec, config.writer.pretrained)
         self.tokenizer.padding_side = "right"
-        hidden = self.decoder.config.hidden_size
+        hidden = self.writer.config.hidden_size
 
         heads = config.contrastive_heads
         self.image_projection = nn.Linear(self.vision.pooled_dim, heads * config.embed_dim, bias=False)
@@ -80,12 +80,12 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, PretrainedMixin, nn.Module):
                 names = self.tokenizer([" " + n for n in self.vision.class_names()], add_special_tokens=False)
                 self._class_tokens = torch.tensor([(ids + [-1] * c.tag_tokens)[: c.tag_tokens]
                                                    for ids in names.input_ids], dtype=torch.long)
-        for part in ("vision", "text", "decoder"):
+        for part in ("vision", "text", "writer"):
             self._set_train_mode(part, getattr(config, part))
 
     # --- freezing / LoRA -------------------------------------------------------------------------------------------
     def _backbone(self, part: str) -> nn.Module:
-        return self.decoder if part == "decoder" else getattr(self, part).model
+        return self.writer if part == "writer" else getattr(self, part).model
 
     def _set_train_mode(self, part: str, cfg: PartConfig) -> None:
         module = self._backbone(part)
@@ -111,7 +111,7 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, PretrainedMixin, nn.Module):
     def train(self, mode: bool = True) -> StoryModel:
         """Frozen backbones stay in eval mode (fixed batch-norm statistics, no dropout) while the rest trains."""
         super().train(mode)
-        for part in ("vision", "text", "decoder"):
+        for part in ("vision", "text", "writer"):
             if getattr(self.config, part).train == "frozen":
                 self._backbone(part).eval()
         return self
@@ -150,7 +150,7 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, PretrainedMixin, nn.Module):
         return self._shared_space(self.text_projection(pooled.float()))
 
     def visual_prefix(self, tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        return self.bridge(tokens, pooled).to(self.decoder.dtype)
+        return self.bridge(tokens, pooled).to(self.writer.dtype)
 
     # --- prompts ---------------------------------------------------------------------------------------------------
     def format_prompt(self, user_text: str, system: str | None = None) -> str:
@@ -166,7 +166,7 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, PretrainedMixin, nn.Module):
         pieces = prompt.split(IMAGE_PLACEHOLDER)
         if len(pieces) - 1 != len(prefixes):
             raise ValueError(f"prompt has {len(pieces) - 1} image placeholders but {len(prefixes)} images were given")
-        embed = self.decoder.get_input_embeddings()
+        embed = self.writer.get_input_embeddings()
         device = embed.weight.device
         parts = []
         for i, piece in enumerate(pieces):
@@ -219,7 +219,7 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, PretrainedMixin, nn.Module):
 
     def _caption_batch(self, prefix: torch.Tensor, captions: list[str]):
         """[prefix inside the chat prompt][caption][EOS][pad]; only caption and EOS are labelled."""
-        device, embed = prefix.device, self.decoder.get_input_embeddings()
+        device, embed = prefix.device, self.writer.get_input_embeddings()
         before, after = self.caption_prompt().split(IMAGE_PLACEHOLDER)
         before_ids = self.tokenizer(before, add_special_tokens=False).input_ids
         after_ids = self.tokenizer(after, add_special_tokens=False).input_ids

@@ -58,7 +58,7 @@ def mmstory_small() -> ModelConfig:
         # Lite2 (260 px, 9x9 tokens) over Lite0 (224 px, 7x7): the finer grid retrieves better (numbers in docs/)
         vision=PartConfig("packaged:efficientnet-lite2"),
         text=PartConfig("packaged:all-minilm-l6-v2"),
-        decoder=PartConfig("packaged:smollm2-135m-instruct"),
+        writer=PartConfig("packaged:smollm2-135m-instruct"),
         # sized so that the trained tensors ship in 18.9 MiB (bf16) and train in minutes per epoch on two cores
         bridge=BridgeConfig(kind="resampler", num_queries=16, width=256, depth=2, heads=4),
         # image_tags: EfficientNet's own top-5 ImageNet classes, as words, join the caption decoder's memory: they name
@@ -85,7 +85,7 @@ def tiny() -> ModelConfig:
         name="tiny",
         vision=PartConfig("timm:test_efficientnet", pretrained=False),
         text=PartConfig("tiny:bert"),
-        decoder=PartConfig("tiny:llama"),
+        writer=PartConfig("tiny:llama"),
         bridge=BridgeConfig(kind="resampler", num_queries=4, width=32, depth=1, heads=2),
         caption_decoder=CaptionDecoderConfig(enabled=True, width=32, depth=1, heads=2, max_length=64, dropout=0.0),
         embed_dim=32,

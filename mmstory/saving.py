@@ -32,7 +32,7 @@ class PretrainedMixin:
         keep = {}
         for name, tensor in self.state_dict().items():
             part = name.split(".", 1)[0]
-            if part in ("vision", "text", "decoder"):
+            if part in ("vision", "text", "writer"):
                 cfg = getattr(self.config, part)
                 if not (cfg.train == "full" or not is_reproducible(cfg.spec, cfg.pretrained)
                         or (cfg.train == "lora" and "lora_" in name)):
@@ -49,10 +49,10 @@ class PretrainedMixin:
         self.config.save_json(directory / CONFIG_NAME)
         self.generation_config.save_json(directory / GENERATION_CONFIG_NAME)
         tensors = self.trained_state_dict()
-        adapters = {k: tensors.pop(k) for k in list(tensors) if k.startswith("decoder.") and "lora_" in k}
+        adapters = {k: tensors.pop(k) for k in list(tensors) if k.startswith("writer.") and "lora_" in k}
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         if adapters:
-            save_writer_adapters(adapters, self.config.decoder, directory)
+            save_writer_adapters(adapters, self.config.writer, directory)
         return directory
 
     def load_trained_state(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -60,6 +60,8 @@ class PretrainedMixin:
         if "text_projection.weight" in tensors:  # saved before the text projection became a ProjectionHead
             tensors = {("text_projection.linear.weight" if k == "text_projection.weight" else k): v
                        for k, v in tensors.items()}
+        # saved while the story writer's module was called decoder
+        tensors = {("writer." + k[len("decoder."):] if k.startswith("decoder.") else k): v for k, v in tensors.items()}
         own = self.state_dict()
         unexpected = sorted(set(tensors) - set(own))
         if unexpected:
@@ -98,7 +100,7 @@ def save_writer_adapters(adapters: dict[str, torch.Tensor], part: PartConfig, di
     """The writer's LoRA tensors under PEFT's names ("base_model.model.<module>.lora_A.weight") and its config."""
     from peft import LoraConfig
 
-    peft_names = {"base_model.model." + k[len("decoder."):].replace(".default.", "."): v for k, v in adapters.items()}
+    peft_names = {"base_model.model." + k[len("writer."):].replace(".default.", "."): v for k, v in adapters.items()}
     save_file(peft_names, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapters})
     config = LoraConfig(r=part.lora_r, lora_alpha=part.lora_alpha, lora_dropout=part.lora_dropout,
@@ -115,5 +117,5 @@ def load_writer_adapters(directory: Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{directory / ADAPTER_WEIGHTS_NAME}: {name!r} is not a LoRA tensor of PEFT's format")
         module, rest = name[len("base_model.model."):].split(".lora_", 1)
         kind, leaf = rest.split(".", 1)
-        out[f"decoder.{module}.lora_{kind}.default.{leaf}"] = tensor
+        out[f"writer.{module}.lora_{kind}.default.{leaf}"] = tensor
     return out

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mmstory.files import atomic_write
+from mmstory.files import atomic_write, file_stamp
 
 SCHEMES = ("timm", "open_clip", "hf", "gguf", "packaged", "tiny")
 CACHE_ENV = "MMSTORY_CACHE"
@@ -316,8 +316,7 @@ def gguf_cache(gguf_file: Path) -> Path:
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise SpecError(f"GGUF file not found: {gguf_file}")
-    stat = gguf_file.stat()
-    key = hashlib.sha1(f"{gguf_file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha1("|".join(map(str, file_stamp(gguf_file))).encode()).hexdigest()[:12]
     target = cache_dir() / f"{gguf_file.stem}-{key}"
     if (target / "model.safetensors").is_file():
         return target

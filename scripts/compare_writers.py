@@ -104,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"captions for {len(records)} images", file=sys.stderr, flush=True)
 
     smol_mb = file_mb(PACKAGED["smollm2-135m-instruct"].path())
-    writers = [lambda: Writer("SmolLM2-135M-Instruct, prompted", teller.model.decoder, teller.model.tokenizer,
+    writers = [lambda: Writer("SmolLM2-135M-Instruct, prompted", teller.model.writer, teller.model.tokenizer,
                               smol_mb)]
     if args.trained:
         def trained() -> Writer:
             model = StoryModel.from_pretrained(args.trained)
             adapters = sum(t.numel() * 2 for k, t in model.trained_state_dict().items() if "lora_" in k) / 1e6
-            return Writer("SmolLM2-135M-Instruct + VIST LoRA", model.decoder, model.tokenizer, smol_mb + adapters)
+            return Writer("SmolLM2-135M-Instruct + VIST LoRA", model.writer, model.tokenizer, smol_mb + adapters)
         writers.append(trained)
 
     def gemma() -> Writer:

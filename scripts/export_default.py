@@ -54,7 +54,7 @@ def main() -> None:
                         help="take the contrastive head (image/text projections, temperature) from this checkpoint "
                              "or from the latest checkpoint of this run directory")
     parser.add_argument("--name", default="mmstory-small")
-    parser.add_argument("--captioner", choices=["decoder", "caption_decoder"], default="caption_decoder",
+    parser.add_argument("--captioner", choices=["writer", "caption_decoder"], default="caption_decoder",
                         help="which path writes captions at inference (choose by dev-split metrics)")
     parser.add_argument("--out", type=Path, default=None, help=f"default: {PRETRAINED_ROOT}/<name>")
     args = parser.parse_args()

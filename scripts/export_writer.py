@@ -36,8 +36,8 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out or PRETRAINED_ROOT / args.name
     run, run_generation = load_configs(args.run_dir)
-    if run.decoder.train != "lora":
-        raise SystemExit(f"{args.run_dir} has no LoRA writer (decoder.train is {run.decoder.train!r})")
+    if run.writer.train != "lora":
+        raise SystemExit(f"{args.run_dir} has no LoRA writer (writer.train is {run.writer.train!r})")
     tensors = load_file(str(args.run_dir / WEIGHTS_NAME))
     adapters = {k: tensors.pop(k) for k in list(tensors) if "lora_" in k}
     if (args.run_dir / ADAPTER_WEIGHTS_NAME).is_file():
@@ -47,10 +47,10 @@ def main() -> None:
     if changed or set(shipped) != set(tensors):
         raise SystemExit(f"the run's other tensors differ from {out}'s ({changed[:3]}): it was not trained from them")
     config, generation = load_configs(out)
-    config.decoder, generation.story_prefix = run.decoder, run_generation.story_prefix
+    config.writer, generation.story_prefix = run.writer, run_generation.story_prefix
     config.save_json(out / CONFIG_NAME)
     generation.save_json(out / GENERATION_CONFIG_NAME)
-    save_writer_adapters({k: v.to(torch.bfloat16) for k, v in adapters.items()}, run.decoder, out)
+    save_writer_adapters({k: v.to(torch.bfloat16) for k, v in adapters.items()}, run.writer, out)
     size = (out / ADAPTER_WEIGHTS_NAME).stat().st_size / 2**20
     print(f"{out}: {len(adapters)} adapter tensors ({size:.1f} MiB) from {args.run_dir}")
 

@@ -18,7 +18,7 @@ def test_unknown_keys_and_bad_values_fail_loudly():
     with pytest.raises(ValueError, match="num_querys"):
         from_dict(ModelConfig, data)
     data = get_model_config("tiny").to_dict()
-    data["decoder"]["train"] = "sometimes"
+    data["writer"]["train"] = "sometimes"
     with pytest.raises(ValueError, match="train must be one of"):
         from_dict(ModelConfig, data)
     with pytest.raises(ValueError, match="caption_concepts is a classifier confidence"):
@@ -136,3 +136,23 @@ def test_loss_weights_left_in_an_old_model_config_still_load(tmp_path):
     assert config.loss.to_dict() == {"contrastive_weight": 0.0, "caption_weight": 0.5, "caption_decoder_weight": 1.0}
     config = TrainConfig.from_dict({"data": {"train": {"path": "x.csv"}}, "loss": {"caption_weight": 0.0}})
     assert config.loss.caption_weight == 0.0 and config.loss.contrastive_weight == 1.0
+
+
+def test_the_story_writer_s_old_name_decoder_still_loads(tiny_model):
+    import torch
+
+    from mmstory.train.trainer import OptimConfig
+
+    data = get_model_config("tiny").to_dict()
+    data["decoder"] = data.pop("writer")
+    assert ModelConfig.from_dict(data) == get_model_config("tiny")
+    assert GenerationConfig(captioner="decoder").captioner == "writer"
+    assert OptimConfig(lr={"decoder": 1e-3}).lr["writer"] == 1e-3
+    # a checkpoint saved while the module was `decoder`: its tensors load into `writer`
+    tiny_model.config.writer.train = "full"
+    saved = {("decoder." + k[len("writer."):] if k.startswith("writer.") else k): v + 1
+             for k, v in tiny_model.trained_state_dict().items()}
+    assert any(k.startswith("decoder.") for k in saved)
+    tiny_model.load_trained_state(saved)
+    name = next(k for k in saved if k.startswith("decoder."))
+    assert torch.equal(tiny_model.state_dict()["writer." + name[len("decoder."):]], saved[name])

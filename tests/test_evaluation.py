@@ -60,7 +60,7 @@ def test_story_perplexity_is_the_decoders_own_loss(tiny_model):
     with torch.no_grad():
         for text in texts:
             ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids])
-            losses.append(float(tiny_model.decoder(input_ids=ids, labels=ids).loss))  # mean NLL over the text
+            losses.append(float(tiny_model.writer(input_ids=ids, labels=ids).loss))  # mean NLL over the text
             counts.append(ids.shape[1] - 1)
     expected = math.exp(sum(loss * n for loss, n in zip(losses, counts)) / sum(counts))
     assert story_perplexity(tiny_model, texts) == pytest.approx(expected, rel=1e-4)

@@ -290,6 +290,15 @@ def test_the_kept_story_names_what_the_caption_shows_and_not_what_it_does_not():
     assert pick_candidate([names_it, vague], caption, [[]], agreement[:2], open_[:2], 120) in (0, 1)
 
 
+def test_a_story_that_drifts_at_the_end_loses_to_one_that_drifts_at_the_start():
+    caption = ["A brown dog runs through the grass."]
+    on = "The brown dog ran through the grass."
+    late = f"{on} {on.replace('brown', 'happy')} It was fun. It ran on. Then a car came by a boat and a horse."
+    early = f"{on} Then a car came by a boat and a horse. It was fun. It ran on. The dog ran home through the grass."
+    assert len(late.split()) == len(early.split())
+    assert pick_candidate([late, early], caption, [[]], [0.3, 0.3], [False, False], 40) == 1
+
+
 # --- opening with the caption ----------------------------------------------------------------------------------
 def test_story_opening_is_the_caption_unless_the_style_or_a_continuation_sets_the_start():
     from mmstory.prompts import story_opening

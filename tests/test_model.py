@@ -125,7 +125,7 @@ def test_distractors_turn_caption_agreement_into_log_p_image_given_caption(tmp_p
 
 
 def test_caption_batch_labels_only_caption_and_eos(tiny_model):
-    prefix = torch.zeros(3, tiny_model.config.bridge.num_queries, tiny_model.decoder.config.hidden_size)
+    prefix = torch.zeros(3, tiny_model.config.bridge.num_queries, tiny_model.writer.config.hidden_size)
     embeds, mask, labels = tiny_model._caption_batch(prefix, CAPTIONS)
     tok = tiny_model.tokenizer
     for i, caption in enumerate(CAPTIONS):
@@ -146,7 +146,7 @@ def test_caption_loss_does_not_depend_on_padding(tiny_model):
     # the same sample padded next to a much longer caption: its own token losses are unchanged
     prefix = tiny_model.visual_prefix(tokens, pooled)
     embeds, mask, labels = tiny_model._caption_batch(prefix, [short, "a much longer caption " * 5])
-    logits = tiny_model.decoder(inputs_embeds=embeds, attention_mask=mask).logits
+    logits = tiny_model.writer(inputs_embeds=embeds, attention_mask=mask).logits
     from mmstory.losses import caption_loss
 
     padded_first = caption_loss(logits[:1], labels[:1])
@@ -165,9 +165,9 @@ def test_frozen_parts_stay_in_eval_mode_and_get_no_grad(tiny_model):
 
 def test_lora_trains_only_adapters():
     config = get_model_config("tiny")
-    config.decoder.train = "lora"
+    config.writer.train = "lora"
     model = create_model(config)
-    trainable = [n for n, p in model.decoder.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in model.writer.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     saved = [k for k in model.trained_state_dict() if k.startswith("decoder.")]
     # tiny parts are random, so they are saved whole; LoRA tensors are among them
@@ -226,7 +226,7 @@ def test_caption_decoder_beam_search_returns_one_caption_per_image(tiny_model):
     pixels = _pixels(tiny_model, n=2)
     greedy = tiny_model.generate_captions(pixels, max_new_tokens=5, captioner="caption_decoder")
     beams = tiny_model.generate_captions(pixels, max_new_tokens=5, captioner="caption_decoder", num_beams=3)
-    lm = tiny_model.generate_captions(pixels, max_new_tokens=5, captioner="decoder")
+    lm = tiny_model.generate_captions(pixels, max_new_tokens=5, captioner="writer")
     assert len(greedy) == len(beams) == len(lm) == 2
 
 

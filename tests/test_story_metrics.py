@@ -133,9 +133,9 @@ def test_score_stories_without_a_judge_says_so(tiny_model):
     assert scores["hallucination"]["hallucinated"] == 1 and scores["per_story"][0]["hallucinated"] == ["cat"]
     assert scores["grounding_gap"]["gap"] > 0
     assert scores["length"]["requested_words"] == 20
-    judge = JudgeLM("tiny:llama", tiny_model.decoder, tiny_model.tokenizer)
+    judge = JudgeLM("tiny:llama", tiny_model.writer, tiny_model.tokenizer)
     judged = score_stories(_records(), STORIES, None, length=20, judge=judge)
-    assert judged["judge"]["perplexity"] == pytest.approx(lm_perplexity(tiny_model.decoder, tiny_model.tokenizer,
+    assert judged["judge"]["perplexity"] == pytest.approx(lm_perplexity(tiny_model.writer, tiny_model.tokenizer,
                                                                         STORIES))
     assert judged["judge"]["note"] is None and judged["seconds_per_story"] is None
     assert try_load_judge(None) == (None, "judge perplexity skipped: no judge LM given")

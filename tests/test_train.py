@@ -63,7 +63,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_config_yaml_round_trip_and_overrides(tmp_path: Path):
     config = TrainConfig.load(TINY, ["optim.lr.bridge=0.01", "data.dev.path=dev.csv", "model.overrides.embed_dim=16"])
     assert config.model.name == "tiny" and config.optim.lr["bridge"] == 0.01
-    assert config.optim.lr["decoder"] == DEFAULT_LR["decoder"]  # parts not named keep their default rate
+    assert config.optim.lr["writer"] == DEFAULT_LR["writer"]  # parts not named keep their default rate
     assert config.data.dev.path == "dev.csv" and config.data.dev.split is None
     (tmp_path / "saved.yaml").write_text(to_yaml(config))
     assert TrainConfig.load(tmp_path / "saved.yaml") == config
@@ -124,11 +124,11 @@ def test_param_groups_per_part(tiny_model):
 
     torch.manual_seed(0)
     lora = create_model("tiny", caption_weight=0.0)
-    lora.config.decoder.train = "full"
-    lora._set_train_mode("decoder", lora.config.decoder)
+    lora.config.writer.train = "full"
+    lora._set_train_mode("writer", lora.config.writer)
     freeze_unused_heads(lora)
     names = {g["name"] for g in param_groups(lora, DEFAULT_LR, 0.0)}
-    assert "decoder" in names and not any(n.startswith("bridge") for n in names)
+    assert "writer" in names and not any(n.startswith("bridge") for n in names)
 
 
 # --------------------------------------------------------------------------------------------------------------------

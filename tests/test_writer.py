@@ -91,7 +91,7 @@ def test_mmstory_train_runs_a_writer_config(tiny_dir, story_files, tmp_path):
                       f"lora_r: 2\nlora_targets: [q_proj]\nmixed_precision: 'no'\n")
     assert train_main(["--config", str(config), "--output-dir", str(tmp_path / "run"), "--max-steps", "2"]) == 0
     loaded = StoryModel.from_pretrained(tmp_path / "run" / "final")
-    assert loaded.config.decoder.train == "lora" and not loaded.generation_config.story_prefix
+    assert loaded.config.writer.train == "lora" and not loaded.generation_config.story_prefix
 
 
 def test_adapters_are_saved_in_peft_format_and_load_both_ways(tiny_model, tiny_dir, tmp_path):
@@ -100,7 +100,7 @@ def test_adapters_are_saved_in_peft_format_and_load_both_ways(tiny_model, tiny_d
     config = WriterTrainConfig(lora_r=4, lora_targets=["q_proj", "v_proj"])
     add_writer_adapters(tiny_model, config)
     torch.manual_seed(1)
-    for name, param in tiny_model.decoder.named_parameters():
+    for name, param in tiny_model.writer.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.5)  # peft starts B at zero, which would make any loading look right
     out = tiny_model.save_pretrained(tmp_path / "lora")
@@ -112,10 +112,10 @@ def test_adapters_are_saved_in_peft_format_and_load_both_ways(tiny_model, tiny_d
     ids = torch.tensor([[1, 5, 9, 2, 7]])
     tiny_model.eval()
     with torch.no_grad():
-        expected = tiny_model.decoder(input_ids=ids).logits
-        base = StoryModel.from_pretrained(tiny_dir).decoder.float()
+        expected = tiny_model.writer(input_ids=ids).logits
+        base = StoryModel.from_pretrained(tiny_dir).writer.float()
         plain = base(input_ids=ids).logits
-        ours = StoryModel.from_pretrained(out).decoder.float()(input_ids=ids).logits
+        ours = StoryModel.from_pretrained(out).writer.float()(input_ids=ids).logits
         theirs = PeftModel.from_pretrained(base, str(out)).eval()(input_ids=ids).logits
     assert not torch.allclose(expected, plain, atol=1e-4)  # the adapters change the writer
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)

@@ -485,7 +485,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     embeds = story_prompt(model, images[0])
     report["prompt_tokens"] = embeds.shape[1]
     print(f"decoding ({args.tokens} tokens, batches 1 and {args.batch}) ...", flush=True)
-    rows, extra = decode_table(model.decoder, embeds, args, report["bandwidth"]["read_gb_s"])
+    rows, extra = decode_table(model.writer, embeds, args, report["bandwidth"]["read_gb_s"])
     report["decode"] = rows
     report["compile_and_warmup_s"] = extra["compile_and_warmup_s"]
     fast_rows = [r for r in rows if r["name"].startswith("fast-") and r["batch"] == 1]

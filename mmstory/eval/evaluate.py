@@ -171,7 +171,7 @@ def rerank_image_to_text(model, image_tokens: torch.Tensor, image_pooled: torch.
 
 def story_perplexity(model, texts: Sequence[str]) -> float | None:
     """Perplexity of the texts under the plain decoder (no image, no prompt: just BOS then the text)."""
-    return lm_perplexity(model.decoder, model.tokenizer, texts)
+    return lm_perplexity(model.writer, model.tokenizer, texts)
 
 
 @torch.no_grad()
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=None, help="default: the generation config's caption_beams")
     p.add_argument("--repetition-penalty", type=float, default=CAPTION_REPETITION_PENALTY)
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--captioner", choices=["decoder", "caption_decoder"], default=None,
+    p.add_argument("--captioner", choices=["writer", "caption_decoder"], default=None,
                    help="captioning path (default: the model's own setting)")
     p.add_argument("--stories", type=int, default=20, help="write stories for the first N images (0: none)")
     p.add_argument("--story-length", default="short", help="short, medium, long, or a number of words")

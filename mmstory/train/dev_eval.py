@@ -68,7 +68,7 @@ class DevEvalMixin:
         batch = split.collate([split.dataset[(i, 0)] for i in range(count)])
         # show the captioner this run trains: the LM through the bridge, or else the caption decoder
         trains_lm = model.loss_fn.caption_weight > 0
-        captioner = "decoder" if trains_lm or model.caption_decoder is None else "caption_decoder"
+        captioner = "writer" if trains_lm or model.caption_decoder is None else "caption_decoder"
         inputs = _model_inputs(batch, self.accelerator.device)
         inputs.pop("text_pooled", None)
         captions = model.generate_captions(**inputs, captioner=captioner)

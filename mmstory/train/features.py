@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from mmstory.components import VisionEncoder
 from mmstory.data import ImageCaptions, ImageRef, Key, Skipped, TarMember, item_name, open_image, skip_reason
-from mmstory.files import atomic_write, atomic_write_text
+from mmstory.files import atomic_write, atomic_write_text, file_stamp
 from mmstory.images import MAX_PIXELS, ImageError, ImageProcessor
 
 Location = tuple[str, int]  # (shard file, row)
@@ -41,8 +41,7 @@ def file_identity(image: ImageRef, digests: dict[str, list] | None = None) -> st
     """What makes a cached entry valid: the file's content digest (raises OSError). `digests` (path -> [size, mtime,
     digest]) spares reading a file whose size and mtime are those it was last hashed with."""
     path = image.shard if isinstance(image, TarMember) else Path(image)
-    stat = path.stat()
-    key, seen = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+    key, *seen = file_stamp(path)
     known = (digests or {}).get(key)
     if known is not None and known[:2] == seen:
         digest = known[2]

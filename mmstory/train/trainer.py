@@ -67,12 +67,12 @@ from mmstory.train.features import FeatureCache
 from mmstory.train.inputs import Split, TrainDataMixin, _model_inputs, caption_features, read_source  # noqa: F401
 from mmstory.train.scst import SelfCriticalMixin, scst_reward
 
-PARTS = ("bridge", "caption_decoder", "projections", "vision", "text", "decoder")
+PARTS = ("bridge", "caption_decoder", "projections", "vision", "text", "writer")
 PART_OF = {"bridge": "bridge", "caption_decoder": "caption_decoder", "image_projection": "projections",
            "text_projection": "projections", "logit_scale": "projections", "vision": "vision", "text": "text",
-           "decoder": "decoder"}
+           "writer": "writer"}
 DEFAULT_LR = {"bridge": 3e-4, "caption_decoder": 5e-4, "projections": 5e-4, "vision": 1e-5, "text": 1e-5,
-              "decoder": 2e-5}
+              "writer": 2e-5}
 OBJECTIVES = ("xe", "scst")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -125,6 +125,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # the decay ends at this fraction of each peak rate
 
     def __post_init__(self) -> None:
+        if "decoder" in self.lr and "writer" not in self.lr:  # the story writer's part was called decoder
+            self.lr["writer"] = self.lr.pop("decoder")
         unknown = set(self.lr) - set(PARTS)
         if unknown:
             raise ValueError(f"optim.lr has unknown part(s) {sorted(unknown)}; parts: {', '.join(PARTS)}")

@@ -107,19 +107,19 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
 
 
 def writer_loss(model: StoryModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model.decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model.writer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return caption_loss(logits, batch["labels"])
 
 
 def add_writer_adapters(model: StoryModel, config: WriterTrainConfig) -> None:
     """Switch the writer to LoRA (only the adapters train) and stop it reading visual prefixes."""
-    part = PartConfig(spec=model.config.decoder.spec, train="lora", pretrained=model.config.decoder.pretrained,
+    part = PartConfig(spec=model.config.writer.spec, train="lora", pretrained=model.config.writer.pretrained,
                       lora_r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       lora_targets=list(config.lora_targets))
     model.generation_config.story_prefix = False
-    model.configure_part("decoder", part)
+    model.configure_part("writer", part)
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith("decoder.") and "lora_" in name)
+        param.requires_grad_(name.startswith("writer.") and "lora_" in name)
 
 
 def adapter_state(model: StoryModel) -> dict[str, torch.Tensor]:
@@ -139,7 +139,7 @@ class WriterTrainer:
         torch.manual_seed(config.seed)
         self.model = StoryModel.from_pretrained(config.model)
         add_writer_adapters(self.model, config)
-        self.model.decoder.float()
+        self.model.writer.float()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.steps_per_epoch = len(self.train_rows) // config.batch_size
