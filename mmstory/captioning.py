@@ -130,6 +130,7 @@ class CaptioningMixin:
         rerank = self.generation_config.caption_rerank if rerank is None else rerank
         num_beams = self.generation_config.caption_beams if num_beams is None else num_beams
         concepts = self.generation_config.caption_concepts if concepts is None else concepts
+        checked = self._class_check(image_pooled)
         if captioner == "caption_decoder":
             if self.caption_decoder is None:
                 raise ValueError("this model has no caption decoder; use captioner='writer'")
@@ -138,8 +139,9 @@ class CaptioningMixin:
                 required = self.concept_words(image_pooled, concepts)
             if rerank > 0 and num_beams > 1 and image_pooled is not None:
                 return self._checked(self._reranked_captions(image_tokens, image_pooled, max_new_tokens, num_beams,
-                                                             length_penalty, repetition_penalty, rerank, required),
-                                     image_pooled)
+                                                             length_penalty, repetition_penalty, rerank, required,
+                                                             checked),
+                                     checked)
             compact = self.caption_decoder.generate(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
                                                     repetition_penalty, self.image_tags(image_pooled), required)
             ids = self.caption_decoder.to_tokenizer(compact)
@@ -153,29 +155,36 @@ class CaptioningMixin:
                                         length_penalty=length_penalty, pad_token_id=self.tokenizer.pad_token_id)
             ids = out.tolist()
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return self._checked([tidy_caption(t) for t in texts], image_pooled)
+        return self._checked([tidy_caption(t) for t in texts], checked)
 
-    def _checked(self, captions: list[str], image_pooled: torch.Tensor | None) -> list[str]:
-        """The captions after `agree_with_classifier`, at the generation config's `caption_class_check`."""
-        threshold = self.generation_config.caption_class_check
-        if threshold <= 0 or image_pooled is None:
-            return captions
+    def _class_check(self, image_pooled: torch.Tensor | None) -> tuple[torch.Tensor, list[list[str]]] | None:
+        """(class probabilities [B, 1000], class names) for the generation config's `caption_class_check`, or None
+        when it is off, no pooled features are given or the backbone has no ImageNet-1k classifier."""
+        if self.generation_config.caption_class_check <= 0 or image_pooled is None:
+            return None
         try:
-            probs = self.vision.class_logits(image_pooled.float()).softmax(-1).cpu()
-            synonyms = self.vision.class_synonyms()
-        except ValueError:  # no ImageNet-1k classifier on this backbone
+            return self.vision.class_logits(image_pooled.float()).softmax(-1).cpu(), self.vision.class_synonyms()
+        except ValueError:
+            return None
+
+    def _checked(self, captions: list[str], checked: tuple[torch.Tensor, list[list[str]]] | None) -> list[str]:
+        """The captions after `agree_with_classifier` (`checked`: from `_class_check`)."""
+        if checked is None:
             return captions
+        probs, synonyms = checked
+        threshold = self.generation_config.caption_class_check
         return [agree_with_classifier(c, row, synonyms, threshold) for c, row in zip(captions, probs)]
 
     def _reranked_captions(self, image_tokens: torch.Tensor, image_pooled: torch.Tensor, max_new_tokens: int,
                            num_beams: int, length_penalty: float, repetition_penalty: float,
-                           weight: float, required: list[tuple[int, ...] | None] | None = None) -> list[str]:
+                           weight: float, required: list[tuple[int, ...] | None] | None = None,
+                           checked: tuple[torch.Tensor, list[list[str]]] | None = None) -> list[str]:
         found = self.caption_decoder.candidates(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
                                                 repetition_penalty, self.image_tags(image_pooled), required)
         texts = [self._decode_compact([ids for _, ids in rows]) for rows in found]
         flat = [t for rows in texts for t in rows]
         agreement = self.caption_agreement(flat, image_pooled)
-        kinds = self._sure_animal_kinds(image_pooled)
+        kinds = sure_animal_kinds(checked, self.generation_config.caption_class_check, len(found))
         chosen, start = [], 0
         for image, rows in enumerate(found):
             scores = [logprob + weight * float(agreement[start + j, image]) for j, (logprob, _) in enumerate(rows)]
@@ -184,19 +193,6 @@ class CaptioningMixin:
             chosen.append(texts[image][max(range(len(rows)), key=lambda j: (first[j], scores[j]))])
             start += len(rows)
         return [tidy_caption(t) for t in chosen]
-
-    def _sure_animal_kinds(self, image_pooled: torch.Tensor) -> list[set[str] | None]:
-        """Per image, `class_kind` of the animal class the classifier is at least `caption_class_check` sure of."""
-        threshold = self.generation_config.caption_class_check
-        if threshold <= 0:
-            return [None] * image_pooled.shape[0]
-        try:
-            confidence, index = self.vision.class_logits(image_pooled.float()).softmax(-1).max(-1)
-            synonyms = self.vision.class_synonyms()
-        except ValueError:  # no ImageNet-1k classifier on this backbone
-            return [None] * image_pooled.shape[0]
-        return [class_kind(i, synonyms[i]) if c >= threshold and i in ANIMAL_CLASSES else None
-                for c, i in zip(confidence.tolist(), index.tolist())]
 
     def caption_agreement(self, captions: list[str], image_pooled: torch.Tensor) -> torch.Tensor:
         """[captions, images] agreement for caption reranking: the cosine under the contrastive head, less (with
@@ -262,6 +258,17 @@ def class_kind(index: int, synonyms: list[str]) -> set[str]:
     return kind | {OBJECT_FORMS[w] for w in kind if w in OBJECT_FORMS}
 
 
+def sure_animal_kinds(checked: tuple[torch.Tensor, list[list[str]]] | None, threshold: float,
+                      images: int) -> list[set[str] | None]:
+    """Per image, `class_kind` of the animal class the classifier is at least `threshold` sure of, or None."""
+    if checked is None:
+        return [None] * images
+    probs, synonyms = checked
+    confidence, index = probs.max(dim=-1)
+    return [class_kind(i, synonyms[i]) if c >= threshold and i in ANIMAL_CLASSES else None
+            for c, i in zip(confidence.tolist(), index.tolist())]
+
+
 def caption_subject(caption: str) -> int | None:
     """The index (in `caption.split()`) of the caption's subject: its first person or animal word among the first
     eight ("A black and white dog is ..." -> 4), or None."""
@@ -295,16 +302,17 @@ def agree_with_classifier(caption: str, probs: torch.Tensor, synonyms: list[list
     index = int(index)
     if confidence < threshold:
         return caption
-    tokens = caption.split()
     subject = caption_subject(caption)
     if subject is None:
         return caption
+    tokens = caption.split()
     name = synonyms[index][0]
     article = "An" if name[:1].lower() in "aeiou" else "A"
     group = OBJECT_FORMS[words(tokens[subject])[0]]
     if index in ANIMAL_CLASSES:
         kind = class_kind(index, synonyms[index])
-        named = {w for w in words(caption)} | {OBJECT_FORMS[w] for w in words(caption) if w in OBJECT_FORMS}
+        said = words(caption)
+        named = set(said) | {OBJECT_FORMS[w] for w in said if w in OBJECT_FORMS}
         if named & kind or (group == "person" and (index in DOG_CLASSES or index in HOUSE_CAT_CLASSES)):
             return caption
         rest = tokens[subject + 1:]

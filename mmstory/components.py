@@ -3,11 +3,22 @@ caption decoder is `mmstory.caption_decoder`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@functools.cache
+def _imagenet_synonyms() -> tuple[tuple[str, ...], ...]:
+    """ImageNet-1k's class names, read once per process: timm parses its files in about 20 ms, and captioning asks for
+    them on every call."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return tuple(tuple(name.strip() for name in info.index_to_description(i).split(",")) for i in range(1000))
 
 
 class VisionEncoder(nn.Module):
@@ -45,13 +56,10 @@ class VisionEncoder(nn.Module):
 
     def class_synonyms(self) -> list[list[str]]:
         """Every name of each class, most common first (ImageNet-1k's WordNet lemmas, e.g. ['tabby', 'tabby cat'])."""
-        from timm.data import ImageNetInfo
-
         classes = self._classifier().out_features
         if classes != 1000:
             raise ValueError(f"class names are known for ImageNet-1k's 1000 classes; this head has {classes}")
-        info = ImageNetInfo()
-        return [[name.strip() for name in info.index_to_description(i).split(",")] for i in range(classes)]
+        return [list(names) for names in _imagenet_synonyms()]
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "open_clip":

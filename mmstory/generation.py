@@ -349,7 +349,8 @@ class StoryTeller:
 
     @torch.no_grad()
     def _agreements(self, texts: Sequence[str], image_embeds: torch.Tensor) -> list[float]:
-        """`_agreement` of each text, the non-empty ones encoded in one batch (the reranking's hot path)."""
+        """Mean cosine agreement of each text with the images (-1 for an empty one), the texts encoded in one
+        batch (the reranking's hot path)."""
         written = [i for i, text in enumerate(texts) if text.strip()]
         scores = [-1.0] * len(texts)
         if written:
@@ -358,13 +359,9 @@ class StoryTeller:
                 scores[i] = row
         return scores
 
-    @torch.no_grad()
     def _agreement(self, text: str, image_embeds: torch.Tensor) -> float:
-        """Mean cosine agreement of the story with the images (the reranking score)."""
-        if not text.strip():
-            return -1.0
-        text_embed = self.model.text_embedding([text])
-        return float(similarity(image_embeds, text_embed).mean())
+        """Mean cosine agreement of the text with the images (the reranking score)."""
+        return self._agreements([text], image_embeds)[0]
 
     @torch.no_grad()
     def _sentence_scores(self, story: str, image_embeds: torch.Tensor) -> list[SentenceScore]:

@@ -81,10 +81,10 @@ OWN_OPENING_STYLES = ("fairy tale", "poem")
 def story_opening(caption: str, style: str | None, previous: str | None) -> str:
     """The sentence a story starts with when the generation config says `open_with_caption`: the caption as written,
     or nothing for a continuation, a custom style or a style that sets its own opening."""
-    if previous or (style and style.strip().lower() not in STYLES) or (style and style.strip().lower() in
-                                                                      OWN_OPENING_STYLES):
+    key = (style or "").strip().lower()
+    if previous or not caption.strip() or (key and (key not in STYLES or key in OWN_OPENING_STYLES)):
         return ""
-    sentence = _sentence(caption) if caption.strip() else ""
+    sentence = _sentence(caption)
     return sentence[:1].upper() + sentence[1:]
 
 
