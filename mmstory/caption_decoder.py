@@ -44,6 +44,38 @@ class CaptionDecoder(nn.Module):
         self.layers = nn.TransformerDecoder(layer, depth)
         self.norm = nn.LayerNorm(width)
         nn.init.normal_(self.embed.weight, std=0.02)
+        self.set_added_words([], [])
+
+    # --- words beyond the fitted vocabulary ------------------------------------------------------------------------
+    def set_added_words(self, pieces: list[list[int]], donors: list[int]) -> None:
+        """Words the training captions never used, each one compact id after the fitted vocabulary: `pieces` are its
+        tokenizer ids, `donors` the compact id of a known word whose embedding (input and tied output) it borrows.
+
+        Deep Compositional Captioning's transfer (Hendricks et al., 2016): "zebra" is written where the decoder
+        would write "horse", and the caption goes on as it would after "horse". Its logit is the donor's, so an
+        added word is written only with a bias (`logit_bias` of beam search: the image classifier's support) or when
+        a constraint requires it. Nothing here is a parameter: saved weights are unchanged."""
+        if len(pieces) != len(donors):
+            raise ValueError(f"{len(pieces)} added words but {len(donors)} donors")
+        if any(not p for p in pieces) or any(not 0 <= d < self.embed.num_embeddings for d in donors):
+            raise ValueError("every added word needs tokenizer ids and a donor inside the fitted vocabulary")
+        self.added_pieces = [list(p) for p in pieces]
+        self.register_buffer("added_donors", torch.tensor(donors, dtype=torch.long), persistent=False)
+
+    @property
+    def base_size(self) -> int:
+        return self.embed.num_embeddings
+
+    @property
+    def size(self) -> int:
+        """The compact vocabulary with the added words."""
+        return self.base_size + len(self.added_pieces)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.added_pieces:
+            added = ids >= self.base_size
+            ids = torch.where(added, self.added_donors[(ids - self.base_size).clamp(min=0)], ids)
+        return self.embed(ids)
 
     @property
     def needs_vocabulary(self) -> bool:
@@ -77,17 +109,27 @@ class CaptionDecoder(nn.Module):
         return [[table[t] for t in ids] for ids in token_id_lists]
 
     def to_tokenizer(self, compact_lists: list[list[int]]) -> list[list[int]]:
-        table = self.token_ids.tolist()
-        return [[table[c] for c in ids if c >= self.SPECIALS and table[c] >= 0] for ids in compact_lists]
+        table, base = self.token_ids.tolist(), self.base_size
+        out = []
+        for ids in compact_lists:
+            row: list[int] = []
+            for c in ids:
+                if c >= base:
+                    row += self.added_pieces[c - base]
+                elif c >= self.SPECIALS and table[c] >= 0:
+                    row.append(table[c])
+            out.append(row)
+        return out
 
     def forward(self, input_ids: torch.Tensor, image_tokens: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 tag_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] for `input_ids` [B, T] that start with BOS; `padding_mask` is True at padding;
-        `tag_ids` [B, tag_slots] are compact ids of tag words (PAD where empty), required when tag_slots > 0."""
+        `tag_ids` [B, tag_slots] are compact ids of tag words (PAD where empty), required when tag_slots > 0.
+        Training reads the fitted vocabulary only (V = base_size)."""
         length = input_ids.shape[1]
         if length > self.position.shape[1]:
             raise ValueError(f"caption of {length} tokens exceeds the caption decoder's {self.position.shape[1]}")
-        x = self.embed(input_ids) + self.position[:, :length]
+        x = self._embed(input_ids) + self.position[:, :length]
         memory, memory_mask = self._memory(image_tokens, tag_ids)
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
         x = self.layers(x, memory, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=padding_mask,
@@ -101,7 +143,7 @@ class CaptionDecoder(nn.Module):
         if self.tag_slots:
             if tag_ids is None or tag_ids.shape[1] != self.tag_slots:
                 raise ValueError(f"this caption decoder reads {self.tag_slots} tag ids per image")
-            memory = torch.cat([memory, self.embed(tag_ids) + self.tag_position], dim=1)
+            memory = torch.cat([memory, self._embed(tag_ids) + self.tag_position], dim=1)
             empty = torch.zeros(image_tokens.shape[:2], dtype=torch.bool, device=memory.device)
             memory_mask = torch.cat([empty, tag_ids == self.PAD], dim=1)
         return memory, memory_mask
@@ -120,14 +162,16 @@ class CaptionDecoder(nn.Module):
         visible = None if memory_mask is None else ~memory_mask[:, None, None, :]
         return DecodeState(cross, visible, [None] * len(cross))
 
-    def step(self, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row ([B]) and return the next-token logits [B, V] (unusable ids at -inf); `state`
-        grows by that token. Equal to `forward` on the whole prefix, without recomputing it; it follows the pre-norm
-        (`norm_first=True`) GELU layers that `__init__` builds, reading their weights directly."""
+    def step(self, state: DecodeState, token_ids: torch.Tensor, logit_bias: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """Feed one token per row ([B]) and return the next-token logits [B, size] (unusable ids at -inf); `state`
+        grows by that token. `logit_bias` ([size] or [B, size]) is added; without it added words are unusable.
+        Equal to `forward` on the whole prefix, without recomputing it; it follows the pre-norm (`norm_first=True`)
+        GELU layers that `__init__` builds, reading their weights directly."""
         position = state.length
         if position >= self.position.shape[1]:
             raise ValueError(f"the caption decoder's {self.position.shape[1]} positions are used up")
-        x = self.embed(token_ids)[:, None] + self.position[:, position: position + 1]
+        x = self._embed(token_ids)[:, None] + self.position[:, position: position + 1]
         for i, layer in enumerate(self.layers.layers):
             attn = layer.self_attn
             q, k, v = (self._heads(t, attn.num_heads) for t in
@@ -143,8 +187,11 @@ class CaptionDecoder(nn.Module):
             x = x + cross.out_proj(self._merge(out))
             x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))
         state.length += 1
-        logits = F.linear(self.norm(x[:, 0]), self.embed.weight).float()
-        return logits.masked_fill(self._unusable, float("-inf"))
+        logits = F.linear(self.norm(x[:, 0]), self.embed.weight).float().masked_fill(self._unusable, float("-inf"))
+        if self.added_pieces:
+            added = logits[:, self.added_donors]
+            logits = torch.cat([logits, added if logit_bias is not None else torch.full_like(added, float("-inf"))], 1)
+        return logits if logit_bias is None else logits + logit_bias
 
     @staticmethod
     def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -165,31 +212,37 @@ class CaptionDecoder(nn.Module):
     def generate(self, image_tokens: torch.Tensor, max_new_tokens: int | None = None, num_beams: int = 1,
                  length_penalty: float = 1.0, repetition_penalty: float = 1.0,
                  tag_ids: torch.Tensor | None = None,
-                 required: Sequence[Sequence[int] | None] | None = None) -> list[list[int]]:
+                 required: Sequence[Sequence[int] | None] | None = None,
+                 logit_bias: torch.Tensor | None = None) -> list[list[int]]:
         """Greedy (num_beams=1) or beam search; returns compact ids without BOS/EOS, one list per image.
-        `required` (beam search only): per image, compact ids of which the caption must contain one, or None."""
+        `required` and `logit_bias` (beam search only): as for `candidates`."""
         if num_beams == 1:
             if required is not None and any(r is not None for r in required):
                 raise ValueError("required words need beam search (num_beams > 1)")
             steps = min(max_new_tokens or self.max_length, self.max_length)
             return self._decode_batch(image_tokens, steps, repetition_penalty, tag_ids)
         found = self.candidates(image_tokens, max_new_tokens, num_beams, length_penalty, repetition_penalty, tag_ids,
-                                required)
+                                required, logit_bias)
         return [rows[0][1] for rows in found]
 
     @torch.no_grad()
     def candidates(self, image_tokens: torch.Tensor, max_new_tokens: int | None = None, num_beams: int = 3,
                    length_penalty: float = 1.0, repetition_penalty: float = 1.0,
                    tag_ids: torch.Tensor | None = None,
-                   required: Sequence[Sequence[int] | None] | None = None) -> list[list[tuple[float, list[int]]]]:
+                   required: Sequence[Sequence[int] | None] | None = None,
+                   logit_bias: torch.Tensor | None = None,
+                   prefixes: Sequence[Sequence[int]] | None = None) -> list[list[tuple[float, list[int]]]]:
         """Beam search's finished captions per image, best first, as (length-normalised log-probability, ids);
-        `required`: per image, compact ids of which every caption must contain one (constrained search), or None."""
+        `required`: per image, compact ids of which every caption must contain one (constrained search), or None;
+        `logit_bias`: [images, size] added to every step's logits (what lets added words be written);
+        `prefixes`: per image, compact ids its captions start with (`beam_search`)."""
         steps = min(max_new_tokens or self.max_length, self.max_length)
         required = [None] * image_tokens.shape[0] if required is None else list(required)
         if len(required) != image_tokens.shape[0]:
             raise ValueError(f"required has {len(required)} entries for {image_tokens.shape[0]} images")
         return [beam_search(self, image_tokens[i: i + 1], steps, num_beams, length_penalty, repetition_penalty,
-                            None if tag_ids is None else tag_ids[i: i + 1], required[i])
+                            None if tag_ids is None else tag_ids[i: i + 1], required[i],
+                            None if logit_bias is None else logit_bias[i], prefixes[i] if prefixes else ())
                 for i in range(image_tokens.shape[0])]
 
     @torch.no_grad()
@@ -234,18 +287,23 @@ class CaptionDecoder(nn.Module):
 
 def beam_search(decoder: CaptionDecoder, image_tokens: torch.Tensor, steps: int, beams: int, length_penalty: float,
                 repetition_penalty: float, tag_ids: torch.Tensor | None = None,
-                required: Sequence[int] | None = None) -> list[tuple[float, list[int]]]:
+                required: Sequence[int] | None = None, logit_bias: torch.Tensor | None = None,
+                prefix: Sequence[int] = ()) -> list[tuple[float, list[int]]]:
     """Beam search for one image. With `required` (compact ids of one word's forms), constrained beam search
     (Anderson et al., 2017): a second bank of `beams` hypotheses that have not written one of them yet, and
-    only captions that contain one finish; if none does within `steps`, the open hypotheses are returned."""
+    only captions that contain one finish; if none does within `steps`, the open hypotheses are returned.
+    `prefix`: compact ids every caption starts with (Neural Baby Talk's slot, filled before the caption is
+    written: "A zebra" and the decoder goes on); they count towards `steps` and the captions include them."""
     required = list(required) if required else None  # no forms: no constraint
-    ids = torch.full((1, 1), decoder.BOS, dtype=torch.long, device=image_tokens.device)
+    ids = torch.tensor([[decoder.BOS, *prefix]], dtype=torch.long, device=image_tokens.device)
     scores = torch.zeros(1, device=ids.device)
-    has_word = torch.tensor([required is None], device=ids.device)
+    has_word = torch.tensor([required is None or any(t in required for t in prefix)], device=ids.device)
     state = decoder.start(image_tokens, tag_ids)
+    for token in ids[:, :-1].T:  # the prefix's keys and values; its log-probability is not scored
+        decoder.step(state, token, logit_bias)
     finished: list[tuple[float, list[int]]] = []
-    for step in range(steps):
-        logits = _penalise_repeats(decoder.step(state, ids[:, -1]), ids[:, 1:], repetition_penalty)
+    for step in range(len(prefix), steps):
+        logits = _penalise_repeats(decoder.step(state, ids[:, -1], logit_bias), ids[:, 1:], repetition_penalty)
         logprobs = scores[:, None] + logits.log_softmax(-1)
         vocab = logprobs.shape[-1]
         # bank 1: hypotheses that contain the word (all of them when none is required); an open hypothesis

@@ -1,29 +1,28 @@
-"""How StoryModel captions: the caption decoder's beams reranked by image-caption agreement, with distractor images
-and the image classifier's words (the ImageNet lexicon). Mixed into StoryModel; kept here so the model file shows
-the architecture and this one the captioning heuristics.
+"""Where a caption comes from: the caption decoder's beams (or the writer through the bridge), their agreement with
+the image under the contrastive heads, and the image classifier's probabilities, handed to the caption policy
+(`mmstory.caption_policy`, which decides). Mixed into StoryModel; kept here so the model file shows the
+architecture and this one the captioning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
 
+from mmstory.caption_policy import CaptionChoice, CaptionPolicy
 from mmstory.components import similarity
-from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, words
+from mmstory.imagenet_words import imagenet_words
+from mmstory.open_vocabulary import word_forms
 
-CONCEPT_VOCABULARY = 2000  # concept words come from the caption decoder's this many most frequent tokens
 # the one repetition penalty every captioning call site uses (the CLI, the API, the story, the answer, evaluation):
 # beam search without it repeats a phrase ("a dog and a dog")
 CAPTION_REPETITION_PENALTY = 1.2
-# ImageNet-1k's standard order: its animals come first; dogs and house cats are the ones people are photographed with
-ANIMAL_CLASSES, DOG_CLASSES, HOUSE_CAT_CLASSES = range(0, 398), range(151, 269), range(281, 286)
-# the classifier's whole mass on animals below which a captioned animal is taken to be the caption data's habit
-UNSUPPORTED_ANIMAL = 0.05
 
 
 class ImageWordsMixin:
-    """The vision backbone's ImageNet classes as words: the caption decoder's tags and its required concept word,
+    """The vision backbone's ImageNet classes as words: the caption decoder's tags, the caption policy's word table,
     and the class names the story writer may use beside a caption."""
 
     def image_tags(self, image_pooled: torch.Tensor | None) -> torch.Tensor | None:
@@ -40,18 +39,6 @@ class ImageWordsMixin:
         tags = decoder.compact_table()[self._class_tokens[top.cpu()]].flatten(1)  # -1 padding -> PAD
         return tags.masked_fill(tags == decoder.UNK, decoder.PAD).to(image_pooled.device)  # unknown words: empty
 
-    def concept_words(self, image_pooled: torch.Tensor, threshold: float) -> list[tuple[int, ...] | None]:
-        """Per image, the caption decoder's compact ids of the word its caption must contain (singular or plural),
-        or None: the head noun (last word) of the backbone's top ImageNet class, when the classifier gives that class
-        at least `threshold`. Novel-object captioning with a tagger's words as constraints (Anderson et al., 2017):
-        the classifier knows a thousand classes; the caption data shows cats in 17 of Flickr8k's 6,000 images."""
-        if self.caption_decoder is None:
-            raise ValueError("concept words constrain the caption decoder; this model has none")
-        confidence, top = self.vision.class_logits(image_pooled.float()).softmax(-1).max(-1)
-        words = self._class_words()[top.cpu()].tolist()
-        return [tuple(w for w in forms if w >= 0) if c >= threshold and forms[0] >= 0 else None
-                for c, forms in zip(confidence.tolist(), words)]
-
     def sure_classes(self, image_pooled: torch.Tensor, threshold: float) -> list[list[str]]:
         """Per image, the names of the ImageNet classes the backbone gives at least `threshold` (none at 0, or when
         it has no classifier): what the story writer may name beside the caption ("Also seen: tabby cat")."""
@@ -64,26 +51,31 @@ class ImageWordsMixin:
         names = self.vision.class_names()
         return [[names[i].lower() for i in (row >= threshold).nonzero().flatten().tolist()] for row in probs]
 
-    def _class_words(self) -> torch.Tensor:
-        """Class -> [compact id of the word, of its plural] (-1 where there is none). The word: the head noun of
-        the class's first name whose head noun is a single token among the caption decoder's CONCEPT_VOCABULARY
-        most frequent, so one the training captions use often enough to write around. Rebuilt with the decoder's
-        compact table, i.e. when the fitted vocabulary changes."""
-        decoder = self.caption_decoder
-        table = decoder.compact_table()
-        if getattr(self, "_class_words_source", None) is not table:
+    def caption_policy(self, rerank: float | None = None, concepts: float | None = None) -> CaptionPolicy:
+        """The caption policy for this model's generation config (rerank / concepts: one call's overrides), with the
+        ImageNet words as compact ids: the fitted vocabulary's, plus the added open vocabulary when
+        `caption_open_vocabulary` is on (built once per fitted vocabulary)."""
+        config = self.generation_config
+        config = dataclasses.replace(config, caption_rerank=config.caption_rerank if rerank is None else rerank,
+                                     caption_concepts=config.caption_concepts if concepts is None else concepts)
+        decoder, table = self.caption_decoder, imagenet_words()
+        key = (None if decoder is None else decoder.compact_table(), config.caption_open_vocabulary)
+        if getattr(self, "_caption_forms_key", None) != key:
+            forms = {}
+            if decoder is not None and self._has_imagenet_classifier():
+                forms = word_forms(decoder, self.tokenizer, table, open_vocabulary=config.caption_open_vocabulary)
+            self._caption_forms, self._caption_forms_key = forms, key
+        return CaptionPolicy(config, table, self._caption_forms, opening=self._caption_opening)
 
-            def compact(word: str) -> int:
-                ids = self.tokenizer(" " + word, add_special_tokens=False).input_ids
-                rank = int(table[ids[0]]) if len(ids) == 1 else -1
-                return rank if decoder.SPECIALS <= rank < decoder.SPECIALS + CONCEPT_VOCABULARY else -1
+    def _caption_opening(self, word: str) -> tuple[int, ...]:
+        """The compact ids of a caption's first word, as the training captions tokenize it ("A", "An", "Some")."""
+        return tuple(self.caption_decoder.to_compact(self.tokenize_captions([word]))[0])
 
-            words = []
-            for synonyms in self.vision.class_synonyms():
-                head = next((name.split()[-1] for name in synonyms if compact(name.split()[-1]) >= 0), None)
-                words.append([compact(head), compact(head + "s")] if head else [-1, -1])
-            self._class_words_table, self._class_words_source = torch.tensor(words, dtype=torch.long), table
-        return self._class_words_table
+    def _has_imagenet_classifier(self) -> bool:
+        try:
+            return self.vision._classifier().out_features == 1000
+        except ValueError:
+            return False
 
 
 class CaptioningMixin:
@@ -108,91 +100,90 @@ class CaptioningMixin:
         return [t.strip() for t in texts]
 
     @torch.no_grad()
-    def generate_captions(self, pixel_values: torch.Tensor | None = None, *, image_tokens: torch.Tensor | None = None,
-                          image_pooled: torch.Tensor | None = None, max_new_tokens: int | None = None,
-                          num_beams: int | None = None, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
-                          captioner: str | None = None, rerank: float | None = None,
-                          concepts: float | None = None) -> list[str]:
-        """One caption per image, batched, from the configured captioning path.
+    def generate_captions(self, pixel_values: torch.Tensor | None = None, **kwargs) -> list[str]:
+        """One caption per image, batched; the keywords are `caption_choices`'."""
+        return [choice.caption for choice in self.caption_choices(pixel_values, **kwargs)]
 
-        `rerank` (default: the generation config's `caption_rerank`) > 0 picks, among the caption decoder's beams, the
-        one with the best log-probability + rerank x cosine agreement with the image under the contrastive head: beam
-        search alone favours the captions most common in the training data over the ones specific to the picture.
-        With distractors (`caption_distractors`) the cosine is taken relative to the training images' (log p(image |
-        caption), over the temperature), so that a caption as true of many other pictures does not win.
-        `concepts` (default: the generation config's `caption_concepts`) > 0 makes the caption decoder's beam search
-        write the word of a class the image classifier is that sure of (`concept_words`).
-        """
+    @torch.no_grad()
+    def caption_choices(self, pixel_values: torch.Tensor | None = None, *, image_tokens: torch.Tensor | None = None,
+                        image_pooled: torch.Tensor | None = None, max_new_tokens: int | None = None,
+                        num_beams: int | None = None, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
+                        captioner: str | None = None, rerank: float | None = None,
+                        concepts: float | None = None) -> list[CaptionChoice]:
+        """One caption per image with how sure it is and the trace of `mmstory.caption_policy`'s steps.
+
+        The caption decoder's beams go through the policy: `rerank` (default: the generation config's
+        `caption_rerank`) weighs the image-caption agreement against the log-probability; `concepts` (default:
+        `caption_concepts`) is the pooled classifier confidence at which a word must be written. The writer path
+        (`captioner='writer'`) writes one caption through the bridge, with no policy."""
         if image_tokens is None:
             image_tokens, image_pooled = self.encode_image(pixel_values)
         captioner = captioner or self.generation_config.captioner
         max_new_tokens = max_new_tokens or self.config.max_caption_tokens
-        rerank = self.generation_config.caption_rerank if rerank is None else rerank
         num_beams = self.generation_config.caption_beams if num_beams is None else num_beams
-        concepts = self.generation_config.caption_concepts if concepts is None else concepts
-        checked = self._class_check(image_pooled)
-        if captioner == "caption_decoder":
-            if self.caption_decoder is None:
-                raise ValueError("this model has no caption decoder; use captioner='writer'")
-            required = None
-            if concepts > 0 and num_beams > 1 and image_pooled is not None:
-                required = self.concept_words(image_pooled, concepts)
-            if rerank > 0 and num_beams > 1 and image_pooled is not None:
-                return self._checked(self._reranked_captions(image_tokens, image_pooled, max_new_tokens, num_beams,
-                                                             length_penalty, repetition_penalty, rerank, required,
-                                                             checked),
-                                     checked)
-            compact = self.caption_decoder.generate(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
-                                                    repetition_penalty, self.image_tags(image_pooled), required)
-            ids = self.caption_decoder.to_tokenizer(compact)
-        else:
-            prefix = self.visual_prefix(image_tokens, image_pooled)
-            prompt = self.caption_prompt()
-            embeds = torch.stack([self.prompt_embeddings(prompt, [p]) for p in prefix])
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-            out = self.writer.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                        num_beams=num_beams, do_sample=False, repetition_penalty=repetition_penalty,
-                                        length_penalty=length_penalty, pad_token_id=self.tokenizer.pad_token_id)
-            ids = out.tolist()
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        return self._checked([tidy_caption(t) for t in texts], checked)
+        if captioner != "caption_decoder":
+            return [CaptionChoice(c, 0.0, False) for c in self._writer_captions(image_tokens, image_pooled,
+                                                                                max_new_tokens, num_beams,
+                                                                                repetition_penalty, length_penalty)]
+        decoder = self.caption_decoder
+        if decoder is None:
+            raise ValueError("this model has no caption decoder; use captioner='writer'")
+        policy = self.caption_policy(rerank, concepts)
+        plans = None
+        if image_pooled is not None and self._has_imagenet_classifier():
+            plans = policy.plan(self.vision.class_logits(image_pooled.float()).softmax(-1).cpu())
+        tags = self.image_tags(image_pooled)
+        if num_beams == 1:
+            compact = decoder.generate(image_tokens.float(), max_new_tokens, 1, length_penalty, repetition_penalty,
+                                       tags)
+            return [CaptionChoice(tidy_caption(t), 0.0, False) for t in self._decode_compact(compact)]
+        bias = None if plans is None else policy.logit_bias(plans, decoder.size, decoder.base_size)
+        bias = None if bias is None else bias.to(image_tokens.device)
 
-    def _class_check(self, image_pooled: torch.Tensor | None) -> tuple[torch.Tensor, list[list[str]]] | None:
-        """(class probabilities [B, 1000], class names) for the generation config's `caption_class_check`, or None
-        when it is off, no pooled features are given or the backbone has no ImageNet-1k classifier."""
-        if self.generation_config.caption_class_check <= 0 or image_pooled is None:
-            return None
-        try:
-            return self.vision.class_logits(image_pooled.float()).softmax(-1).cpu(), self.vision.class_synonyms()
-        except ValueError:
-            return None
+        def search(rows: list[int]) -> list[list[tuple[float, str]]]:
+            """Beam search for these images (with their plans' prefix and required word), with agreements."""
+            index = torch.tensor(rows, device=image_tokens.device)
+            found = decoder.candidates(
+                image_tokens[index].float(), max_new_tokens, num_beams, length_penalty, repetition_penalty,
+                None if tags is None else tags[index], None if plans is None else [plans[i].required for i in rows],
+                None if bias is None else bias[index], None if plans is None else [plans[i].prefix for i in rows])
+            return [[(lp, tidy_caption(t)) for lp, t in zip([lp for lp, _ in beams],
+                                                            self._decode_compact([ids for _, ids in beams]))]
+                    for beams in found]
 
-    def _checked(self, captions: list[str], checked: tuple[torch.Tensor, list[list[str]]] | None) -> list[str]:
-        """The captions after `agree_with_classifier` (`checked`: from `_class_check`)."""
-        if checked is None:
-            return captions
-        probs, synonyms = checked
-        threshold = self.generation_config.caption_class_check
-        return [agree_with_classifier(c, row, synonyms, threshold) for c, row in zip(captions, probs)]
+        def agreements(rows: list[int], beams: list[list[tuple[float, str]]]) -> list[list[float]]:
+            if policy.config.caption_rerank <= 0 or image_pooled is None:
+                return [[0.0] * len(b) for b in beams]
+            flat = self.caption_agreement([t for b in beams for _, t in b], image_pooled[rows])
+            out, start = [], 0
+            for k, b in enumerate(beams):
+                out.append(flat[start: start + len(b), k].tolist())
+                start += len(b)
+            return out
 
-    def _reranked_captions(self, image_tokens: torch.Tensor, image_pooled: torch.Tensor, max_new_tokens: int,
-                           num_beams: int, length_penalty: float, repetition_penalty: float,
-                           weight: float, required: list[tuple[int, ...] | None] | None = None,
-                           checked: tuple[torch.Tensor, list[list[str]]] | None = None) -> list[str]:
-        found = self.caption_decoder.candidates(image_tokens.float(), max_new_tokens, num_beams, length_penalty,
-                                                repetition_penalty, self.image_tags(image_pooled), required)
-        texts = [self._decode_compact([ids for _, ids in rows]) for rows in found]
-        flat = [t for rows in texts for t in rows]
-        agreement = self.caption_agreement(flat, image_pooled)
-        kinds = sure_animal_kinds(checked, self.generation_config.caption_class_check, len(found))
-        chosen, start = [], 0
-        for image, rows in enumerate(found):
-            scores = [logprob + weight * float(agreement[start + j, image]) for j, (logprob, _) in enumerate(rows)]
-            # a beam whose subject is the sure animal beats one that puts a person before it
-            first = [kinds[image] is not None and subject_group(t) in kinds[image] for t in texts[image]]
-            chosen.append(texts[image][max(range(len(rows)), key=lambda j: (first[j], scores[j]))])
-            start += len(rows)
-        return [tidy_caption(t) for t in chosen]
+        everyone = list(range(image_tokens.shape[0]))
+        beams = search(everyone)
+        scores = agreements(everyone, beams)
+        first = [b[policy.rerank(b, a)][1] for b, a in zip(beams, scores)]
+        if plans is not None:
+            again = [i for i in everyone if policy.revise(plans[i], first[i], max(scores[i], default=0.0))]
+            if again:
+                redone = search(again)
+                for i, b, a in zip(again, redone, agreements(again, redone)):
+                    beams[i], scores[i] = b, a
+        return [policy.choose(None if plans is None else plans[i], beams[i], scores[i], first[i]) for i in everyone]
+
+    def _writer_captions(self, image_tokens: torch.Tensor, image_pooled: torch.Tensor | None, max_new_tokens: int,
+                         num_beams: int, repetition_penalty: float, length_penalty: float) -> list[str]:
+        """Captions from the story LM through the bridge (the `captioner='writer'` path)."""
+        prefix = self.visual_prefix(image_tokens, image_pooled)
+        prompt = self.caption_prompt()
+        embeds = torch.stack([self.prompt_embeddings(prompt, [p]) for p in prefix])
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        out = self.writer.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   num_beams=num_beams, do_sample=False, repetition_penalty=repetition_penalty,
+                                   length_penalty=length_penalty, pad_token_id=self.tokenizer.pad_token_id)
+        return [tidy_caption(t) for t in self.tokenizer.batch_decode(out.tolist(), skip_special_tokens=True)]
 
     def caption_agreement(self, captions: list[str], image_pooled: torch.Tensor) -> torch.Tensor:
         """[captions, images] agreement for caption reranking: the cosine under the contrastive head, less (with
@@ -246,82 +237,6 @@ class CaptioningMixin:
         BOS excluded), and the mask of real tokens (EOS included)."""
         logits = self.caption_decoder(ids, image_tokens.float(), padding, self.image_tags(image_pooled)).float()
         return logits[:, :-1].log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0], ~padding[:, 1:]
-
-
-def class_kind(index: int, synonyms: list[str]) -> set[str]:
-    """What a caption may call this class's creature: its object group ('dog' for a Shih-Tzu) and its own words."""
-    kind = {w for name in synonyms for w in words(name)}
-    if index in DOG_CLASSES:
-        kind.add("dog")
-    elif index in HOUSE_CAT_CLASSES:
-        kind.add("cat")
-    return kind | {OBJECT_FORMS[w] for w in kind if w in OBJECT_FORMS}
-
-
-def sure_animal_kinds(checked: tuple[torch.Tensor, list[list[str]]] | None, threshold: float,
-                      images: int) -> list[set[str] | None]:
-    """Per image, `class_kind` of the animal class the classifier is at least `threshold` sure of, or None."""
-    if checked is None:
-        return [None] * images
-    probs, synonyms = checked
-    confidence, index = probs.max(dim=-1)
-    return [class_kind(i, synonyms[i]) if c >= threshold and i in ANIMAL_CLASSES else None
-            for c, i in zip(confidence.tolist(), index.tolist())]
-
-
-def caption_subject(caption: str) -> int | None:
-    """The index (in `caption.split()`) of the caption's subject: its first person or animal word among the first
-    eight ("A black and white dog is ..." -> 4), or None."""
-    for i, token in enumerate(caption.split()[:8]):
-        found = words(token)
-        if found and OBJECT_FORMS.get(found[0]) in CREATURE_GROUPS:
-            return i
-    return None
-
-
-def subject_group(caption: str) -> str | None:
-    """The object group of the caption's subject ('person', 'dog', ...), or None."""
-    subject = caption_subject(caption)
-    return None if subject is None else OBJECT_FORMS[words(caption.split()[subject])[0]]
-
-
-def agree_with_classifier(caption: str, probs: torch.Tensor, synonyms: list[list[str]], threshold: float) -> str:
-    """The caption, or, when the image classifier is at least `threshold` sure of a class the caption contradicts,
-    the caption told about that class.
-
-    Trained on Flickr8k, the caption decoder sees people and dogs everywhere; on other photos the ImageNet classifier
-    knows better (a cheetah captioned "A little boy is standing in the water."). A sure animal class that the caption
-    does not name takes the place of the caption's subject ("A cheetah is standing in the water."), unless that
-    subject is a person beside a dog or a cat, which people are photographed with. A sure object class replaces a
-    captioned animal the classifier gives almost no weight to ("A brown dog is sitting on the floor." for an
-    espresso becomes "An espresso.").
-    """
-    if threshold <= 0 or not caption.strip():
-        return caption
-    confidence, index = (float(v) for v in probs.max(dim=-1))
-    index = int(index)
-    if confidence < threshold:
-        return caption
-    subject = caption_subject(caption)
-    if subject is None:
-        return caption
-    tokens = caption.split()
-    name = synonyms[index][0]
-    article = "An" if name[:1].lower() in "aeiou" else "A"
-    group = OBJECT_FORMS[words(tokens[subject])[0]]
-    if index in ANIMAL_CLASSES:
-        kind = class_kind(index, synonyms[index])
-        said = words(caption)
-        named = set(said) | {OBJECT_FORMS[w] for w in said if w in OBJECT_FORMS}
-        if named & kind or (group == "person" and (index in DOG_CLASSES or index in HOUSE_CAT_CLASSES)):
-            return caption
-        rest = tokens[subject + 1:]
-        if rest and rest[0] == "are":
-            rest[0] = "is"
-        return " ".join([article, name, *rest])
-    if group != "person" and float(probs[ANIMAL_CLASSES.start: ANIMAL_CLASSES.stop].sum()) < UNSUPPORTED_ANIMAL:
-        return f"{article} {name}."
-    return caption
 
 
 def tidy_caption(text: str) -> str:

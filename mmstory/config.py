@@ -133,6 +133,16 @@ class GenerationConfig:
     # > 0: a caption that an ImageNet class at least this sure contradicts is told about that class instead
     # (mmstory.captioning.agree_with_classifier): the caption data's people and dogs are not in every photo
     caption_class_check: float = 0.0
+    # ImageNet words the training captions never used join the caption decoder's vocabulary, each borrowing a known
+    # word's embedding (mmstory.open_vocabulary): "zebra" can be written, not only "dog"
+    caption_open_vocabulary: bool = False
+    # > 0: when no word is this sure and the caption's agreement is under caption_hedge_agreement, the caption names
+    # only what is sure (mmstory.caption_policy's hedge): a subject nothing supports is not stated as fact
+    caption_hedge: float = 0.0
+    caption_hedge_agreement: float = 0.0
+    # the classifier's mass on classes that show a person (clothes, sports kit) at which a captioned person is
+    # supported; below it, a person the caption data's habit put there gives way to what the classifier sees
+    caption_person_evidence: float = 0.02
     story_prefix: bool = True  # the story writer reads the images' visual prefixes (False: captions only)
     # the story's first sentence is the first picture's caption and the writer goes on from it: the story starts on
     # what the picture shows instead of on whatever the writer's habits suggest
@@ -146,7 +156,7 @@ class GenerationConfig:
             self.captioner = "writer"
         if self.captioner not in CAPTIONERS:
             raise ValueError(f"captioner must be one of {CAPTIONERS}, got {self.captioner!r}")
-        for name in ("caption_concepts", "caption_class_check"):
+        for name in ("caption_concepts", "caption_class_check", "caption_hedge", "caption_person_evidence"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a classifier confidence in [0, 1], got {getattr(self, name)}")
 

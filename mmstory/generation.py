@@ -18,6 +18,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from mmstory.answering import AnswerResult, answer_question
+from mmstory.caption_policy import CaptionChoice
 from mmstory.captioning import CAPTION_REPETITION_PENALTY
 from mmstory.components import similarity
 from mmstory.decoding import QUANTIZE, FastDecoder
@@ -103,6 +104,8 @@ class StoryResult:
     candidates: list[str] = field(default_factory=list)
     filtered: bool = False
     notice: str | None = None
+    # per picture: how sure its caption is and what the caption policy did (mmstory.caption_policy.CaptionChoice)
+    caption_details: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -221,22 +224,28 @@ class StoryTeller:
                 repetition_penalty: float = CAPTION_REPETITION_PENALTY, captioner: str | None = None,
                 concepts: float | None = None, batch_size: int = CAPTION_BATCH) -> list[str]:
         """One caption per image, in order, for any number of images: they are loaded and captioned `batch_size`
-        at a time (the MAX_IMAGES limit is for one story, not for captioning). `concepts`: the classifier
-        confidence above which a class's word must appear (default: the generation config's `caption_concepts`; 0 turns
+        at a time (the MAX_IMAGES limit is for one story, not for captioning). `concepts`: the pooled classifier
+        confidence at which a word must be written (default: the generation config's `caption_concepts`; 0 turns
         it off). Any unreadable image raises StoryInputError (`mmstory caption` skips and counts them instead)."""
+        return [choice.caption for choice in self.caption_choices(
+            images, num_beams=num_beams, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+            captioner=captioner, concepts=concepts, batch_size=batch_size)]
+
+    @torch.no_grad()
+    def caption_choices(self, images: ImageInput | Sequence[ImageInput], *, batch_size: int = CAPTION_BATCH,
+                        repetition_penalty: float = CAPTION_REPETITION_PENALTY, **kwargs) -> list[CaptionChoice]:
+        """Like `caption`, with how sure each caption is and the caption policy's trace (`CaptionChoice`)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise StoryInputError(f"batch_size must be a positive integer, got {batch_size!r}")
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise StoryInputError("no image given: pass one image or a list of images")
-        captions: list[str] = []
+        choices: list[CaptionChoice] = []
         for start in range(0, len(items), batch_size):
             tokens, pooled = self._encode(self._load_images(items[start: start + batch_size], limit=None))
-            captions += self.model.generate_captions(image_tokens=tokens, image_pooled=pooled, num_beams=num_beams,
-                                                     max_new_tokens=max_new_tokens,
-                                                     repetition_penalty=repetition_penalty, captioner=captioner,
-                                                     concepts=concepts)
-        return captions
+            choices += self.model.caption_choices(image_tokens=tokens, image_pooled=pooled,
+                                                  repetition_penalty=repetition_penalty, **kwargs)
+        return choices
 
     # --- stories ---------------------------------------------------------------------------------------------------
     def generate_story(self, images: ImageInput | Sequence[ImageInput], prompt: str | None = None, *,
@@ -274,8 +283,9 @@ class StoryTeller:
         with self._lock:
             t = time.perf_counter()
             tokens, pooled = self._encode(pil_images)
-            captions = self.model.generate_captions(image_tokens=tokens, image_pooled=pooled,
-                                                    repetition_penalty=CAPTION_REPETITION_PENALTY)
+            choices = self.model.caption_choices(image_tokens=tokens, image_pooled=pooled,
+                                                 repetition_penalty=CAPTION_REPETITION_PENALTY)
+            captions = [choice.caption for choice in choices]
             timings["caption_s"] = time.perf_counter() - t
             use_prefix = self.model.generation_config.story_prefix
             hints = self.model.sure_classes(pooled, self.model.generation_config.caption_concepts)
@@ -341,7 +351,8 @@ class StoryTeller:
         sentences = self._sentence_scores(story, image_embeds)
         timings["total_s"] = time.perf_counter() - start
         yield StoryResult(
-            story=story, captions=captions, sentences=sentences, score=scores[best],
+            story=story, captions=captions, caption_details=[c.to_dict() for c in choices], sentences=sentences,
+            score=scores[best],
             settings={**asdict(settings), "style": style, "tone": tone, "audience": audience, "length": length,
                       "word_budget": budget, "prompt": prompt, "dtype": self.dtype, "quantize": self.quantize},
             timings=timings, candidates=candidates, filtered=verdict.blocked, notice=notice,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmstory.caption_decoder import CaptionDecoder
-from mmstory.captioning import CONCEPT_VOCABULARY, CaptioningMixin, ImageWordsMixin, tidy_caption  # noqa: F401
+from mmstory.captioning import CaptioningMixin, ImageWordsMixin, tidy_caption  # noqa: F401
 from mmstory.components import MLPBridge, ProjectionHead, ResamplerBridge, TextEncoder, VisionEncoder
 from mmstory.config import GenerationConfig, ModelConfig, PartConfig
 from mmstory.losses import IGNORE_INDEX, StoryLoss, StoryModelOutput, self_critical_output, story_losses

@@ -1,47 +1,133 @@
-"""The caption's check against the image classifier (mmstory.captioning.agree_with_classifier)."""
+"""The caption policy (mmstory.caption_policy), the ImageNet word table (mmstory.imagenet_words) and the caption
+decoder's added words (mmstory.caption_decoder), with synthetic class probabilities and a tiny decoder."""
 
 import pytest
 import torch
 
-from mmstory.captioning import agree_with_classifier
+from mmstory.caption_decoder import CaptionDecoder
+from mmstory.caption_policy import CaptionPolicy, caption_subject
 from mmstory.config import GenerationConfig
+from mmstory.imagenet_words import imagenet_words, plural
+
+ZEBRA, ORANGE, BANANA, LEMON, CHEETAH, GOLDEN_RETRIEVER, TABBY, ESPRESSO, JERSEY = (340, 950, 954, 951, 293, 207,
+                                                                                     281, 967, 610)
 
 
-@pytest.fixture(scope="module")
-def synonyms():
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return [[n.strip() for n in info.index_to_description(i).split(",")] for i in range(1000)]
-
-
-def sure_of(synonyms, name: str, p: float) -> torch.Tensor:
-    probs = torch.full((1000,), (1 - p) / 999)
-    probs[[s[0] for s in synonyms].index(name)] = p
+def probs_of(**classes: float) -> torch.Tensor:
+    """Class probabilities sure of the given classes (by index name above), the rest spread over twenty unrelated
+    objects (ImageNet's 480-499: cash machine ... cleaver), none of them sure."""
+    probs = torch.zeros(1000)
+    chosen = {globals()[k.upper()]: v for k, v in classes.items()}
+    probs[480:500] = (1 - sum(chosen.values())) / 20
+    for index, p in chosen.items():
+        probs[index] = p
     return probs
 
 
-@pytest.mark.parametrize("caption, sure, p, expected", [
-    # a sure animal the caption does not name takes the subject's place
-    ("A little boy is standing in the water.", "cheetah", 0.6, "A cheetah is standing in the water."),
-    ("A black and white dog is running through the water.", "cheetah", 0.77, "A cheetah is running through the water."),
-    ("Two dogs are playing in the snow.", "tiger", 0.6, "A tiger is playing in the snow."),
-    # a sure object replaces an animal the classifier gives no weight to
-    ("A brown dog is sitting on the floor.", "espresso", 0.89, "An espresso."),
-    # kept: the caption names the class's kind, a person beside a dog or cat, a person with an object, unsure classes
-    ("A person is sitting on the top of a green and white cat.", "Egyptian cat", 0.79, None),
-    ("A dog is running on the grass.", "golden retriever", 0.9, None),
-    ("A man in a red shirt is throwing a ball.", "golden retriever", 0.7, None),
-    ("A woman in a black jacket is looking at the camera.", "tripod", 0.71, None),
-    ("A little boy is standing in the water.", "cheetah", 0.3, None),
-    ("The water is blue and calm.", "cheetah", 0.9, None),
+def policy(**settings) -> CaptionPolicy:
+    table = imagenet_words()
+    forms = {w.text: (10_000 + 2 * i, 10_001 + 2 * i) for i, w in enumerate(table.words)}  # stand-in compact ids
+    config = GenerationConfig(caption_class_check=0.5, caption_concepts=0.5, **settings)
+    return CaptionPolicy(config, table, forms, opening=lambda word: (len(word),))
+
+
+def test_the_word_table_pools_classes_that_share_a_word():
+    table = imagenet_words()
+    pooled = table.pooled(probs_of(orange=0.3, banana=0.25, lemon=0.2)[None])[0]
+    assert table.confidence(pooled, "fruit") == pytest.approx(0.75, abs=0.01)
+    word, p = table.sure_word(pooled, 0.5)
+    assert word.text == "fruit" and p == pytest.approx(0.75, abs=0.01)  # no single fruit is sure; fruit is
+    word, _ = table.sure_word(table.pooled(probs_of(zebra=0.8)[None])[0], 0.5)
+    assert word.text == "zebra"  # the most specific sure word, not "animal"
+    dog = table.words[table.index["dog"]]
+    assert len(dog.classes) == 118 and table.class_word[GOLDEN_RETRIEVER] == "dog"
+    assert [plural(w) for w in ("bus", "strawberry", "polar bear", "sheep")] == [
+        "buses", "strawberries", "polar bears", "sheep"]
+
+
+@pytest.mark.parametrize("caption, probs, expected_start", [
+    # a sure animal the caption does not name: the caption is written again from it
+    ("A black and white dog is in the grass.", dict(zebra=0.8), "A zebra"),
+    ("A little boy is standing in the water.", dict(cheetah=0.7), "A cheetah"),
+    # a sure thing replaces a person nothing supports, and an animal the classifier gives no weight
+    ("A man in a blue shirt is sitting on a blanket.", dict(orange=0.4, banana=0.4), "Some fruit"),
+    ("A brown dog is sitting on the floor.", dict(espresso=0.9), "Some coffee"),
 ])
-def test_agree_with_classifier(synonyms, caption, sure, p, expected):
-    assert agree_with_classifier(caption, sure_of(synonyms, sure, p), synonyms, 0.5) == (expected or caption)
+def test_a_subject_the_classifier_contradicts_gives_way(caption, probs, expected_start):
+    rules = policy()
+    plan = rules.plan(probs_of(**probs)[None])[0]
+    assert rules.revise(plan, caption, agreement=0.0)
+    opening, word = expected_start.split(" ", 1)
+    assert plan.prefix == (len(opening), rules.forms[word][0]) and plan.required is None
+    assert "check" in plan.trace[0]
 
 
-def test_the_check_is_off_at_zero_and_validated(synonyms):
-    caption = "A little boy is standing in the water."
-    assert agree_with_classifier(caption, sure_of(synonyms, "cheetah", 0.99), synonyms, 0.0) == caption
-    with pytest.raises(ValueError, match="caption_class_check"):
-        GenerationConfig(caption_class_check=1.5)
+@pytest.mark.parametrize("caption, probs", [
+    ("A dog is running on the grass.", dict(golden_retriever=0.9)),  # names the kind
+    ("A man in a red shirt is throwing a ball.", dict(golden_retriever=0.7)),  # a person beside a dog
+    ("A little boy is standing in the water.", dict(cheetah=0.3)),  # unsure
+    ("A zebra is in the grass.", dict(zebra=0.9)),
+])
+def test_a_caption_that_agrees_or_an_unsure_class_is_kept(caption, probs):
+    rules = policy()
+    plan = rules.plan(probs_of(**probs)[None])[0]
+    assert not rules.revise(plan, caption, agreement=0.0) or plan.required is not None
+    assert plan.prefix == ()
+
+
+def test_a_supported_person_keeps_the_subject_and_the_word_is_required():
+    rules = policy()
+    plan = rules.plan(probs_of(espresso=0.6, jersey=0.2)[None])[0]  # a jersey: a person is there
+    assert rules.revise(plan, "A man in a red shirt is sitting at a table.", agreement=0.0)
+    assert plan.prefix == () and plan.required == rules.forms["coffee"]
+
+
+def test_the_hedge_names_only_what_is_sure():
+    probs = probs_of(cheetah=0.2, zebra=0.2)
+    rules = policy(caption_hedge=0.3, caption_hedge_agreement=0.0)
+    plan = rules.plan(probs[None])[0]
+    assert rules.revise(plan, "A man is sitting on the ground.", agreement=-0.3)
+    assert plan.prefix == (2, rules.forms["animal"][0]) and "hedge" in plan.trace[0]  # "An animal"
+    off = policy()
+    assert not off.revise(off.plan(probs[None])[0], "A man is sitting on the ground.", agreement=-0.3)
+
+
+def test_choose_reports_confidence_and_trace():
+    rules = policy(caption_rerank=1.0)
+    plan = rules.plan(probs_of(zebra=0.8)[None])[0]
+    rules.revise(plan, "A dog is in the grass.", agreement=0.0)
+    choice = rules.choose(plan, [(-1.0, "A zebra is standing in the grass."), (-0.9, "A zebra.")], [0.2, 0.0],
+                          first_choice="A dog is in the grass.")
+    assert choice.caption == "A zebra is standing in the grass."  # -1.0 + 1.0 x 0.2 beats -0.9 + 0
+    assert choice.confidence == pytest.approx(0.8, abs=0.01) and choice.sure
+    assert choice.words[0][0] == "animal" and "A dog is in the grass." in choice.trace[-1]
+    assert caption_subject("A black and white dog is in the grass.") == 4
+
+
+def test_policy_switches_are_validated():
+    with pytest.raises(ValueError, match="caption_hedge"):
+        GenerationConfig(caption_hedge=2.0)
+
+
+def test_added_words_borrow_their_donor_and_need_a_bias():
+    torch.manual_seed(0)
+    decoder = CaptionDecoder(tokenizer_size=50, vocab_size=None, token_dim=8, width=16, depth=1, heads=2,
+                             max_length=8, dropout=0.0).eval()
+    base = decoder.base_size
+    decoder.set_added_words([[7, 8]], [decoder.SPECIALS + 5])  # a two-piece word that borrows compact id 9
+    image = torch.randn(1, 3, 8)
+    state = decoder.start(image)
+    plain = decoder.step(state, torch.tensor([decoder.BOS]))
+    assert plain.shape[1] == base + 1 and plain[0, base] == float("-inf")  # no bias: never written
+    state = decoder.start(image)
+    bias = torch.zeros(base + 1)
+    biased = decoder.step(state, torch.tensor([decoder.BOS]), bias)
+    assert biased[0, base] == biased[0, decoder.SPECIALS + 5]  # the donor's logit
+    assert decoder.to_tokenizer([[decoder.SPECIALS + 1, base]]) == [[1, 7, 8]]
+    # constrained beam search can write it, and a prefix puts it first
+    rows = decoder.candidates(image, 6, num_beams=3, required=[(base,)], logit_bias=bias[None])[0]
+    assert all(base in ids for _, ids in rows)
+    rows = decoder.candidates(image, 6, num_beams=3, logit_bias=bias[None], prefixes=[(decoder.SPECIALS, base)])[0]
+    assert all(ids[:2] == [decoder.SPECIALS, base] for _, ids in rows)
+    with pytest.raises(ValueError, match="donor"):
+        decoder.set_added_words([[1]], [base + 5])

@@ -1,0 +1,213 @@
+"""How a caption is chosen: one readable policy over what the model returns (the caption decoder's beams, their
+agreement with the image under the contrastive heads, and the ImageNet classifier's probabilities).
+
+The steps, each recorded in the trace it returns:
+1. vocabulary: the classifier's probabilities pooled over the classes that share a word (`mmstory.imagenet_words`);
+   every ImageNet word, in the decoder's open vocabulary, gets the classifier's log-odds as a logit bias;
+2. rerank: the beams by log-probability + `caption_rerank` x agreement;
+3. check: the most specific word at least `caption_class_check` sure, when the caption does not name it and the
+   classifier does not support the caption's subject (a person or an animal): the caption is written again from
+   "A <word>" (the word fills the subject's slot and the decoder goes on, as in Neural Baby Talk); else a word at
+   least `caption_concepts` sure that the caption does not name is required (constrained beam search);
+4. hedge: with no sure word, an unsupported subject and agreement under `caption_hedge_agreement`, the caption
+   starts from the most specific word at least `caption_hedge` sure ("An animal"), or stays, marked unsure.
+The model decodes, the policy decides (`revise` after the first beams, `choose` at the end); every switch lives
+in `GenerationConfig` (generation_config.json beside the weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mmstory.config import GenerationConfig
+from mmstory.imagenet_words import ImageNetWords, Word
+from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, words
+
+# ImageNet-1k's order: the animals come first; dogs and house cats are the ones people are photographed with
+ANIMAL_CLASSES, DOG_CLASSES, HOUSE_CAT_CLASSES = range(0, 398), range(151, 269), range(281, 286)
+# the classifier's whole mass on animals below which a captioned animal is taken to be the caption data's habit
+UNSUPPORTED_ANIMAL = 0.05
+# a captioned animal needs at least this share of the sure word's confidence behind its own word
+ANIMAL_SHARE = 0.25
+
+
+@dataclass
+class CaptionChoice:
+    """A caption, how sure it is, and what each step did."""
+
+    caption: str
+    confidence: float  # the classifier's pooled probability of what the caption names, or its agreement's share
+    sure: bool  # the subject is one the classifier or the agreement vouches for
+    agreement: float = 0.0  # the caption's agreement with the image under the contrastive heads (the rerank's)
+    words: list[tuple[str, float]] = field(default_factory=list)  # the classifier's top pooled words
+    trace: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"caption": self.caption, "confidence": round(self.confidence, 4), "sure": self.sure,
+                "agreement": round(self.agreement, 4),
+                "words": [(w, round(p, 4)) for w, p in self.words], "trace": self.trace}
+
+
+@dataclass
+class CaptionPlan:
+    """Per image: the classifier's probabilities, pooled, and what the second beam search must do (`revise`)."""
+
+    pooled: torch.Tensor  # [words]
+    probs: torch.Tensor  # [1000]
+    prefix: tuple[int, ...] = ()  # compact ids every caption starts with
+    required: tuple[int, ...] | None = None  # compact ids of which every caption writes one
+    trace: list[str] = field(default_factory=list)
+
+
+def article(word: str) -> str:
+    return "An" if word[:1].lower() in "aeiou" else "A"
+
+
+def caption_subject(caption: str) -> int | None:
+    """The index (in `caption.split()`) of the caption's subject: its first person or animal word among the first
+    eight ("A black and white dog is ..." -> 4), or None."""
+    for i, token in enumerate(caption.split()[:8]):
+        found = words(token)
+        if found and OBJECT_FORMS.get(found[0]) in CREATURE_GROUPS:
+            return i
+    return None
+
+
+def subject_group(caption: str) -> str | None:
+    """The object group of the caption's subject ('person', 'dog', ...), or None."""
+    subject = caption_subject(caption)
+    return None if subject is None else OBJECT_FORMS[words(caption.split()[subject])[0]]
+
+
+class CaptionPolicy:
+    """Steps 1-4 above for one model's settings and word table. `forms` maps a word to its compact ids (singular,
+    plural); `opening` gives the compact ids of a caption's first word ("A", "An", "Some")."""
+
+    MASS = frozenset({"food", "fruit", "bread", "coffee", "wine", "corn", "broccoli", "toilet paper", "hay"})
+
+    def __init__(self, config: GenerationConfig, table: ImageNetWords, forms: dict[str, tuple[int, ...]] | None,
+                 opening=None):
+        self.config, self.table, self.forms, self.opening = config, table, forms or {}, opening
+
+    # --- 1. vocabulary ---------------------------------------------------------------------------------------------
+    def plan(self, probs: torch.Tensor) -> list[CaptionPlan]:
+        return [CaptionPlan(row, p_row) for p_row, row in zip(probs, self.table.pooled(probs))]
+
+    def logit_bias(self, plans: list[CaptionPlan], size: int, base: int) -> torch.Tensor | None:
+        """[images, size]: 0 over the fitted vocabulary; each added word its classifier log-odds (an added word
+        borrows its donor's logit, so it wins over the donor exactly when the classifier favours it)."""
+        if size == base:
+            return None
+        columns = [(j, self.table.index[word]) for word, ids in self.forms.items() for j in ids if j >= base]
+        bias = torch.full((len(plans), size), float("-inf"))
+        bias[:, :base] = 0.0
+        if columns:
+            cols, words_ = (torch.tensor(c) for c in zip(*columns))
+            p = torch.stack([plan.pooled for plan in plans])[:, words_].clamp(1e-6, 1 - 1e-6)
+            bias[:, cols] = (p / (1 - p)).log()
+        return bias
+
+    # --- 2. rerank -------------------------------------------------------------------------------------------------
+    def rerank(self, beams: list[tuple[float, str]], agreement: list[float]) -> int:
+        """The index of the beam with the best log-probability + `caption_rerank` x agreement."""
+        weight = self.config.caption_rerank
+        return max(range(len(beams)), key=lambda j: beams[j][0] + weight * agreement[j])
+
+    # --- 3-4. check and hedge: what the second beam search must do -------------------------------------------------
+    def revise(self, plan: CaptionPlan, caption: str, agreement: float) -> bool:
+        """Set `plan.prefix` or `plan.required` when `caption` (the first search's choice) must be written again;
+        True when it must."""
+        subject = caption_subject(caption)
+        group = None if subject is None else OBJECT_FORMS[words(caption.split()[subject])[0]]
+        checked = self._sure(plan, self.config.caption_class_check)
+        if checked is not None:
+            word, p = checked
+            if self._names(caption, word):
+                return False
+            animal = set(word.classes) <= set(ANIMAL_CLASSES)
+            pet = set(word.classes) <= set(DOG_CLASSES) or set(word.classes) <= set(HOUSE_CAT_CLASSES)
+            keep_subject = group is None or (group == "person" and (pet or self._supported(plan, group))) or (
+                not animal and group != "person" and self._supported(plan, group, p))
+            if not keep_subject and self._start_with(plan, word, f"check: '{word.text}' ({p:.2f}), not the "
+                                                                 f"caption's {group}"):
+                return True
+        concept = self._sure(plan, self.config.caption_concepts)
+        if concept is not None:
+            word, p = concept
+            if not self._names(caption, word) and word.text in self.forms:
+                plan.required = self.forms[word.text]
+                plan.trace.append(f"vocabulary: '{word.text}' ({p:.2f}) must be written")
+                return True
+            return False
+        if self.config.caption_hedge <= 0 or group is None or agreement >= self.config.caption_hedge_agreement:
+            return False
+        if self._supported(plan, group):
+            return False
+        found = self.table.sure_word(plan.pooled, self.config.caption_hedge, exclude=())
+        if found is None or found[0].text in self._kind_of_group(group):
+            return False
+        return self._start_with(plan, found[0], f"hedge: nothing vouches for the caption's {group} (agreement "
+                                                f"{agreement:.2f}); '{found[0].text}' is {found[1]:.2f} sure")
+
+    def _sure(self, plan: CaptionPlan, threshold: float) -> tuple[Word, float] | None:
+        return self.table.sure_word(plan.pooled, threshold) if threshold > 0 else None
+
+    def _start_with(self, plan: CaptionPlan, word: Word, why: str) -> bool:
+        if word.text not in self.forms or self.opening is None:
+            return False
+        opening = "Some" if word.text in self.MASS else article(word.text)
+        plan.prefix = (*self.opening(opening), self.forms[word.text][0])
+        plan.trace.append(f"{why}: the caption starts '{opening} {word.text}'")
+        return True
+
+    def choose(self, plan: CaptionPlan | None, beams: list[tuple[float, str]], agreement: list[float],
+               first_choice: str | None = None) -> CaptionChoice:
+        """The final caption among `beams` (from the second search when there was one), how sure it is, the trace."""
+        best = self.rerank(beams, agreement)
+        caption = beams[best][1]
+        if plan is None:
+            return CaptionChoice(caption, 0.0, False, agreement[best])
+        trace = list(plan.trace)
+        if first_choice is not None and first_choice != caption:
+            trace.append(f"'{first_choice}' -> '{caption}'")
+        top = plan.pooled.topk(5)
+        named = [(self.table.words[i].text, float(p)) for p, i in zip(top.values, top.indices)]
+        vouched = [float(plan.pooled[i]) for i, w in enumerate(self.table.words) if self._names(caption, w)]
+        confidence = max(vouched, default=0.0)
+        subject = caption_subject(caption)
+        group = None if subject is None else OBJECT_FORMS[words(caption.split()[subject])[0]]
+        sure = (confidence >= max(self.config.caption_hedge, 1e-9) or agreement[best] >=
+                self.config.caption_hedge_agreement or (group is not None and self._supported(plan, group)))
+        return CaptionChoice(caption, confidence, bool(sure), agreement[best], named, trace)
+
+    # --- what a caption says and what supports it ------------------------------------------------------------------
+    def _names(self, caption: str, word: Word) -> bool:
+        said = words(caption)
+        named = set(said) | {OBJECT_FORMS[w] for w in said if w in OBJECT_FORMS}
+        text = " ".join(said)
+        return bool(named & self._kind(word)) or f" {word.text} " in f" {text} " or f" {word.plural} " in f" {text} "
+
+    @staticmethod
+    def _kind(word: Word) -> set[str]:
+        """What a caption may call this word's creature or thing: its own words, its object group, dog or cat."""
+        kind = {word.text, word.plural} if " " in word.text else set(word.text.split()) | set(word.plural.split())
+        if set(word.classes) <= set(DOG_CLASSES):
+            kind.add("dog")
+        elif set(word.classes) <= set(HOUSE_CAT_CLASSES):
+            kind.add("cat")
+        return kind | {OBJECT_FORMS[w] for w in kind if w in OBJECT_FORMS}
+
+    def _kind_of_group(self, group: str) -> set[str]:
+        return {group, "animal"} if group != "person" else {"person"}
+
+    def _supported(self, plan: CaptionPlan, group: str, rival: float = 0.0) -> bool:
+        """The classifier gives a captioned person or animal some support: clothes or sports kit for a person
+        (`caption_person_evidence`); for an animal its own word ("dog": the 118 breeds pooled), or any animal where
+        ImageNet has no word for it, at UNSUPPORTED_ANIMAL and at ANIMAL_SHARE of a `rival` word's confidence."""
+        if group == "person":
+            return self.table.person_evidence(plan.probs) >= self.config.caption_person_evidence
+        support = (self.table.confidence(plan.pooled, group) if group in self.table.index
+                   else self.table.animal_mass(plan.probs))
+        return support >= max(UNSUPPORTED_ANIMAL, ANIMAL_SHARE * rival)
