@@ -47,20 +47,24 @@ class CaptionDecoder(nn.Module):
         self.set_added_words([], [])
 
     # --- words beyond the fitted vocabulary ------------------------------------------------------------------------
-    def set_added_words(self, pieces: list[list[int]], donors: list[int]) -> None:
+    def set_added_words(self, pieces: list[list[int]], donors: list[int],
+                        word_starts: torch.Tensor | None = None) -> None:
         """Words the training captions never used, each one compact id after the fitted vocabulary: `pieces` are its
         tokenizer ids, `donors` the compact id of a known word whose embedding (input and tied output) it borrows.
 
         Deep Compositional Captioning's transfer (Hendricks et al., 2016): "zebra" is written where the decoder
         would write "horse", and the caption goes on as it would after "horse". Its logit is the donor's, so an
         added word is written only with a bias (`logit_bias` of beam search: the image classifier's support) or when
-        a constraint requires it. Nothing here is a parameter: saved weights are unchanged."""
+        a constraint requires it. `word_starts` ([base_size] bool): the fitted ids that begin a word, the only ones
+        beam search lets follow a prefix. Nothing here is a parameter: saved weights are unchanged."""
         if len(pieces) != len(donors):
             raise ValueError(f"{len(pieces)} added words but {len(donors)} donors")
         if any(not p for p in pieces) or any(not 0 <= d < self.embed.num_embeddings for d in donors):
             raise ValueError("every added word needs tokenizer ids and a donor inside the fitted vocabulary")
         self.added_pieces = [list(p) for p in pieces]
         self.register_buffer("added_donors", torch.tensor(donors, dtype=torch.long), persistent=False)
+        starts = torch.ones(self.base_size, dtype=torch.bool) if word_starts is None else word_starts.bool().cpu()
+        self.word_starts = torch.cat([starts, torch.ones(len(pieces), dtype=torch.bool)])  # added words: whole
 
     @property
     def base_size(self) -> int:
@@ -304,6 +308,8 @@ def beam_search(decoder: CaptionDecoder, image_tokens: torch.Tensor, steps: int,
     finished: list[tuple[float, list[int]]] = []
     for step in range(len(prefix), steps):
         logits = _penalise_repeats(decoder.step(state, ids[:, -1], logit_bias), ids[:, 1:], repetition_penalty)
+        if prefix and step == len(prefix):  # the prefix's last word is whole: a new word, not a suffix, follows it
+            logits = logits.masked_fill(~decoder.word_starts.to(logits.device), float("-inf"))
         logprobs = scores[:, None] + logits.log_softmax(-1)
         vocab = logprobs.shape[-1]
         # bank 1: hypotheses that contain the word (all of them when none is required); an open hypothesis

@@ -12,6 +12,8 @@ import functools
 import json
 from pathlib import Path
 
+import torch
+
 from mmstory.imagenet_words import ImageNetWords, plural
 
 DONORS_FILE = Path(__file__).parent / "resources" / "word_donors.json"
@@ -19,6 +21,9 @@ DONOR_RANK = 2000  # a donor must be among the fitted vocabulary's this many mos
 # without the open vocabulary, a word must be one of the fitted vocabulary's this many most frequent ids: one the
 # training captions use often enough to write around
 CONCEPT_VOCABULARY = 2000
+# with the open vocabulary, a word the fitted vocabulary has but the training captions used so rarely (rank past
+# this) that its embedding learnt little is added too, with a donor, like a word they never used
+KNOWN_RANK = 3000
 
 
 @functools.cache
@@ -47,7 +52,7 @@ def word_forms(decoder, tokenizer, table: ImageNetWords, open_vocabulary: bool) 
     base = decoder.base_size
 
     def known_or_added(form: str, donor_form: str | None) -> int | None:
-        known = _compact_word(decoder, tokenizer, form, None if open_vocabulary else CONCEPT_VOCABULARY)
+        known = _compact_word(decoder, tokenizer, form, KNOWN_RANK if open_vocabulary else CONCEPT_VOCABULARY)
         if known is not None or not open_vocabulary:
             return known
         donor = None if donor_form is None else _compact_word(decoder, tokenizer, donor_form, DONOR_RANK)
@@ -67,5 +72,15 @@ def word_forms(decoder, tokenizer, table: ImageNetWords, open_vocabulary: bool) 
         ids = [i for i in dict.fromkeys(ids) if i is not None]
         if ids:
             forms_of[word.text] = tuple(ids)
-    decoder.set_added_words(pieces, donor_ids)
+    decoder.set_added_words(pieces, donor_ids, word_starts(decoder, tokenizer) if pieces else None)
     return forms_of
+
+
+def word_starts(decoder, tokenizer) -> torch.Tensor:
+    """[base_size]: True for the fitted vocabulary's ids that begin a new word (a leading space in the tokenizer's
+    byte-level pieces, or a comma): what may follow a word the caption was made to start with, so that "A
+    microwave" does not go on "-haired"."""
+    ids = decoder.token_ids.tolist()
+    pieces = tokenizer.convert_ids_to_tokens([max(t, 0) for t in ids])
+    starts = [t >= 0 and (p.startswith(("Ġ", "▁", " ")) or p == ",") for t, p in zip(ids, pieces)]
+    return torch.tensor(starts, dtype=torch.bool)

@@ -61,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = item.partition("=")
         setattr(teller.model.generation_config, key, json.loads(value))
     paths, references = [str(r[0]) for r in records], [r[1] for r in records]
-    teller.caption_choices(paths[:2])  # warm-up
+    describe = getattr(teller, "caption_choices", None)  # None: a model from before the caption policy
+    (describe or teller.caption)(paths[:2])  # warm-up
     start = time.perf_counter()
-    details = teller.caption_choices(paths)
-    captions = [d.caption for d in details]
+    details = describe(paths) if describe else []
+    captions = [d.caption for d in details] if describe else teller.caption(paths)
     seconds = (time.perf_counter() - start) / len(paths)
     scores, _ = caption_scores(references, captions, use_java=False)
     report = {"set": args.set, "images": len(paths), "generation": args.set_generation,

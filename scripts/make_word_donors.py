@@ -14,7 +14,7 @@ import torch
 from mmstory.imagenet_words import imagenet_words
 from mmstory.model import StoryModel
 from mmstory.open_vocabulary import DONOR_RANK, DONORS_FILE, _compact_word
-from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS
+from mmstory.text import _OBJECT_TEXT, CREATURE_GROUPS, OBJECT_FORMS, _parse_objects
 
 KEEP = 5
 # caption nouns a word may borrow from: the object list's group names (not its adjectives, "snowy", or its sports,
@@ -31,7 +31,9 @@ ANIMALS = 398  # ImageNet-1k's animal classes come first
 def main() -> int:
     model = StoryModel.from_pretrained("mmstory-small")
     decoder, tokenizer = model.caption_decoder, model.tokenizer
-    nouns = (set(OBJECT_FORMS.values()) | set(PEOPLE)) - NOT_DONORS
+    # things borrow from things a caption sees (not from its places, "kitchen": "A stove" would go on like a room)
+    places = set(_parse_objects(_OBJECT_TEXT.split("# places and scenery")[1]).values())
+    nouns = (set(OBJECT_FORMS.values()) | set(PEOPLE)) - NOT_DONORS - places
     known = sorted(w for w in nouns if _compact_word(decoder, tokenizer, w, DONOR_RANK) is not None)
     table = imagenet_words()
     words = [w.text for w in table.words]
