@@ -4,6 +4,8 @@ process's own rows) and their token counts. In one process, or with no process g
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -25,7 +27,13 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    with warnings.catch_warnings():  # torch 2.10+ calls it deprecated in favour of a private module; it works
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(tensor.contiguous())
+    if tensor.requires_grad:
+        for part in parts:  # over gloo the backward's all-to-all misreads strided gradients (a transposed matmul's)
+            part.register_hook(torch.Tensor.contiguous)
+    return torch.cat(parts, dim=0)
 
 
 def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:

@@ -423,3 +423,39 @@ def test_two_process_distributed_run(tmp_path: Path):
     dev = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "dev"]
     assert len(dev) == 2 and dev[1] < dev[0]
     assert report["feature_cache"]["train"]["encoded"] == 16  # encoded once, by the main process
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data-parallel runs train as one process with the global batch
+# --------------------------------------------------------------------------------------------------------------------
+def _torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
+    """`args` under torchrun with this many CPU processes (gloo), importing this checkout's mmstory."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-10000:]
+    return result
+
+
+def test_two_processes_step_as_one_process_with_the_global_batch(tmp_path: Path):
+    """The same global batch of 4 (captions of different lengths) in one process or split over two: the same losses
+    and the same gradients after data-parallel's averaging, for cross-entropy training (contrastive, captioner and
+    caption decoder) and for self-critical training (tests/distributed_step.py)."""
+    runs = {}
+    for processes in (1, 2):
+        _torchrun(processes, str(ROOT / "tests" / "distributed_step.py"), str(tmp_path / f"{processes}.pt"))
+        runs[processes] = torch.load(tmp_path / f"{processes}.pt")
+    assert runs[2]["world_size"] == 2
+    for objective, names in (("xe", {"loss", "contrastive_loss", "caption_loss", "caption_decoder_loss"}),
+                             ("scst", {"loss", "caption_decoder_loss"})):
+        (one_losses, one_grads), (two_losses, two_grads) = runs[1][objective], runs[2][objective]
+        assert set(one_losses) == set(two_losses) == names
+        for name in names:
+            assert two_losses[name] == pytest.approx(one_losses[name], abs=1e-5), (objective, name)
+        assert set(two_grads) == set(one_grads) and one_grads
+        for name, grad in one_grads.items():
+            torch.testing.assert_close(two_grads[name], grad, rtol=1e-5, atol=1e-5, msg=f"{objective} {name}")
+        assert sum(float(g.norm()) for g in one_grads.values()) > 1e-2  # a step that trains something
+    assert "logit_scale" in runs[1]["xe"][1] and "caption_decoder.embed.weight" in runs[1]["scst"][1]
