@@ -459,3 +459,29 @@ def test_two_processes_step_as_one_process_with_the_global_batch(tmp_path: Path)
             torch.testing.assert_close(two_grads[name], grad, rtol=1e-5, atol=1e-5, msg=f"{objective} {name}")
         assert sum(float(g.norm()) for g in one_grads.values()) > 1e-2  # a step that trains something
     assert "logit_scale" in runs[1]["xe"][1] and "caption_decoder.embed.weight" in runs[1]["scst"][1]
+
+
+@pytest.mark.slow
+def test_two_process_training_logs_and_evaluates_as_one_process(tmp_path: Path):
+    """The trainer over a global batch of 4: one process of 4 or two of 2 log the same per-step losses and gradient
+    norms, and the same dev losses over the whole dev set; CIDEr-D, captioned in shares and gathered, is computed too
+    (near 0 here: these captions share almost every word, so it is a weak check of its own)."""
+    csv = write_dataset(tmp_path / "data", 12)
+    logs = {}
+    for processes in (1, 2):
+        config = tiny_config(csv, tmp_path / f"run{processes}", f"data.dev.path={csv}", "data.use_feature_cache=true",
+                             f"data.feature_cache_dir={tmp_path / 'cache'}", f"batch_size={4 // processes}",
+                             "max_steps=2", "eval_every=1", "save_every=null", "num_sample_captions=0",
+                             "best_metric=cider_d", "optim.warmup_steps=0")
+        path = tmp_path / f"config{processes}.yaml"
+        path.write_text(to_yaml(config))
+        _torchrun(processes, "-m", "mmstory.train", "--config", str(path))
+        logs[processes] = read_jsonl(tmp_path / f"run{processes}" / "metrics.jsonl")
+    one, two = logs[1], logs[2]
+    assert [(r["step"], r["split"]) for r in one] == [(r["step"], r["split"]) for r in two]
+    assert [r["split"] for r in one].count("dev") == 2 and two[0]["world_size"] == 2
+    names = ("loss", "contrastive_loss", "caption_loss", "caption_decoder_loss")
+    for a, b in zip(one, two):
+        for name in names + (("grad_norm",) if a["split"] == "train" else ("cider_d",)):
+            assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-5), (a["step"], a["split"], name)
+    assert all(r["contrastive_loss"] > 0.1 and r["caption_loss"] > 0.1 for r in one)
