@@ -11,10 +11,8 @@ from mmstory.data import EpochBatchSampler, item_name
 from mmstory.eval.metrics import caption_scores
 from mmstory.losses import caption_loss_sum, contrastive_loss
 from mmstory.model import StoryModel
+from mmstory.train.config import LOSSES, SCORES  # noqa: F401 - re-exported
 from mmstory.train.inputs import _model_inputs
-
-LOSSES = ("loss", "contrastive_loss", "caption_loss", "caption_decoder_loss")
-SCORES = ("cider_d",)  # dev scores (higher is better): CIDEr-D of the caption decoder's greedy captions
 
 
 class DevEvalMixin:
