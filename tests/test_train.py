@@ -1,5 +1,6 @@
 """The trainer: config I/O, optimiser groups and schedule, real training runs (feature cache, bad data, early stopping),
-a SIGKILLed run resumed to the same weights, and a real 2-process distributed run."""
+a SIGKILLed run resumed to the same weights, a real 2-process distributed run, and 2-process runs that train, log and
+evaluate as one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -439,6 +440,7 @@ def _torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_two_processes_step_as_one_process_with_the_global_batch(tmp_path: Path):
     """The same global batch of 4 (captions of different lengths) in one process or split over two: the same losses
     and the same gradients after data-parallel's averaging, for cross-entropy training (contrastive, captioner and

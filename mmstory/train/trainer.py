@@ -3,12 +3,14 @@
     mmstory train --config tiny [--resume] [--output-dir DIR] [--max-steps N] [--set optim.lr.bridge=1e-3]
     torchrun --nproc_per_node 2 -m mmstory.train --config ...          (or: accelerate launch --multi_gpu ...)
 
-One process per device; `batch_size` is per process. The data order is fixed by (seed, epoch) and a checkpoint records
-the epoch and the step within it, so a resumed run continues exactly: it ends with the weights an uninterrupted run
-would have had. Tested: one process, and DDP with 2 CPU processes over gloo (GPUs go through the same Accelerate
-calls); the checkpoint code does not gather FSDP/DeepSpeed-sharded states. Relative paths in a config (data, cache,
-output) resolve against the current working directory; the shipped configs are meant to be run from the repository
-root.
+One process per device; `batch_size` is per process. The losses are those of the global batch however it is split
+(`mmstory.losses`: contrastive features gathered from every process, token means over the global batch), and the dev
+metrics are over the whole dev set, so 1, 2 or 8 processes with the same global batch train the same model. The data
+order is fixed by (seed, epoch) and a checkpoint records the epoch and the step within it, so a resumed run continues
+exactly: it ends with the weights an uninterrupted run would have had. Tested: one process, and DDP with 2 CPU
+processes over gloo (GPUs go through the same Accelerate calls); the checkpoint code does not gather FSDP/DeepSpeed-
+sharded states. Relative paths in a config (data, cache, output) resolve against the current working directory; the
+shipped configs are meant to be run from the repository root.
 
 Outputs in `output_dir`: `checkpoint-<step>/` (the last `keep_checkpoints`, each loadable with
 `StoryModel.from_pretrained`), `best/` (lowest dev loss), `metrics.jsonl` (one JSON object per logged train step and
