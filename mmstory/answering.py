@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from mmstory.captioning import CAPTION_REPETITION_PENALTY
-from mmstory.images import ImageInput
+from mmstory.model import StoryModel
 from mmstory.prompts import IMAGE_PLACEHOLDER, MAX_PROMPT_CHARS, StoryInputError, _check_text
-
-if TYPE_CHECKING:
-    from mmstory.generation import StoryTeller
+from mmstory.safety import ContentFilter
+from mmstory.seeing import Seen, writer_prompt
 
 MAX_ANSWER_SENTENCES = 2
 MAX_ANSWER_TOKENS = 256
@@ -145,14 +142,11 @@ def check_question(question: object) -> str:
     return _check_text(question, "question", limit=MAX_PROMPT_CHARS)
 
 
-def answer_question(teller: StoryTeller, images: ImageInput | Sequence[ImageInput], question: str, *,
-                    max_new_tokens: int = 48, seed: int | None = 0) -> AnswerResult:
-    """`StoryTeller.answer`: every input is checked before the model runs, then the pictures are captioned and the
-    story writer answers greedily (an answer should not change from one asking to the next). `seed` seeds torch's
-    RNG first, as for stories; greedy decoding itself draws nothing from it."""
-    start = time.perf_counter()
+def check_answer_request(question: object, max_new_tokens: object, seed: object, content_filter: ContentFilter) -> str:
+    """The question, stripped, once it and the settings pass every check (StoryInputError otherwise): callers run it
+    before the model does anything."""
     question = check_question(question)
-    verdict = teller.filter.check(question)
+    verdict = content_filter.check(question)
     if verdict.blocked:
         raise StoryInputError(verdict.message)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
@@ -160,37 +154,37 @@ def answer_question(teller: StoryTeller, images: ImageInput | Sequence[ImageInpu
         raise StoryInputError(f"max_new_tokens must be a whole number between 1 and {MAX_ANSWER_TOKENS}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise StoryInputError("seed must be between 0 and 2**63 - 1")
-    pil_images = teller._load_images(images)
-    model, timings = teller.model, {}
-    with teller._lock:
-        t = time.perf_counter()
-        tokens, pooled = teller._encode(pil_images)
-        captions = model.generate_captions(image_tokens=tokens, image_pooled=pooled,
-                                          repetition_penalty=CAPTION_REPETITION_PENALTY)
-        hints = model.sure_classes(pooled, model.generation_config.caption_concepts)  # as the story prompt names them
-        timings["caption_s"] = time.perf_counter() - t
-        use_prefix = model.generation_config.story_prefix
-        text_prompt = model.format_prompt(build_question_prompt(captions, question, hints, with_images=use_prefix))
-        prefixes = list(model.visual_prefix(tokens, pooled)) if use_prefix else []
-        embeds = model.prompt_embeddings(text_prompt, prefixes)[None]
-        context = getattr(model.writer.config, "max_position_embeddings", None) or 1 << 30
-        if embeds.shape[1] >= context - 16:
-            raise StoryInputError(f"the question is too long for the writer's context ({embeds.shape[1]} of "
-                                  f"{context} tokens before the answer starts); shorten it")
-        if seed is not None:
-            torch.manual_seed(seed)
-        t = time.perf_counter()
-        with torch.no_grad():
-            out = teller._decode(inputs_embeds=embeds, attention_mask=torch.ones(1, embeds.shape[1], dtype=torch.long),
-                                 max_new_tokens=min(max_new_tokens, context - embeds.shape[1]), do_sample=False,
-                                 repetition_penalty=ANSWER_REPETITION_PENALTY,
-                                 pad_token_id=model.tokenizer.pad_token_id,
-                                 stopping_criteria=StoppingCriteriaList([AnswerStop(model.tokenizer)]))
-        timings["generate_s"] = time.perf_counter() - t
+    return question
+
+
+def answer_question(model: StoryModel, seen: Seen, question: str, decode: Callable[..., torch.Tensor],
+                    content_filter: ContentFilter, *, max_new_tokens: int = 48, seed: int | None = 0,
+                    start: float | None = None) -> AnswerResult:
+    """`StoryTeller.answer` once the question is checked (`check_answer_request`) and the pictures seen: the story
+    writer (`decode`, its `generate`) answers greedily (an answer should not change from one asking to the next).
+    `seed` seeds torch's RNG first, as for stories; greedy decoding itself draws nothing from it."""
+    start = time.perf_counter() if start is None else start
+    timings = {"caption_s": seen.seconds}
+    use_prefix = model.generation_config.story_prefix
+    embeds = writer_prompt(model, seen, build_question_prompt(seen.captions, question, seen.hints,
+                                                              with_images=use_prefix))
+    context = getattr(model.writer.config, "max_position_embeddings", None) or 1 << 30
+    if embeds.shape[1] >= context - 16:
+        raise StoryInputError(f"the question is too long for the writer's context ({embeds.shape[1]} of "
+                              f"{context} tokens before the answer starts); shorten it")
+    if seed is not None:
+        torch.manual_seed(seed)
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = decode(inputs_embeds=embeds, attention_mask=torch.ones(1, embeds.shape[1], dtype=torch.long),
+                     max_new_tokens=min(max_new_tokens, context - embeds.shape[1]), do_sample=False,
+                     repetition_penalty=ANSWER_REPETITION_PENALTY, pad_token_id=model.tokenizer.pad_token_id,
+                     stopping_criteria=StoppingCriteriaList([AnswerStop(model.tokenizer)]))
+    timings["generate_s"] = time.perf_counter() - t
     answer = finish_answer(model.tokenizer.batch_decode(out, skip_special_tokens=True)[0])
-    verdict = teller.filter.check(answer)  # the answer passes the same filter as a story
+    verdict = content_filter.check(answer)  # the answer passes the same filter as a story
     if verdict.blocked:
-        answer = teller.filter.redact(answer)
+        answer = content_filter.redact(answer)
     timings["total_s"] = time.perf_counter() - start
-    return AnswerResult(answer=answer, question=question, captions=captions, timings=timings,
+    return AnswerResult(answer=answer, question=question, captions=seen.captions, timings=timings,
                         filtered=verdict.blocked, notice=verdict.message or None)

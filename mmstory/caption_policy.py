@@ -110,10 +110,17 @@ class CaptionPolicy:
         return bias
 
     # --- 2. rerank -------------------------------------------------------------------------------------------------
-    def rerank(self, beams: list[tuple[float, str]], agreement: list[float]) -> int:
-        """The index of the beam with the best log-probability + `caption_rerank` x agreement."""
+    def rerank(self, beams: list[tuple[float, str]], agreement: list[float], plan: CaptionPlan | None = None) -> int:
+        """The index of the beam with the best log-probability + `caption_rerank` x agreement; with a plan, a beam
+        whose subject is the animal the classifier is sure of comes first ("A cat is sitting on a wall." over "A
+        person is sitting on the top of a cat.")."""
         weight = self.config.caption_rerank
-        return max(range(len(beams)), key=lambda j: beams[j][0] + weight * agreement[j])
+        kind = None
+        found = None if plan is None else self._sure(plan, self.config.caption_class_check)
+        if found is not None and set(found[0].classes) <= set(ANIMAL_CLASSES):
+            kind = self._kind(found[0])
+        first = [kind is not None and subject_group(text) in kind for _, text in beams]
+        return max(range(len(beams)), key=lambda j: (first[j], beams[j][0] + weight * agreement[j]))
 
     # --- 3-4. check and hedge: what the second beam search must do -------------------------------------------------
     def revise(self, plan: CaptionPlan, caption: str, agreement: float) -> bool:
@@ -165,7 +172,7 @@ class CaptionPolicy:
     def choose(self, plan: CaptionPlan | None, beams: list[tuple[float, str]], agreement: list[float],
                first_choice: str | None = None) -> CaptionChoice:
         """The final caption among `beams` (from the second search when there was one), how sure it is, the trace."""
-        best = self.rerank(beams, agreement)
+        best = self.rerank(beams, agreement, plan)
         caption = beams[best][1]
         if plan is None:
             return CaptionChoice(caption, 0.0, False, agreement[best])

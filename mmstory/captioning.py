@@ -164,7 +164,8 @@ class CaptioningMixin:
         everyone = list(range(image_tokens.shape[0]))
         beams = search(everyone)
         scores = agreements(everyone, beams)
-        first = [b[policy.rerank(b, a)][1] for b, a in zip(beams, scores)]
+        first = [b[policy.rerank(b, a, None if plans is None else plans[i])][1]
+                 for i, (b, a) in enumerate(zip(beams, scores))]
         if plans is not None:
             again = [i for i in everyone if policy.revise(plans[i], first[i], max(scores[i], default=0.0))]
             if again:

@@ -213,19 +213,12 @@ def _length(text: str | None) -> str | int:
 
 
 def _check_story_args(args: argparse.Namespace) -> dict:
-    """Every story setting checked as StoryTeller would check it, without a model: StoryInputError or ValueError."""
+    """Every story setting checked by `StoryRequest.parse`, as StoryTeller checks it, but without a model:
+    StoryInputError or ValueError."""
     import dataclasses
 
-    from mmstory.generation import (
-        AUDIENCES,
-        STYLES,
-        TONES,
-        Decoding,
-        StoryInputError,
-        _check_text,
-        _choose,
-        word_budget,
-    )
+    from mmstory.generation import Decoding, StoryInputError, StoryRequest
+    from mmstory.safety import ContentFilter
 
     previous = None
     if args.previous:
@@ -238,16 +231,12 @@ def _check_story_args(args: argparse.Namespace) -> dict:
             raise StoryInputError(f"--continue-from {path}: no such file") from err
         except (OSError, UnicodeDecodeError) as err:
             raise StoryInputError(f"--continue-from {path}: cannot read it as text ({err})") from err
-    _check_text(args.prompt, "prompt")
-    _check_text(previous, "previous story", limit=20000)
     length = _length(args.length)
-    word_budget(length)
-    _choose(args.style, STYLES, "style", free_prefix="custom:")
-    _choose(args.tone, TONES, "tone")
-    _choose(args.audience, AUDIENCES, "audience")
     decoding = {field.name: getattr(args, field.name) for field in dataclasses.fields(Decoding)
                 if field.name != "num_candidates"}
-    Decoding(**decoding, num_candidates=1 if args.stream else args.num_candidates).validate()
+    StoryRequest.parse(args.prompt, args.style, args.tone, args.audience, length, previous,
+                       {**decoding, "num_candidates": 1 if args.stream else args.num_candidates}, args.stream,
+                       ContentFilter())
     return dict(prompt=args.prompt, style=args.style, tone=args.tone, audience=args.audience, length=length,
                 previous=previous, **decoding)
 

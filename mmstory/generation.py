@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from mmstory.answering import AnswerResult, answer_question
+from mmstory.answering import AnswerResult, answer_question, check_answer_request
 from mmstory.caption_policy import CaptionChoice
 from mmstory.captioning import CAPTION_REPETITION_PENALTY
 from mmstory.components import similarity
@@ -41,6 +41,7 @@ from mmstory.prompts import (  # noqa: F401 - re-exported: the prompt and its ch
     word_budget,
 )
 from mmstory.safety import ContentFilter
+from mmstory.seeing import Seen, see, writer_prompt
 from mmstory.text import content_word_recall, hallucinated_mentions, object_mentions, split_sentences
 
 MAX_IMAGES = 8  # per story (and per answer); captioning takes any number, CAPTION_BATCH at a time
@@ -218,6 +219,10 @@ class StoryTeller:
     def _encode(self, pil_images: list) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.encode_image(self.processor.batch(pil_images).to(self.device))
 
+    def _see(self, pil_images: list) -> Seen:
+        """The pictures captioned (the step a story and an answer share); call it holding the lock."""
+        return see(self.model, self.processor.batch(pil_images).to(self.device))
+
     @torch.no_grad()
     def caption(self, images: ImageInput | Sequence[ImageInput], num_beams: int | None = None,
                 max_new_tokens: int | None = None,
@@ -281,21 +286,13 @@ class StoryTeller:
         pil_images = self._load_images(images)
         timings = {}
         with self._lock:
-            t = time.perf_counter()
-            tokens, pooled = self._encode(pil_images)
-            choices = self.model.caption_choices(image_tokens=tokens, image_pooled=pooled,
-                                                 repetition_penalty=CAPTION_REPETITION_PENALTY)
-            captions = [choice.caption for choice in choices]
-            timings["caption_s"] = time.perf_counter() - t
-            use_prefix = self.model.generation_config.story_prefix
-            hints = self.model.sure_classes(pooled, self.model.generation_config.caption_concepts)
+            seen = self._see(pil_images)
+            captions, hints, timings["caption_s"] = seen.captions, seen.hints, seen.seconds
             instruction = build_instruction(captions, prompt, style_text, tone_text, audience_text, budget, previous,
-                                            with_images=use_prefix, hints=hints)
+                                            with_images=self.model.generation_config.story_prefix, hints=hints)
             opening = (story_opening(captions[0], style, previous)
                        if self.model.generation_config.open_with_caption else "")
-            text_prompt = self.model.format_prompt(instruction) + opening
-            prefixes = list(self.model.visual_prefix(tokens, pooled)) if use_prefix else []
-            embeds = self.model.prompt_embeddings(text_prompt, prefixes)[None]
+            embeds = writer_prompt(self.model, seen, instruction, opening)
             max_new = settings.max_new_tokens or int(budget * TOKENS_PER_WORD * 1.4) + 24
             context = getattr(self.model.writer.config, "max_position_embeddings", None) or 1 << 30
             if embeds.shape[1] >= context - 16:
@@ -336,7 +333,7 @@ class StoryTeller:
             timings["generate_s"] = time.perf_counter() - t
             candidates = [finish_story(text, budget) for text in texts]
             t = time.perf_counter()
-            image_embeds = self.model.image_embedding(pooled)
+            image_embeds = self.model.image_embedding(seen.pooled)
             scores = self._agreements(candidates, image_embeds)
             timings["rerank_s"] = time.perf_counter() - t
         verdicts = [self.filter.check(c) for c in candidates]
@@ -351,7 +348,7 @@ class StoryTeller:
         sentences = self._sentence_scores(story, image_embeds)
         timings["total_s"] = time.perf_counter() - start
         yield StoryResult(
-            story=story, captions=captions, caption_details=[c.to_dict() for c in choices], sentences=sentences,
+            story=story, captions=captions, caption_details=[c.to_dict() for c in seen.choices], sentences=sentences,
             score=scores[best],
             settings={**asdict(settings), "style": style, "tone": tone, "audience": audience, "length": length,
                       "word_budget": budget, "prompt": prompt, "dtype": self.dtype, "quantize": self.quantize},
@@ -392,7 +389,13 @@ class StoryTeller:
                seed: int | None = 0) -> AnswerResult:
         """Answer a question about the pictures in a sentence or two (an AnswerResult), not a story; see
         `mmstory.answering`."""
-        return answer_question(self, images, question, max_new_tokens=max_new_tokens, seed=seed)
+        start = time.perf_counter()
+        question = check_answer_request(question, max_new_tokens, seed, self.filter)  # before any model work
+        pil_images = self._load_images(images)
+        with self._lock:
+            seen = self._see(pil_images)
+            return answer_question(self.model, seen, question, self._decode, self.filter,
+                                   max_new_tokens=max_new_tokens, seed=seed, start=start)
 
 
 def _streamed(decode, gen_kwargs: dict, tokenizer, budget: int, cancel: threading.Event, timings: dict,

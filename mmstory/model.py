@@ -9,17 +9,17 @@
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmstory.batches import CaptionBatchesMixin, normalize_caption  # noqa: F401 - re-exported
 from mmstory.caption_decoder import CaptionDecoder
 from mmstory.captioning import CaptioningMixin, ImageWordsMixin, tidy_caption  # noqa: F401
 from mmstory.components import MLPBridge, ProjectionHead, ResamplerBridge, TextEncoder, VisionEncoder
 from mmstory.config import GenerationConfig, ModelConfig, PartConfig
-from mmstory.losses import IGNORE_INDEX, StoryLoss, StoryModelOutput, self_critical_output, story_losses
+from mmstory.losses import IGNORE_INDEX, StoryLoss, StoryModelOutput
 from mmstory.prompts import IMAGE_PLACEHOLDER
 from mmstory.registry import get_generation_config
 from mmstory.saving import (  # noqa: F401 - re-exported: saving and loading were defined here
@@ -37,10 +37,10 @@ from mmstory.specs import load_decoder, load_text_encoder, load_vision
 CAPTION_SYSTEM = "You describe photographs accurately in one short sentence."
 
 
-class StoryModel(ImageWordsMixin, CaptioningMixin, PretrainedMixin, nn.Module):
+class StoryModel(ImageWordsMixin, CaptioningMixin, CaptionBatchesMixin, PretrainedMixin, nn.Module):
     """The parts, how each trains (frozen, LoRA, full), the encoders and the shared space, the chat prompts and the
-    training batches. Captioning (`mmstory.captioning`), saving and loading (`mmstory.saving`) and the weighted
-    losses (`mmstory.losses`) live in their own modules."""
+    heads' features and logits. Captioning (`mmstory.captioning`), the training batches (`mmstory.batches`),
+    saving and loading (`mmstory.saving`) and the weighted losses (`mmstory.losses`) live in their own modules."""
 
     def __init__(self, config: ModelConfig, generation_config: GenerationConfig | None = None,
                  loss: StoryLoss | None = None):
@@ -193,76 +193,56 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, PretrainedMixin, nn.Module):
         with their `sample_advantages` instead of captions: the caption decoder's loss is then the policy gradient
         (`mmstory.losses.self_critical_loss`) and the other heads, which need reference captions, must be off.
         """
+        loss = self.loss_fn if loss is None else loss
         if caption_samples is not None:
-            return self_critical_output(self, caption_samples, sample_advantages, pixel_values, image_tokens,
-                                        image_pooled)
-        if captions is None:
+            loss.check_self_critical()
+        elif captions is None:
             raise ValueError("captions are required to compute the training losses")
         if image_tokens is None:
             if pixel_values is None:
                 raise ValueError("pass pixel_values or cached image_tokens/image_pooled")
             image_tokens, image_pooled = self.encode_image(pixel_values)
-        return story_losses(self, captions, image_tokens, image_pooled, text_pooled, loss)
+        if caption_samples is not None:
+            return loss(self.sample_outputs(caption_samples, sample_advantages, image_tokens, image_pooled))
+        return loss(self.outputs(captions, image_tokens, image_pooled, text_pooled, heads=loss))
 
-    def _caption_ids(self, captions: list[str], max_tokens: int, eos: int | None = None) -> list[list[int]]:
-        ids = self.tokenize_captions(captions)
-        eos = self.tokenizer.eos_token_id if eos is None else eos
-        return [row[:max_tokens] + [eos] for row in ids]
+    def outputs(self, captions: list[str], image_tokens: torch.Tensor, image_pooled: torch.Tensor,
+                text_pooled: torch.Tensor | None = None, heads: StoryLoss | None = None) -> StoryModelOutput:
+        """Each head's features and logits for (image, caption) pairs, for the heads `heads` (default: `loss_fn`)
+        weighs above 0 (the others are not run): all a loss reads."""
+        heads = self.loss_fn if heads is None else heads
+        out = StoryModelOutput(contrastive_heads=self.config.contrastive_heads)
+        if heads.contrastive_weight > 0:
+            out.logit_scale = self.contrastive_scale()
+            out.text_embeds = self.text_embedding(captions, pooled=text_pooled)
+            out.image_embeds = self.image_embedding(image_pooled)
+        if heads.caption_weight > 0:
+            embeds, mask, labels = self._caption_batch(self.visual_prefix(image_tokens, image_pooled), captions)
+            out.caption_logits = self.writer(inputs_embeds=embeds, attention_mask=mask).logits
+            out.caption_labels = labels
+        if self.caption_decoder is not None and heads.caption_decoder_weight > 0:
+            ids, padding = self._caption_decoder_batch(captions, image_tokens.device)
+            out.caption_decoder_logits = self.caption_decoder(ids, image_tokens.float(), padding,
+                                                              self.image_tags(image_pooled))
+            labels = ids.masked_fill(padding, IGNORE_INDEX)
+            labels[:, 0] = IGNORE_INDEX  # BOS is given, never predicted
+            out.caption_decoder_labels = labels
+        return out
 
-    def tokenize_captions(self, captions: list[str]) -> list[list[int]]:
-        return self.tokenizer([normalize_caption(c) for c in captions], add_special_tokens=False).input_ids
-
-    def fit_caption_vocabulary(self, captions: list[str]) -> None:
-        """Give the caption decoder its compact vocabulary from the training captions (once, before training)."""
-        if self.caption_decoder is not None:
-            self.caption_decoder.fit_vocabulary(self.tokenize_captions(captions))
-
-    def _caption_batch(self, prefix: torch.Tensor, captions: list[str]):
-        """[prefix inside the chat prompt][caption][EOS][pad]; only caption and EOS are labelled."""
-        device, embed = prefix.device, self.writer.get_input_embeddings()
-        before, after = self.caption_prompt().split(IMAGE_PLACEHOLDER)
-        before_ids = self.tokenizer(before, add_special_tokens=False).input_ids
-        after_ids = self.tokenizer(after, add_special_tokens=False).input_ids
-        targets = self._caption_ids(captions, self.config.max_caption_tokens)
-        width = max(len(t) for t in targets)
-        rows = [after_ids + t + [self.tokenizer.pad_token_id] * (width - len(t)) for t in targets]
-        after_tensor = torch.tensor(rows, device=device)
-        batch = prefix.shape[0]
-        before_tensor = torch.tensor([before_ids] * batch, device=device, dtype=torch.long)
-        embeds = torch.cat([embed(before_tensor), prefix, embed(after_tensor)], dim=1)
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
-        labels = torch.full(embeds.shape[:2], IGNORE_INDEX, dtype=torch.long, device=device)
-        start = len(before_ids) + prefix.shape[1] + len(after_ids)
-        for i, t in enumerate(targets):
-            labels[i, start: start + len(t)] = torch.tensor(t, device=device)
-            mask[i, start + len(t):] = 0
-        return embeds, mask, labels
-
-    def _caption_decoder_batch(self, captions: list[str], device: torch.device):
-        dec = self.caption_decoder
-        if dec.needs_vocabulary:
-            raise RuntimeError("the caption decoder has no vocabulary yet: call model.fit_caption_vocabulary(captions) "
-                               "with the training captions before training")
-        return self._compact_batch(dec.to_compact(self.tokenize_captions(captions)), device)
-
-    def _compact_batch(self, compact: list[list[int]], device: torch.device):
-        """[BOS, ids..., EOS, PAD...] rows (cut to the decoder's length) and their padding mask."""
-        dec = self.caption_decoder
-        targets = [(row + [dec.EOS])[: dec.max_length - 1] for row in compact]
-        width = max(len(t) for t in targets) + 1
-        ids = torch.full((len(targets), width), dec.PAD, dtype=torch.long, device=device)
-        padding = torch.ones(len(targets), width, dtype=torch.bool, device=device)
-        for i, t in enumerate(targets):
-            ids[i, : len(t) + 1] = torch.tensor([dec.BOS] + t, device=device)
-            padding[i, : len(t) + 1] = False
-        return ids, padding
-
-def normalize_caption(text: str) -> str:
-    """Crowd captions arrive as 'A dog runs .': collapse spaces, drop the detached final period, keep the case."""
-    text = re.sub(r"\s+", " ", str(text)).strip()
-    text = re.sub(r"\s+([.,!?;:])", r"\1", text)
-    return text
-
+    def sample_outputs(self, samples: list[list[int]], advantages: torch.Tensor | None, image_tokens: torch.Tensor,
+                       image_pooled: torch.Tensor | None) -> StoryModelOutput:
+        """The caption decoder's log-probabilities of its own samples (compact ids, one per image row), with each
+        sample's advantage: what the self-critical loss reads."""
+        if self.caption_decoder is None:
+            raise ValueError("self-critical training needs the caption decoder (caption_decoder_weight > 0)")
+        if advantages is None or advantages.shape != (len(samples),):
+            raise ValueError("pass one advantage per caption sample")
+        if image_tokens.shape[0] != len(samples):
+            raise ValueError(f"{len(samples)} caption samples for {image_tokens.shape[0]} image rows")
+        ids, padding = self._compact_batch(samples, image_tokens.device)
+        logprobs, real = self._token_logprobs(ids, padding, image_tokens, image_pooled)
+        return StoryModelOutput(sample_logprobs=logprobs, sample_mask=real,
+                                sample_advantages=advantages.to(logprobs.device))
 
 def _default_lora_targets(module: nn.Module) -> list[str]:
     names = {name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, nn.Linear)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Self
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,9 +15,6 @@ from safetensors.torch import load_file, save_file
 from mmstory.config import GenerationConfig, ModelConfig, PartConfig, split_generation
 from mmstory.registry import resolve_pretrained
 from mmstory.specs import is_reproducible
-
-if TYPE_CHECKING:
-    from mmstory.model import StoryModel
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"  # as Hugging Face names it
@@ -72,7 +69,7 @@ class PretrainedMixin:
         self.load_state_dict(tensors, strict=False)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path) -> StoryModel:
+    def from_pretrained(cls, name_or_path: str | Path) -> Self:
         """Load from a packaged name (e.g. 'mmstory-small'), a local directory, or a hub id (needs network)."""
         directory = resolve_pretrained(name_or_path)
         model = cls(*load_configs(directory))

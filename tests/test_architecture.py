@@ -33,17 +33,14 @@ def modules() -> dict[str, Path]:
 
 
 def imports(path: Path, known: set[str]) -> set[str]:
-    """The mmstory modules a file imports anywhere (at the top or deferred inside a function: a deferred import
-    that closes a circle is still a circle, only hidden)."""
+    """The mmstory modules a file imports anywhere: at the top, deferred inside a function or under
+    `if TYPE_CHECKING:` (an import that closes a circle is still a circle when it is deferred or typing-only: the
+    two modules still know each other's insides, and only the order of loading hides it)."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(), str(path))
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
-                   for stmt in block.body for n in ast.walk(stmt)}
     found = set()
     for node in ast.walk(tree):
-        if id(node) in typing_only:  # `if TYPE_CHECKING:` imports never run
-            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -56,11 +53,6 @@ def imports(path: Path, known: set[str]) -> set[str]:
             continue
         found |= {t for t in targets if t in known and t != name}
     return found
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -103,7 +103,7 @@ def test_story_loss_weights_are_validated():
 def test_story_loss_gives_the_numbers_of_the_old_weighted_sum(tiny_model):
     """The loss object on forward's features and logits equals the old path: the model-side weighted sum of each
     head's loss, each recomputed here from the outputs with the plain loss functions."""
-    from mmstory.losses import StoryLoss, story_outputs
+    from mmstory.losses import StoryLoss
 
     tiny_model.eval()  # no dropout: the same features on each call
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def test_story_loss_gives_the_numbers_of_the_old_weighted_sum(tiny_model):
             # the loss object applied again to the same features and logits: the same numbers
             total = out.loss
             assert torch.equal(StoryLoss(**weights)(out).loss, total)
-            fresh = story_outputs(tiny_model, captions, tokens, pooled, None, loss)  # features and logits alone
+            fresh = tiny_model.outputs(captions, tokens, pooled, heads=loss)  # features and logits alone
             assert fresh.loss is None and fresh.contrastive_loss is None and fresh.caption_decoder_logits is not None
         # the model's own loss_fn (default weights 1.0, as ModelConfig's were) is what forward uses without `loss`
         assert torch.equal(tiny_model(image_tokens=tokens, image_pooled=pooled, captions=captions).loss,

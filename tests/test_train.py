@@ -1,5 +1,6 @@
 """The trainer: config I/O, optimiser groups and schedule, real training runs (feature cache, bad data, early stopping),
-a SIGKILLed run resumed to the same weights, and a real 2-process distributed run."""
+a SIGKILLed run resumed to the same weights, a real 2-process distributed run, and 2-process runs that train, log and
+evaluate as one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -423,3 +424,66 @@ def test_two_process_distributed_run(tmp_path: Path):
     dev = [r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "dev"]
     assert len(dev) == 2 and dev[1] < dev[0]
     assert report["feature_cache"]["train"]["encoded"] == 16  # encoded once, by the main process
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data-parallel runs train as one process with the global batch
+# --------------------------------------------------------------------------------------------------------------------
+def _torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
+    """`args` under torchrun with this many CPU processes (gloo), importing this checkout's mmstory."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-10000:]
+    return result
+
+
+@pytest.mark.slow
+def test_two_processes_step_as_one_process_with_the_global_batch(tmp_path: Path):
+    """The same global batch of 4 (captions of different lengths) in one process or split over two: the same losses
+    and the same gradients after data-parallel's averaging, for cross-entropy training (contrastive, captioner and
+    caption decoder) and for self-critical training (tests/distributed_step.py)."""
+    runs = {}
+    for processes in (1, 2):
+        _torchrun(processes, str(ROOT / "tests" / "distributed_step.py"), str(tmp_path / f"{processes}.pt"))
+        runs[processes] = torch.load(tmp_path / f"{processes}.pt")
+    assert runs[2]["world_size"] == 2
+    for objective, names in (("xe", {"loss", "contrastive_loss", "caption_loss", "caption_decoder_loss"}),
+                             ("scst", {"loss", "caption_decoder_loss"})):
+        (one_losses, one_grads), (two_losses, two_grads) = runs[1][objective], runs[2][objective]
+        assert set(one_losses) == set(two_losses) == names
+        for name in names:
+            assert two_losses[name] == pytest.approx(one_losses[name], abs=1e-5), (objective, name)
+        assert set(two_grads) == set(one_grads) and one_grads
+        for name, grad in one_grads.items():
+            torch.testing.assert_close(two_grads[name], grad, rtol=1e-5, atol=1e-5, msg=f"{objective} {name}")
+        assert sum(float(g.norm()) for g in one_grads.values()) > 1e-2  # a step that trains something
+    assert "logit_scale" in runs[1]["xe"][1] and "caption_decoder.embed.weight" in runs[1]["scst"][1]
+
+
+@pytest.mark.slow
+def test_two_process_training_logs_and_evaluates_as_one_process(tmp_path: Path):
+    """The trainer over a global batch of 4: one process of 4 or two of 2 log the same per-step losses and gradient
+    norms, and the same dev losses over the whole dev set; CIDEr-D, captioned in shares and gathered, is computed too
+    (near 0 here: these captions share almost every word, so it is a weak check of its own)."""
+    csv = write_dataset(tmp_path / "data", 12)
+    logs = {}
+    for processes in (1, 2):
+        config = tiny_config(csv, tmp_path / f"run{processes}", f"data.dev.path={csv}", "data.use_feature_cache=true",
+                             f"data.feature_cache_dir={tmp_path / 'cache'}", f"batch_size={4 // processes}",
+                             "max_steps=2", "eval_every=1", "save_every=null", "num_sample_captions=0",
+                             "best_metric=cider_d", "optim.warmup_steps=0")
+        path = tmp_path / f"config{processes}.yaml"
+        path.write_text(to_yaml(config))
+        _torchrun(processes, "-m", "mmstory.train", "--config", str(path))
+        logs[processes] = read_jsonl(tmp_path / f"run{processes}" / "metrics.jsonl")
+    one, two = logs[1], logs[2]
+    assert [(r["step"], r["split"]) for r in one] == [(r["step"], r["split"]) for r in two]
+    assert [r["split"] for r in one].count("dev") == 2 and two[0]["world_size"] == 2
+    names = ("loss", "contrastive_loss", "caption_loss", "caption_decoder_loss")
+    for a, b in zip(one, two):
+        for name in names + (("grad_norm",) if a["split"] == "train" else ("cider_d",)):
+            assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-5), (a["step"], a["split"], name)
+    assert all(r["contrastive_loss"] > 0.1 and r["caption_loss"] > 0.1 for r in one)

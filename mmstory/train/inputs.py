@@ -25,7 +25,7 @@ from mmstory.train.features import FeatureCache, TextFeatures, collate_features,
 
 if TYPE_CHECKING:
     from mmstory.model import StoryModel
-    from mmstory.train.trainer import DataConfig, DataSource
+    from mmstory.train.config import DataConfig, DataSource
 
 
 @dataclass

@@ -15,7 +15,7 @@ from mmstory.train.inputs import _model_inputs
 
 if TYPE_CHECKING:
     from mmstory.model import StoryModel
-    from mmstory.train.trainer import TrainConfig
+    from mmstory.train.config import TrainConfig
 
 
 def scst_reward(config: TrainConfig, model: StoryModel, records: list[ImageCaptions]) -> CiderDReward | None:
