@@ -31,6 +31,8 @@ AVOIDED_PHOTO_WORDS = ("photo", "photos", "picture", "pictures", "pic", "pics", 
 
 
 def mmstory_small_generation() -> GenerationConfig:
+    """The settings shipped as pretrained/mmstory-small/generation_config.json (scripts/export_default.py writes that
+    file from here; tests/test_config.py holds the two equal)."""
     return GenerationConfig(
         captioner="caption_decoder",  # it captions better than the LM through the bridge (the model card)
         # 10 beams, the one chosen by log-prob + 120 x the image-caption agreement under the contrastive heads: beam
@@ -43,6 +45,8 @@ def mmstory_small_generation() -> GenerationConfig:
         # a caption that a class the classifier is >= 50% sure of contradicts is told about that class: off Flickr8k
         # the caption decoder sees people and dogs where the classifier sees a cheetah or an espresso
         caption_class_check=0.5,
+        # the writer reads the captions only: the VIST LoRA writer was trained without visual prefixes
+        story_prefix=False,
         # the story starts with the first caption, so it starts on the picture (docs/stories.md)
         open_with_caption=True,
         # the writer learnt from photo albums and narrates the photo ("This photo shows ...") instead of its scene
