@@ -73,6 +73,11 @@ def load_images(sources: Sequence[ImageInput], max_pixels: int = MAX_PIXELS, nam
             for i, source in enumerate(sources)]
 
 
+def _reduced_size(size: tuple[int, int], factor: int) -> tuple[int, int]:
+    """The size `Image.reduce(factor)` gives (it rounds up)."""
+    return -(-size[0] // factor), -(-size[1] // factor)
+
+
 def reduction(size: tuple[int, int], min_side: int | None) -> int:
     """The whole factor an image of `size` is reduced by: the largest that keeps both sides >= `min_side`."""
     return max(1, min(size) // min_side) if min_side else 1
@@ -100,7 +105,7 @@ def _spend(budget: PixelBudget | None, size: tuple[int, int], label: str) -> Non
 
 def _reduce(image: Image.Image, min_side: int | None, budget: PixelBudget | None, label: str) -> Image.Image:
     factor = reduction(image.size, min_side)
-    _spend(budget, (image.size[0] // factor, image.size[1] // factor), label)
+    _spend(budget, _reduced_size(image.size, factor), label)
     return _reduced(image, factor)
 
 
@@ -128,7 +133,7 @@ def _decode(stream: io.BytesIO, max_pixels: int, label: str, min_side: int | Non
             if factor > 1 and image.format == "JPEG":  # the decoder scales by 1/2, 1/4 or 1/8 as it decodes
                 image.draft(None, (image.size[0] // factor, image.size[1] // factor))
                 factor = reduction(image.size, min_side)  # what is left after the decoder's scaling
-            _spend(budget, (image.size[0] // factor, image.size[1] // factor), label)
+            _spend(budget, _reduced_size(image.size, factor), label)
             image.load()
     except ImageError:
         raise
