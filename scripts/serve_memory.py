@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=8, help="per request")
     parser.add_argument("--side", type=int, default=6300, help="each image is side x side pixels")
     parser.add_argument("--idle-s", type=float, default=10.0)
+    parser.add_argument("--timeout-s", type=float, default=900.0, help="per request")
     args = parser.parse_args(argv)
 
     images = [big_jpeg(i, args.side) for i in range(args.images)]
@@ -106,10 +107,14 @@ def main(argv: list[str] | None = None) -> int:
             files = [("image", (f"big{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
             form = {"length": "short", "seed": "0"}
 
-            def post(_: int) -> tuple[int, float]:
+            def post(_: int) -> tuple[int | str, float]:
                 start = time.perf_counter()
-                response = httpx.post(f"{url}/api/story", files=files, data=form, timeout=600)
-                return response.status_code, time.perf_counter() - start
+                try:
+                    code: int | str = httpx.post(f"{url}/api/story", files=files, data=form,
+                                                 timeout=args.timeout_s).status_code
+                except httpx.HTTPError as err:  # still report the memory of a server that could not answer
+                    code = type(err).__name__
+                return code, time.perf_counter() - start
 
             with ThreadPoolExecutor(args.requests) as pool:
                 results = list(pool.map(post, range(args.requests)))
