@@ -53,6 +53,7 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     from typing import get_type_hints
 
     from mmstory.generation import Decoding
+    from mmstory.limits import DECODING_LIMITS
 
     hints = get_type_hints(Decoding)
     for field in dataclasses.fields(Decoding):
@@ -63,7 +64,9 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
                            help=f"default: {field.default}")
         else:
-            p.add_argument(flag, type=kind, default=field.default, help=f"default: {default}")
+            limit = DECODING_LIMITS.get(field.name)
+            allowed = f"{limit.describe()}; " if limit else ""
+            p.add_argument(flag, type=kind, default=field.default, help=f"{allowed}default: {default}")
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -113,7 +116,7 @@ def _probe_image(path: str | os.PathLike) -> None:
     decoding). Raises ImageError with the reason; a file this passes can still turn out truncated when decoded."""
     from PIL import Image, UnidentifiedImageError
 
-    from mmstory.images import MAX_PIXELS, ImageError, check_size
+    from mmstory.images import MAX_PIXELS, ImageError, check_size, too_large
 
     path = _check_file(path)
     try:
@@ -131,7 +134,7 @@ def _probe_image(path: str | os.PathLike) -> None:
     except PermissionError as err:
         raise ImageError(f"{path}: cannot read the file (permission denied)") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{path}: image too large ({err})") from err
+        raise too_large(err, str(path), MAX_PIXELS) from err
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageError(f"{path}: not a readable image ({err})") from err
 
@@ -145,7 +148,7 @@ def _images(args: argparse.Namespace) -> list:
 
     count = len(args.images) + len(args.example)
     if not count:
-        raise SystemExit("mmstory: give at least one image file or --example NAME")
+        raise StoryInputError("no image given: give at least one image file or --example NAME")
     if count > MAX_IMAGES:
         raise StoryInputError(f"too many images ({count}); at most {MAX_IMAGES} per story or answer")
     images = [load_image(_check_file(path)) for path in args.images]
@@ -201,7 +204,16 @@ def _answer(args: argparse.Namespace, question: str, max_new_tokens: int) -> int
 
 
 def cmd_answer(args: argparse.Namespace) -> int:
-    return _answer(args, args.question, args.max_new_tokens)
+    """`mmstory answer IMAGE... QUESTION` or `mmstory answer IMAGE... -q QUESTION`."""
+    question = args.question
+    if question is None:
+        if not args.images:
+            return _fail("give a question: mmstory answer IMAGE [IMAGE ...] 'QUESTION' (or -q 'QUESTION')")
+        question = args.images.pop()
+        if Path(question).suffix.lower() in IMAGE_SUFFIXES or Path(question).is_file():
+            return _fail(f"{question!r} looks like an image, not a question: give the question after the images "
+                         "(mmstory answer IMAGE 'QUESTION') or with -q")
+    return _answer(args, question, args.max_new_tokens)
 
 
 def _length(text: str | None) -> str | int:
@@ -320,14 +332,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from mmstory.examples import example_image
     from mmstory.generation import StoryInputError, StoryTeller
     from mmstory.images import ImageError, load_image
+    from mmstory.limits import CAPTION_BATCH_SIZE, CAPTION_BEAMS
 
     if not args.images and not args.example:
-        raise SystemExit("mmstory: give at least one image file, directory, glob or --example NAME")
+        return _fail("no image given: give at least one image file, directory, glob or --example NAME")
     try:
-        if args.batch_size < 1:
-            raise StoryInputError(f"--batch-size must be a positive integer, got {args.batch_size}")
-        if args.num_beams is not None and args.num_beams < 1:
-            raise StoryInputError(f"--num-beams must be >= 1, got {args.num_beams}")
+        CAPTION_BATCH_SIZE.check("--batch-size", args.batch_size)
+        if args.num_beams is not None:
+            CAPTION_BEAMS.check("--num-beams", args.num_beams)
         if args.out is not None and Path(args.out).is_dir():
             raise StoryInputError(f"--out {args.out}: is a directory; give a file name such as captions.jsonl")
         examples = []
@@ -422,12 +434,8 @@ def cmd_examples(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBMODULE_COMMANDS:
-        module = importlib.import_module(SUBMODULE_COMMANDS[argv[0]][0])
-        return int(module.main(argv[1:] if argv[0] != "serve" and argv[0] != "demo" else argv) or 0)
-
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `story`, `answer`, `caption` and `examples`; the other commands parse their own arguments."""
     parser = argparse.ArgumentParser(prog="mmstory", description="Image-to-story models: generate, train, serve.")
     sub = parser.add_subparsers(dest="command", required=True)
     story = sub.add_parser("story", help="write a story about one or more images (a question prompt is answered)")
@@ -437,10 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         "answer", help="answer a question about one or more images",
         description="Answer a question about the pictures in a sentence or two, from their captions and visual "
                     "prefixes (greedy decoding: the same question gets the same answer). "
-                    "Example: mmstory answer dog.jpg -q 'what is the dog doing?'. "
+                    "Example: mmstory answer dog.jpg 'what is the dog doing?' (or -q 'what is the dog doing?'). "
                     "`mmstory story IMAGE --prompt 'what is the dog doing?'` answers the same way.")
-    answer.add_argument("images", nargs="*", help="image files")
-    answer.add_argument("-q", "--question", required=True, help="the question, e.g. 'what is the dog doing?'")
+    answer.add_argument("images", nargs="*", help="image files, then the question (unless -q gives it)")
+    answer.add_argument("-q", "--question", default=None, help="the question, e.g. 'what is the dog doing?'")
     answer.add_argument("--example", action="append", default=[],
                         help="use a bundled example photo (chelsea, coffee, astronaut, rocket, motorcycle)")
     answer.add_argument("--model", default="mmstory-small", help="packaged name, directory or hub id")
@@ -460,10 +468,13 @@ def main(argv: list[str] | None = None) -> int:
     caption.add_argument("images", nargs="*", help="image files, directories or glob patterns")
     caption.add_argument("--example", action="append", default=[])
     caption.add_argument("--model", default="mmstory-small")
-    caption.add_argument("--num-beams", type=int, default=None, help="default: the generation config's caption_beams")
     from mmstory.generation import CAPTION_BATCH
+    from mmstory.limits import CAPTION_BATCH_SIZE, CAPTION_BEAMS
 
-    caption.add_argument("--batch-size", type=int, default=CAPTION_BATCH, help="images captioned at a time")
+    caption.add_argument("--num-beams", type=int, default=None,
+                         help=f"{CAPTION_BEAMS.describe()}; default: the generation config's caption_beams")
+    caption.add_argument("--batch-size", type=int, default=CAPTION_BATCH,
+                         help=f"images captioned at a time ({CAPTION_BATCH_SIZE.describe()})")
     caption.add_argument("--recursive", action="store_true", help="also take images in subdirectories (and ** globs)")
     caption.add_argument("--out", default=None,
                          help="write {\"image\", \"caption\"} JSON lines here (via OUT.tmp, renamed at the end); "
@@ -475,7 +486,15 @@ def main(argv: list[str] | None = None) -> int:
     examples.set_defaults(func=cmd_examples)
     for name, (_, help_text) in SUBMODULE_COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBMODULE_COMMANDS:
+        module = importlib.import_module(SUBMODULE_COMMANDS[argv[0]][0])
+        return int(module.main(argv[1:] if argv[0] != "serve" and argv[0] != "demo" else argv) or 0)
+    args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 

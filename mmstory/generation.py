@@ -24,6 +24,7 @@ from mmstory.components import similarity
 from mmstory.decoding import QUANTIZE, FastDecoder
 from mmstory.devices import DeviceLike, resolve_device
 from mmstory.images import ImageInput, ImageProcessor, load_image
+from mmstory.limits import DECODING_LIMITS
 from mmstory.model import StoryModel
 from mmstory.prompts import (  # noqa: F401 - re-exported: the prompt and its checks were defined here
     AUDIENCES,
@@ -66,25 +67,16 @@ class Decoding:
     do_sample: bool = True
 
     def validate(self) -> None:
-        if self.temperature <= 0:
-            raise StoryInputError("temperature must be > 0 (use do_sample=False for greedy decoding)")
-        if not 0 < self.top_p <= 1:
-            raise StoryInputError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise StoryInputError("top_k must be >= 0")
-        if self.repetition_penalty <= 0:
-            raise StoryInputError("repetition_penalty must be > 0")
-        if self.num_candidates < 1 or self.num_candidates > 8:
-            raise StoryInputError("num_candidates must be between 1 and 8")
-        if self.num_beams < 1:
-            raise StoryInputError("num_beams must be >= 1")
+        """Every number finite and inside `DECODING_LIMITS` (StoryInputError naming the range), before any work."""
+        for name, limit in DECODING_LIMITS.items():
+            value = getattr(self, name)
+            if value is not None or name not in ("seed", "max_new_tokens"):
+                limit.check(name, value)
+        if not isinstance(self.do_sample, bool):
+            raise StoryInputError(f"do_sample must be true or false, got {self.do_sample!r}")
         if self.num_beams > 1 and self.num_candidates > self.num_beams:
             raise StoryInputError(f"num_candidates ({self.num_candidates}) cannot exceed num_beams "
                                   f"({self.num_beams}) in beam search")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise StoryInputError("seed must be between 0 and 2**63 - 1")
-        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= 2048:
-            raise StoryInputError("max_new_tokens must be between 1 and 2048")
 
 
 @dataclass

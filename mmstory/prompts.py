@@ -39,10 +39,11 @@ def word_budget(length: str | int) -> int:
         if not 20 <= length <= MAX_WORDS:
             raise StoryInputError(f"a word budget must be between 20 and {MAX_WORDS}, got {length}")
         return length
-    if isinstance(length, str) and length.strip().isdigit():
+    if isinstance(length, str) and length.strip().lstrip("+-").isdigit():  # "-5" is a number out of range
         return word_budget(int(length.strip()))
-    if length not in LENGTHS:
-        raise StoryInputError(f"unknown length {length!r}; use one of {sorted(LENGTHS)} or a number of words")
+    if not isinstance(length, str) or length not in LENGTHS:
+        raise StoryInputError(f"unknown length {length!r}; use one of {sorted(LENGTHS)} or a number of words "
+                              f"between 20 and {MAX_WORDS}")
     return LENGTHS[length]
 
 

@@ -31,6 +31,8 @@ AVOIDED_PHOTO_WORDS = ("photo", "photos", "picture", "pictures", "pic", "pics", 
 
 
 def mmstory_small_generation() -> GenerationConfig:
+    """The settings shipped as pretrained/mmstory-small/generation_config.json (scripts/export_default.py writes that
+    file from here; tests/test_config.py holds the two equal)."""
     return GenerationConfig(
         captioner="caption_decoder",  # it captions better than the LM through the bridge (the model card)
         # 10 beams, the one chosen by log-prob + 120 x the image-caption agreement under the contrastive heads: beam
@@ -50,6 +52,8 @@ def mmstory_small_generation() -> GenerationConfig:
         caption_hedge_agreement=0.0,
         # a captioned person needs 5% of the classifier's mass on clothes or sports kit when it sees something else
         caption_person_evidence=0.05,
+        # the writer reads the captions only: the VIST LoRA writer was trained without visual prefixes
+        story_prefix=False,
         # the story starts with the first caption, so it starts on the picture (docs/stories.md)
         open_with_caption=True,
         # the writer learnt from photo albums and narrates the photo ("This photo shows ...") instead of its scene

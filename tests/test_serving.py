@@ -173,7 +173,8 @@ BAD_REQUESTS = {
                   "not a readable image"),
     "truncated-jpeg": (dict(files=[("image", ("cut.jpg", PHOTO[: len(PHOTO) // 2], "image/jpeg"))]), 400,
                        "truncated"),
-    "20000x20000-png": (dict(files=[("image", ("huge.png", huge_png(), "image/png"))]), 400, "image too large"),
+    "20000x20000-png": (dict(files=[("image", ("huge.png", huge_png(), "image/png"))]), 400,
+                        f"image 1: image too large (400,000,000 pixels; the limit is {MAX_PIXELS:,})"),
     "empty-file": (dict(files=[("image", ("empty.png", b"", "image/png"))]), 400, "empty"),
     "empty-json-body": (dict(content=b"", headers={"content-type": "application/json"}), 400, "empty request body"),
     "empty-body": (dict(content=b""), 415, "multipart/form-data"),
@@ -189,6 +190,18 @@ BAD_REQUESTS = {
     "number-out-of-range": (dict(json={"images": [b64(PHOTO)], "top_p": 5}), 400, "top_p"),
     "number-beyond-64-bits": (dict(json={"images": [b64(PHOTO)], "seed": 10**30}), 400, "seed"),
     "number-negative-length": (dict(json={"images": [b64(PHOTO)], "length": -5}), 400, "word budget"),
+    "number-negative-length-form": (dict(files=[("image", ("a.jpg", PHOTO, "image/jpeg"))], data={"length": "-5"}),
+                                    400, "between 20 and 1000, got -5"),
+    "number-huge-temperature": (dict(json={"images": [b64(PHOTO)], "temperature": 1e308}), 400,
+                                "temperature must be a finite number between 0.05 and 2"),
+    "number-huge-temperature-form": (dict(files=[("image", ("a.jpg", PHOTO, "image/jpeg"))],
+                                          data={"temperature": "1e308"}), 400, "between 0.05 and 2"),
+    "number-inf-temperature-form": (dict(files=[("image", ("a.jpg", PHOTO, "image/jpeg"))],
+                                         data={"temperature": "inf"}), 400, "temperature"),
+    "number-64-beams": (dict(json={"images": [b64(PHOTO)], "num_beams": 64, "num_candidates": 1}), 400,
+                        "num_beams must be a whole number between 1 and 8"),
+    "settings-checked-before-images": (dict(files=[("image", ("a.png", b"not an image", "image/png"))],
+                                            data={"top_k": "100000"}), 400, "top_k must be"),
     "too-many-candidates": (dict(json={"images": [b64(PHOTO)], "num_candidates": 100}), 400, "num_candidates"),
     "too-many-images": (dict(json={"images": [b64(PHOTO)] * (MAX_IMAGES + 1)}), 400, "too many images"),
     "bad-base64": (dict(json={"images": ["not base64 at all!"]}), 400, "base64"),
@@ -312,5 +325,7 @@ def test_openapi_describes_the_json_api(http):
     assert {"prompt", "style", "length", "temperature", "seed", "num_candidates"} <= set(
         body["application/json"]["schema"]["properties"])
     assert body["application/json"]["schema"]["required"] == ["images"]
+    beams = body["application/json"]["schema"]["properties"]["num_beams"]
+    assert (beams["minimum"], beams["maximum"]) == (1, 8)  # the ranges Decoding.validate checks
     assert body["multipart/form-data"]["schema"]["properties"]["image"]["items"]["format"] == "binary"
     assert "/health" in spec["paths"]

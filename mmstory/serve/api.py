@@ -26,8 +26,10 @@ except ImportError as err:
 
 from mmstory.answering import MAX_ANSWER_TOKENS, AnswerResult, check_question, is_question
 from mmstory.generation import MAX_IMAGES, Decoding, StoryResult, StoryTeller
-from mmstory.images import ImageError, load_image
-from mmstory.prompts import StoryInputError
+from mmstory.generation import StoryRequest as CheckedRequest
+from mmstory.images import ImageError, load_images
+from mmstory.limits import DECODING_LIMITS
+from mmstory.prompts import DEFAULT_LENGTH, StoryInputError
 
 INT64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]  # JSON integers beyond 64 bits are a client error, not a crash
 NDJSON = "application/x-ndjson"  # the streaming form of POST /api/story: one JSON object per line
@@ -54,13 +56,17 @@ class StoryOptions(BaseModel):
     previous: str | None = None
 
 
-def _optional(hint: Any) -> Any:
-    return INT64 | None if hint in (int, int | None) else hint | None
+def _optional(name: str, hint: Any) -> Any:
+    """The field's type, optional; its allowed range (`DECODING_LIMITS`) shows in the schema, and is checked by
+    `Decoding.validate` so that the API words a wrong value as the CLI and the Python API do."""
+    limit = DECODING_LIMITS.get(name)
+    extra = {"minimum": limit.low, "maximum": limit.high} if limit else None
+    return Annotated[INT64 | None if hint in (int, int | None) else hint | None, Field(json_schema_extra=extra)]
 
 
 # Every `Decoding` keyword, optional (unset = the Python API's default), so the API follows the Python API as it grows.
 StoryRequest = create_model("StoryRequest", __base__=StoryOptions,
-                            **{name: (_optional(hint), None) for name, hint in get_type_hints(Decoding).items()})
+                            **{name: (_optional(name, hint), None) for name, hint in get_type_hints(Decoding).items()})
 
 
 class AnswerRequest(BaseModel):
@@ -194,8 +200,8 @@ def _decode_images(images: list[bytes], max_pixels: int) -> list:
         raise ApiError(400, "bad_input", "no image given: send one or more image files (or base64 'images')")
     if len(images) > MAX_IMAGES:
         raise ApiError(400, "bad_input", f"too many images ({len(images)}); at most {MAX_IMAGES} per story")
-    try:
-        return [load_image(data, max_pixels=max_pixels, name=f"image {i + 1}") for i, data in enumerate(images)]
+    try:  # one at a time, reduced as they are decoded, within the request's pixel budget
+        return load_images(images, max_pixels, [f"image {i + 1}" for i in range(len(images))])
     except ImageError as err:
         raise ApiError(400, "bad_image", str(err)) from err
 
@@ -291,6 +297,14 @@ def add_json_api(app: FastAPI, teller: StoryTeller, queue_size: int, upload_limi
     app.add_exception_handler(ApiError, lambda request, err: _error_response(err))
     app.add_exception_handler(BodyTooLarge, lambda request, err: _too_large(upload_limit))
 
+    def check(settings: dict[str, Any], schema: type[BaseModel]) -> None:
+        """Every story setting checked as `generate_story` will check it, before any image is decoded."""
+        if schema is StoryRequest and not is_question(settings.get("prompt")):
+            decoding = {key: value for key, value in settings.items() if key in Decoding.__dataclass_fields__}
+            CheckedRequest.parse(settings.get("prompt"), settings.get("style"), settings.get("tone"),
+                                 settings.get("audience"), settings.get("length", DEFAULT_LENGTH),
+                                 settings.get("previous"), decoding, False, teller.filter)
+
     def tell(images: list[bytes], settings: dict[str, Any]) -> StoryResult | AnswerResult:
         if is_question(settings.get("prompt")):  # "what is the dog doing?" asks for an answer, not a story
             return answer(images, {"question": settings["prompt"], **{key: settings[key] for key in
@@ -361,6 +375,7 @@ def add_json_api(app: FastAPI, teller: StoryTeller, queue_size: int, upload_limi
             images, fields = await _read_request(request, upload_limit)
             streaming = streams and _wants_stream(request, fields)
             settings = _settings(fields, schema)
+            check(settings, schema)
             if streaming:
                 response = await stream(images, settings)
                 handed_over = True

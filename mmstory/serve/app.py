@@ -5,8 +5,9 @@ endpoints `POST /api/story` and `POST /api/answer` on the same server (OpenAPI p
 `/api/openapi.json`); `POST /api/story` can also stream the story as NDJSON. Both commands answer `GET /health`. A
 prompt that is a question about the pictures ("what is the dog doing?") gets an answer of a sentence or two instead of
 a story, on every surface. Uploads are decoded only from the bytes sent; client-given file names and paths are never
-used, so nothing outside the upload is ever read. Gradio's uploads are deleted from its temp folder once they are
-older than `--delete-cache` seconds (an hour by default).
+used, so nothing outside the upload is ever read. Everything in mmstory's upload folder ($GRADIO_TEMP_DIR, else
+mmstory-uploads-<uid> in the system's temp folder) older than `--delete-cache` seconds (an hour by default) is deleted
+at start and then as often, whoever left it (`mmstory.serve.uploads`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from mmstory.generation import StoryTeller
 from mmstory.images import MAX_PIXELS
 from mmstory.serve.api import add_json_api
 from mmstory.serve.demo import DELETE_CACHE_S, build_demo
+from mmstory.serve.uploads import sweeper, upload_folder, use_upload_folder
 
+MAX_UPLOAD_MB = 1024
 CSS = "#grounding .textfield { word-break: normal; }"  # Gradio breaks highlighted text mid-word by default
 
 
@@ -40,11 +43,19 @@ def build_app(teller: StoryTeller, *, model_name: str, json_api: bool = True, qu
               delete_cache_s: int | None = DELETE_CACHE_S) -> FastAPI:
     """One FastAPI app: `/health`, optionally `POST /api/story` and `/api/answer`, and the Gradio page at `/`.
 
-    `delete_cache_s`: Gradio's uploads older than this many seconds are deleted, checked as often (0/None: never).
+    `delete_cache_s`: the upload folder's files older than this many seconds are deleted when the server starts and
+    as often after (0/None: never).
     """
     upload_limit = int(max_upload_mb * 2**20)
+    demo = None
+
+    def examples() -> set[str]:  # the files the page serves as its examples stay, however old
+        blocks = demo.blocks.values() if demo is not None else ()
+        return {path for block in blocks for path in getattr(block, "keep_in_cache", ())}
+
+    lifespan = sweeper(upload_folder(), int(delete_cache_s), examples) if delete_cache_s else None
     app = FastAPI(title="mmstory", summary="Stories from pictures", docs_url="/api/docs",
-                  openapi_url="/api/openapi.json", redoc_url=None)
+                  openapi_url="/api/openapi.json", redoc_url=None, lifespan=lifespan)
     started = time.time()
     if json_api:
         add_json_api(app, teller, queue_size, upload_limit, max_pixels)
@@ -95,7 +106,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                  "precision and the fastest; none keeps the loaded bf16/float32 weights")
     parser.add_argument("--queue-size", type=int, default=8,
                         help="stories waiting or running per API before clients are told the server is busy")
-    parser.add_argument("--max-upload-mb", type=float, default=20, help="largest upload (request body) accepted")
+    parser.add_argument("--max-upload-mb", type=float, default=20,
+                        help=f"largest upload (request body) accepted, in MB (more than 0, at most {MAX_UPLOAD_MB})")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                         help=f"largest image accepted, in pixels (at most {MAX_PIXELS:,})")
     parser.add_argument("--delete-cache", type=int, metavar="SECONDS",
@@ -106,10 +118,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(rest)
     if not 1 <= args.max_pixels <= MAX_PIXELS:
         parser.error(f"--max-pixels must be between 1 and {MAX_PIXELS:,}")
-    if args.queue_size < 1 or args.max_upload_mb <= 0:
-        parser.error("--queue-size and --max-upload-mb must be positive")
-    if args.delete_cache < 0:
-        parser.error("--delete-cache must be 0 (keep uploads) or a number of seconds")
+    if not 1 <= args.queue_size <= 1024:
+        parser.error(f"--queue-size must be between 1 and 1024, not {args.queue_size}")
+    if not 0 < args.max_upload_mb <= MAX_UPLOAD_MB:  # false for nan too
+        parser.error(f"--max-upload-mb must be more than 0 and at most {MAX_UPLOAD_MB}, not {args.max_upload_mb}")
+    if not 0 <= args.delete_cache <= 366 * 86400:
+        parser.error(f"--delete-cache must be 0 (keep uploads) or a number of seconds up to a year, not "
+                     f"{args.delete_cache}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, not {args.port}")
     try:  # before the model loads: a machine without the GPU asked for is told so at once
@@ -124,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     """`mmstory demo|serve [options]`: load the model once, then serve until interrupted."""
     args = parse_args(list(argv or []))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    use_upload_folder()
     try:
         teller = StoryTeller.from_pretrained(args.model, dtype=args.dtype, device=args.device,
                                              quantize=None if args.quantize == "none" else args.quantize)

@@ -12,8 +12,9 @@ except ImportError as err:
 
 from mmstory.answering import AnswerResult, is_question
 from mmstory.examples import EXAMPLES, example_image
-from mmstory.generation import Decoding, StoryResult, StoryTeller
-from mmstory.images import MAX_PIXELS, ImageError, load_image
+from mmstory.generation import Decoding, StoryRequest, StoryResult, StoryTeller
+from mmstory.images import MAX_PIXELS, ImageError, load_images
+from mmstory.limits import DECODING_LIMITS
 from mmstory.prompts import AUDIENCES, DEFAULT_LENGTH, LENGTHS, MAX_PROMPT_CHARS, STYLES, TONES, StoryInputError
 
 ANY = "any"  # the demo's "no preference" choice for style, tone and audience
@@ -22,6 +23,11 @@ DELETE_CACHE_S = 3600  # Gradio's uploads older than this are deleted, checked t
 
 def _choice(value: str | None) -> str | None:
     return None if value in (None, "", ANY) else value
+
+
+def _whole(value: float) -> int | float:
+    """A control's whole number (Gradio sends 3.0) as an int; anything else as it came, for the checks to name."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _story_views(result: StoryResult, shown: str) -> tuple:
@@ -61,15 +67,19 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS,
         """Stream the story (one candidate, no beams) or, with several candidates or beams, show the reranked best;
         a question in the prompt box gets its answer in the story box instead."""
         try:
-            images = [load_image(path, max_pixels=max_pixels, name=f"picture {i + 1}")
-                      for i, (path, _caption) in enumerate(pictures or [])]
             settings = dict(prompt=prompt or None, style=_choice(style), tone=_choice(tone),
                             audience=_choice(audience), length=length or DEFAULT_LENGTH, previous=previous or None,
-                            temperature=temperature, top_k=int(top_k), top_p=top_p,
-                            repetition_penalty=repetition_penalty, no_repeat_ngram_size=int(no_repeat_ngram_size),
-                            num_candidates=int(num_candidates), num_beams=int(num_beams),
-                            seed=None if seed is None else int(seed),
-                            max_new_tokens=int(max_new_tokens) if max_new_tokens else None, do_sample=do_sample)
+                            temperature=temperature, top_k=_whole(top_k), top_p=top_p,
+                            repetition_penalty=repetition_penalty, no_repeat_ngram_size=_whole(no_repeat_ngram_size),
+                            num_candidates=_whole(num_candidates), num_beams=_whole(num_beams),
+                            seed=None if seed is None else _whole(seed),
+                            max_new_tokens=_whole(max_new_tokens) if max_new_tokens else None, do_sample=do_sample)
+            if not is_question(prompt):  # every setting checked before any picture is decoded
+                decoding = {key: settings[key] for key in Decoding.__dataclass_fields__}
+                StoryRequest.parse(prompt or None, settings["style"], settings["tone"], settings["audience"],
+                                   settings["length"], settings["previous"], decoding, False, teller.filter)
+            paths = [path for path, _caption in pictures or []]
+            images = load_images(paths, max_pixels, [f"picture {i + 1}" for i in range(len(paths))])
             if is_question(prompt):  # "what is the dog doing?": the answer replaces the story box, no streaming
                 yield gr.skip(), None, None, "Reading the pictures…", gr.skip()
                 yield _answer_views(teller.answer(images or None, prompt, seed=settings["seed"],
@@ -77,7 +87,7 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS,
                 return
             head = previous.rstrip() + "\n\n" if previous and previous.strip() else ""
             yield head, None, None, "Reading the pictures…", gr.skip()
-            if num_candidates == 1 and num_beams == 1:
+            if settings["num_candidates"] == 1 and settings["num_beams"] == 1:
                 events = teller.stream_result(images or None, **settings)
             else:
                 events = iter([teller.generate_story(images or None, **settings)])
@@ -113,21 +123,26 @@ def build_demo(teller: StoryTeller, max_pixels: int = MAX_PIXELS,
                     audience = gr.Dropdown([ANY, *AUDIENCES], value=ANY, label="Audience")
                     length = gr.Dropdown(list(LENGTHS), value=DEFAULT_LENGTH, label="Length", allow_custom_value=True,
                                          info="or a number of words")
-                defaults = Decoding()
+                defaults, limits = Decoding(), DECODING_LIMITS
+
+                def slider(name: str, step: float, label: str, **kwargs) -> gr.Slider:
+                    """A control spanning exactly the range `Decoding.validate` allows."""
+                    value = kwargs.pop("value", getattr(defaults, name))
+                    return gr.Slider(limits[name].low, limits[name].high, value=value, step=step, label=label,
+                                     **kwargs)
+
                 with gr.Accordion("Advanced decoding", open=False):
-                    temperature = gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label="Temperature")
-                    top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="Top-k (0 = off)")
-                    top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="Top-p")
-                    repetition_penalty = gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.05,
-                                                   label="Repetition penalty")
-                    no_repeat = gr.Slider(0, 8, value=defaults.no_repeat_ngram_size, step=1,
-                                          label="No-repeat n-gram size (0 = off)")
-                    num_candidates = gr.Slider(1, 8, value=1, step=1, label="Candidates",
-                                               info="more than 1: rerank by image-text agreement (no streaming)")
-                    num_beams = gr.Slider(1, 8, value=defaults.num_beams, step=1, label="Beams",
-                                          info="more than 1: no streaming")
+                    temperature = slider("temperature", 0.05, "Temperature")
+                    top_k = slider("top_k", 1, "Top-k (0 = off)")
+                    top_p = slider("top_p", 0.01, "Top-p")
+                    repetition_penalty = slider("repetition_penalty", 0.05, "Repetition penalty")
+                    no_repeat = slider("no_repeat_ngram_size", 1, "No-repeat n-gram size (0 = off)")
+                    num_candidates = slider("num_candidates", 1, "Candidates", value=1,
+                                            info="more than 1: rerank by image-text agreement (no streaming)")
+                    num_beams = slider("num_beams", 1, "Beams", info="more than 1: no streaming")
+                    # below the allowed 2**63 - 1: a browser's numbers are exact only up to 2**53
                     seed = gr.Number(value=defaults.seed, precision=0, minimum=0, maximum=2**32 - 1, label="Seed")
-                    max_new_tokens = gr.Number(value=0, precision=0, minimum=0, maximum=2048,
+                    max_new_tokens = gr.Number(value=0, precision=0, minimum=0, maximum=limits["max_new_tokens"].high,
                                                label="Max new tokens (0: from the length)")
                     do_sample = gr.Checkbox(value=defaults.do_sample, label="Sample (off: greedy)")
                 with gr.Row():
