@@ -61,10 +61,7 @@ def build_instruction(captions: list[str], prompt: str | None, style: str | None
     if tone:
         request += f", {tone} in tone,"
     noun = "photo" if len(captions) == 1 else f"{len(captions)} photos, in order"
-    # a want, a turn and an end, told about the cast the photos show: what the album-trained writer left out
-    who = "who the photo shows" if len(captions) == 1 else "who the photos show, the same cast throughout"
-    request += (f" about this {noun}. Tell one story in the third person about {who}: what they want, what"
-                " happens, and how it ends. Add no other people.")
+    request += f" about this {noun}. Tell only what the photos show, as one story with the same people throughout."
     lines = [IMAGE_PLACEHOLDER * len(captions)] if with_images else []
     lines.append(request)
     for i, caption in enumerate(captions):
