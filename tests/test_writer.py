@@ -131,3 +131,14 @@ def test_bad_story_data_is_refused_with_the_reason(tiny_dir, tmp_path):
         WriterTrainer(WriterTrainConfig(model=str(tiny_dir), train=str(tmp_path / "none.jsonl"), dev=None))
     with pytest.raises(ValueError, match="task: writer"):
         WriterTrainConfig(task="captions")
+
+
+def test_a_record_may_name_the_style_tone_and_audience_a_reader_asked_for(tiny_model):
+    record = {**STORIES[2], "style": "fairy tale", "tone": "negative", "audience": "children"}
+    ids, labels = encode_example(tiny_model, record, max_tokens=1000)
+    story = [t for t in labels if t != IGNORE_INDEX]
+    prompt = tiny_model.tokenizer.decode(ids[: len(ids) - len(story)])
+    assert "Write a fairy tale, beginning with 'Once upon a time'" in prompt
+    assert "for young children, with simple words, dark and melancholy in tone," in prompt
+    plain = tiny_model.tokenizer.decode(encode_example(tiny_model, STORIES[2], max_tokens=1000)[0])
+    assert "Write a short story (about" in plain and "in tone" not in plain

@@ -63,7 +63,8 @@ class WriterTrainConfig:
 
 
 def read_stories(path: str | Path) -> list[dict]:
-    """Records with `scenes` (one description per picture), optional `words`, and the `story`."""
+    """Records with `scenes` (one description per picture), optional `words`, `style`, `tone`, `audience`, and the
+    `story`."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no story data at {path}; prepare it with scripts/prepare_stories.py")
@@ -81,12 +82,15 @@ def story_budget(story: str) -> int:
 
 def encode_example(model: StoryModel, record: dict, max_tokens: int) -> tuple[list[int], list[int]]:
     """Token ids of [chat prompt][story][end of turn] and labels for the story and end of turn only."""
-    from mmstory.prompts import build_instruction
+    from mmstory.prompts import AUDIENCES, STYLES, TONES, build_instruction
 
     scenes = record["scenes"]
     words = record.get("words") or []
     hints = [words if i == len(scenes) - 1 else [] for i in range(len(scenes))] if words else None
-    instruction = build_instruction(scenes, None, None, None, None, story_budget(record["story"]), None,
+    # optional style / tone / audience keys (prompts.STYLES ...), as a reader's request for this story names them
+    style, tone, audience = (table.get(record.get(key) or "") for table, key in
+                             ((STYLES, "style"), (TONES, "tone"), (AUDIENCES, "audience")))
+    instruction = build_instruction(scenes, None, style, tone, audience, story_budget(record["story"]), None,
                                     with_images=False, hints=hints)
     tok = model.tokenizer
     prompt = tok(model.format_prompt(instruction), add_special_tokens=False).input_ids

@@ -1,0 +1,317 @@
+"""Prepare a mix of public-domain tales and third-person VIST stories for the story writer, outside the repository.
+
+The VIST-only writer learnt album commentary ("I took a good shot ..."): no one wants anything and nothing ends. The
+tales below have what it lacks: a small cast, a want, a turn and an end, told in the third person.
+
+Sources (Project Gutenberg texts of authors dead for more than 70 years, as republished in these GitHub repositories):
+
+    prakash2903/FairyTaleGenerator   data/fairy_tales.txt       Andersen, Fairy Tales (tr. H. L. Braekstad)   fairy tale
+    lpodol/books                     andersen.txt               Andersen's Fairy Tales (tr. H. P. Paull)      fairy tale
+    luolin19850304/StoryGenerator    data/grimm.txt             Grimms' Fairy Tales (tr. Taylor, Edwardes)    fairy tale
+    lpodol/books                     aesop.txt                  Aesop's Fables (tr. G. F. Townsend)           fable
+    luolin19850304/StoryGenerator    data/bryant-stories.txt    S. C. Bryant, Stories to Tell to Children     bedtime
+    VIST (scripts/prepare_stories.py --source ...)              album stories, rewritten into the third person everyday
+
+Left out: Burgess's Buster Bear (1920; Burgess died in 1965, so public domain in the US but not where copyright runs
+for 70 years after death), Peter Pan (a novel, its chapters have no ending of their own; and the UK's royalty right),
+and ROCStories / Story Cloze (given out on request, no terms for shipped weights).
+
+    python scripts/prepare_story_mix.py --mirrors /path/to/checkouts --vist /path/to/vist/checkout \\
+        --vocab ../shared/data/flickr8k/captions.csv --out ~/.cache/mmstory/stories/mix
+
+--mirrors holds each repository as `owner+name/repo` (a bare git directory or a checkout, as the `fetch` tool leaves
+them); --repo OWNER/NAME=PATH names one elsewhere. Each record is the writer's one prompt form: {"source", "title",
+"scenes": [one caption-like line], "words": [...], "style", "tone", "audience", "story"}; see `scene_line` for how a
+tale's one "photo" line is made (from its title or its first clause: the tales come without pictures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prepare_stories import NAMES, STOPWORDS, albums  # noqa: E402
+from prepare_stories import records as vist_records  # noqa: E402
+
+BOOKS = [  # (name, repository, path, kind)
+    ("andersen-braekstad", "prakash2903/FairyTaleGenerator", "data/fairy_tales.txt", "fairy tale"),
+    ("andersen-paull", "lpodol/books", "andersen.txt", "fairy tale"),
+    ("grimm", "luolin19850304/StoryGenerator", "data/grimm.txt", "fairy tale"),
+    ("aesop", "lpodol/books", "aesop.txt", "fable"),
+    ("bryant", "luolin19850304/StoryGenerator", "data/bryant-stories.txt", "bedtime"),
+]
+SAD = re.compile(r"\b(died|dead|death|killed|drowned|perished|wept|devoured|ate (him|her|them) up|grief|sorrow)\b",
+                 re.I)
+GLAD = re.compile(r"\b(happily|happy|joy|glad|merry|laughed|rejoiced|married)\b", re.I)
+NOT_HINTS = frozenset(["which", "him", "who", "what", "when", "then", "than", "each", "other", "just", "like",
+                       "where", "while", "around", "will", "would", "could", "little", "old", "big", "put", "get",
+                       "got", "said", "back", "down", "away", "off"])
+FAIRY_OPENING = re.compile(r"^(once upon a time|there (was|were|lived) once|once there (was|were|lived)|long,? long ago"
+                           r"|long ago|in (the )?olden times|a long time ago|there was a)", re.I)
+
+
+# --- reading --------------------------------------------------------------------------------------------------------
+def read_text(repo_dir: Path, path: str) -> str:
+    """A file from a checkout or a bare git directory."""
+    if (repo_dir / path).is_file():
+        raw = (repo_dir / path).read_bytes()
+    else:
+        git = repo_dir / ".git" if (repo_dir / ".git").is_dir() else repo_dir
+        raw = subprocess.run(["git", "--git-dir", str(git), "show", f"HEAD:{path}"], check=True,
+                             capture_output=True).stdout
+    return raw.decode("utf-8", errors="replace").lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def strip_gutenberg(text: str) -> str:
+    """The book without Project Gutenberg's header (up to '*** START OF ...') and trailer (from 'End of ...')."""
+    start = re.search(r"^\*\*\* ?START OF.*$", text, re.M | re.I)
+    if start:
+        text = text[start.end():]
+    end = re.search(r"^(\*\*\* ?END OF|End of (the )?Project Gutenberg)", text, re.M | re.I)
+    return text[: end.start()] if end else text
+
+
+def _is_title(line: str, before: str, after: str) -> bool:
+    words = line.split()
+    if before.strip() or after.strip() or line != line.lstrip() or not 1 <= len(words) <= 12:
+        return False
+    if line.rstrip()[-1] in ".,;:!?\"')]" or not line[0].isalpha():
+        return False
+    small = {"a", "an", "and", "the", "of", "in", "on", "to", "who", "with", "by", "for", "at", "from", "or", "his",
+             "her", "their"}
+    return line.isupper() or all(w[0].isupper() or w in small for w in words)
+
+
+def tales(text: str) -> list[tuple[str, list[str]]]:
+    """(title, paragraphs) per tale: titles are lone, unindented, capitalised lines without end punctuation."""
+    lines = text.split("\n")
+    found: list[tuple[str, list[str]]] = []
+    paragraph: list[str] = []
+
+    def close() -> None:
+        if paragraph and found:
+            found[-1][1].append(" ".join(s.strip() for s in paragraph))
+        paragraph.clear()
+
+    for i, line in enumerate(lines):
+        before = lines[i - 1] if i else ""
+        after = lines[i + 1] if i + 1 < len(lines) else ""
+        if line.strip() and _is_title(line, before, after):
+            close()
+            found.append((line.strip(), []))
+        elif not line.strip():
+            close()
+        else:
+            paragraph.append(line)
+    close()
+    return [(t, ps) for t, ps in found if ps]
+
+
+def clean(paragraph: str) -> str:
+    paragraph = re.sub(r"_([^_]+)_", r"\1", paragraph)  # Gutenberg italics
+    paragraph = re.sub(r"\[[^\]]*\]", "", paragraph)  # illustrations and notes
+    paragraph = paragraph.replace("--", " - ").replace("''", '"')
+    return re.sub(r"\s+", " ", paragraph).strip()
+
+
+# --- one tale -> examples ---------------------------------------------------------------------------------------------
+def _article(phrase: str) -> str:
+    phrase = re.sub(r"^(the|a|an)\s+", "", phrase)
+    return ("an " if phrase[:1] in "aeiou" and not phrase.startswith("one") else "a ") + phrase
+
+
+def scene_line(title: str, story: str) -> tuple[str, str]:
+    """The one caption-like line a tale is told from, and how it was made.
+
+    A title that is a list of characters ("The Wolf And The Lamb") becomes "A wolf and a lamb."; otherwise the
+    story's first clause, cut at its first comma or semicolon ("A certain king had a beautiful garden."), which
+    reads like a caption of the tale's first picture. Neither is a real picture: that is the gap this data has.
+    """
+    words = title.lower().replace("'s", "").split()
+    names_only = re.fullmatch(r"(the |a |an )?[a-z-]+( [a-z-]+)?( and (the |a |an )?[a-z-]+( [a-z-]+)?)?",
+                              " ".join(words))
+    verbs = {"how", "why", "what", "who", "went", "goes", "became", "fooled", "saved", "was", "is", "my"}
+    if names_only and not verbs & set(words):
+        parts = [_article(p.strip()) for p in " ".join(words).split(" and ")]
+        line = " and ".join(parts)
+        return line[0].upper() + line[1:] + ".", "title"
+    first = re.split(r"(?<=[.!?])\s", story, maxsplit=1)[0]
+    clause = re.split(r"[,;:]", first)[0].strip().rstrip(".!?")
+    clause = re.sub(r"^(once upon a time|once|one day|long ago|there once)\s*", "", clause, flags=re.I).strip()
+    if len(clause.split()) < 3:
+        clause = first.rstrip(".!?")
+    clause = " ".join(clause.split()[:16])
+    return clause[0].upper() + clause[1:] + ".", "first clause"
+
+
+def hint_words(story: str, scene: str, vocab: set[str] | None) -> list[str]:
+    """Up to 3 words the story names at least twice that a picture could show (Flickr8k's caption words), as the
+    classifier's 'Also seen' hints; none without a vocabulary."""
+    if not vocab:
+        return []
+    in_scene = set(re.findall(r"[a-z]+", scene.lower()))
+    counts = Counter(w for w in re.findall(r"[a-z]+", story.lower())
+                     if len(w) > 2 and w not in STOPWORDS | NOT_HINTS and w in vocab and w not in in_scene)
+    return [w for w, n in counts.most_common(3) if n >= 2]
+
+
+def cut(paragraphs: list[str], max_words: int) -> tuple[str, bool]:
+    """The whole tale if it fits, else its opening paragraphs up to max_words (complete=False)."""
+    text = " ".join(paragraphs)
+    if len(text.split()) <= max_words:
+        return text, True
+    kept: list[str] = []
+    for p in paragraphs:
+        if len(" ".join(kept + [p]).split()) > max_words:
+            break
+        kept.append(p)
+    return " ".join(kept), False
+
+
+def request_for(kind: str, story: str, complete: bool, rng: random.Random) -> dict[str, str | None]:
+    """Style, tone and audience a reader asking for this story would name (STYLES/TONES/AUDIENCES keys)."""
+    style = audience = tone = None
+    if kind == "fairy tale" and FAIRY_OPENING.match(story):
+        style = "fairy tale"
+    elif kind == "fairy tale" and re.match(r"(A|An|In|There|Many years ago) ", story):
+        style = "fairy tale"  # the opening is then added: "Once upon a time, a certain king had ..."
+    elif kind == "bedtime":
+        style, audience = rng.choice([("bedtime", "children"), ("bedtime", None), (None, "children")])
+    elif kind == "fable" and rng.random() < 0.25:
+        audience = "children"
+    ending = " ".join(re.split(r"(?<=[.!?])\s", story)[-3:])
+    if complete and rng.random() < 0.5:
+        if SAD.search(ending) and not GLAD.search(ending):
+            tone = "negative"
+        elif GLAD.search(ending) and not SAD.search(ending):
+            tone = "positive"
+    return {"style": style, "tone": tone, "audience": audience}
+
+
+def book_records(name: str, text: str, kind: str, max_words: int, min_words: int, vocab: set[str] | None,
+                 rng: random.Random) -> list[dict]:
+    out = []
+    for title, paragraphs in tales(strip_gutenberg(text)):
+        paragraphs = [clean(p) for p in paragraphs if clean(p)]
+        if not paragraphs or title.upper() in {"CONTENTS", "PREFACE", "INTRODUCTION", "NOTES", "FOOTNOTES"}:
+            continue
+        verse = sum(1 for p in paragraphs if len(p.split()) < 12) > len(paragraphs) / 2
+        story, complete = cut(paragraphs, max_words)
+        if verse or len(story.split()) < min_words or '"' in story[-3:] and not complete:
+            continue
+        scene, how = scene_line(title, story)
+        if not scene[0].isalpha() or "evening" in title.lower():  # numbered parts; Andersen's 33 evenings
+            continue
+        request = request_for(kind, story, complete, rng)
+        if request["style"] == "fairy tale" and not FAIRY_OPENING.match(story):
+            story = "Once upon a time, " + story[0].lower() + story[1:]
+        out.append({"source": name, "title": title.title(), "complete": complete, "scene_from": how,
+                    "scenes": [scene], "words": hint_words(story, scene, vocab), "story": story,
+                    **request})
+    return out
+
+
+# --- VIST in the third person -----------------------------------------------------------------------------------------
+FIRST_PERSON = [(r"\bI am\b|\bI'm\b", "{n} is"), (r"\bI have\b|\bI've\b", "{n} has"), (r"\bI'd\b", "{n} would"),
+                (r"\bI'll\b", "{n} will"), (r"\bI was\b", "{n} was"), (r"\bwe're\b", "they're"),
+                (r"\bwe've\b", "they've"), (r"\bwe'd\b", "they'd"), (r"\bwe'll\b", "they'll"), (r"\bwe\b", "they"),
+                (r"\bour\b", "their"), (r"\bours\b", "theirs"), (r"\bus\b", "them"), (r"\bmy\b", "{p}"),
+                (r"\bme\b", "{o}"), (r"^(?:her|him) &|(?<=[.!?] )(?:her|him) &", "{n} &"),
+                (r"\bmyself\b", "{o}self"), (r"\bI\b", "{n}")]
+PAST_AFTER_I = re.compile(r"\bI (?!(?:was|had|could|would|did|went|saw|got|took|made|had|felt|thought|found|came|"
+                          r"decided|wanted|knew|told|said|left|gave|met|bought|ate|loved|liked|\w+ed)\b)\w+")
+
+
+def third_person(story: str, rng: random.Random) -> str | None:
+    """An album story retold about one named person and 'they' ("We went to the beach. I swam." -> "They went to
+    the beach. Anna swam."); None where an "I" is followed by a present-tense verb the swap would break."""
+    if PAST_AFTER_I.search(story) or re.search(r"\b(photo|picture|pic)s?\b", story, re.I):
+        return None
+    female = rng.random() < 0.5
+    name = rng.choice(NAMES["[female]" if female else "[male]"])
+    values = {"n": name, "p": "her" if female else "his", "o": "her" if female else "him"}
+    for pattern, repl in FIRST_PERSON:
+        flags = 0 if "I" in pattern else re.I  # "I" only as the capital pronoun; "We", "we", "Our" alike
+        story = re.sub(pattern, repl.format(**values), story, flags=flags)
+    story = re.sub(r"(^|[.!?] )([a-z])", lambda m: m.group(1) + m.group(2).upper(), story)
+    return story
+
+
+def vist_mix(source: Path, count: int, rng: random.Random) -> list[dict]:
+    out = []
+    for album in albums(source):
+        for record in vist_records(album, rng, per_album=1, min_described=5, windows=0):
+            story = third_person(record["story"], rng)
+            if story and len(story.split()) >= 30:
+                out.append({"source": "vist", "title": record["album"], "complete": True, "scene_from": "vist",
+                            "scenes": record["scenes"], "words": record["words"], "story": story,
+                            "style": rng.choice([None, None, "slice of life"]), "tone": None, "audience": None})
+    rng.shuffle(out)
+    return out[:count]
+
+
+def flickr_vocab(path: Path | None) -> set[str] | None:
+    if not path or not path.is_file():
+        return None
+    with open(path) as handle:
+        counts = Counter(w for row in csv.DictReader(handle) for w in re.findall(r"[a-z]+", row["caption"].lower()))
+    return {w for w, n in counts.items() if n >= 20}
+
+
+def _repo_dir(repo: str, mirrors: Path | None, named: dict[str, Path]) -> Path:
+    if repo in named:
+        return named[repo]
+    base = (mirrors or Path(".")) / repo.replace("/", "+") / "repo"
+    return base / ".git" if (base / ".git").is_dir() else base
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mirrors", type=Path, help="folder of owner+name/repo checkouts or bare git directories")
+    parser.add_argument("--repo", action="append", default=[], help="OWNER/NAME=PATH for one repository")
+    parser.add_argument("--vist", type=Path, help="the VIST references' repository (see prepare_stories.py)")
+    parser.add_argument("--vist-count", type=int, default=300)
+    parser.add_argument("--vocab", type=Path, help="Flickr8k captions.csv: words a picture could show, for hints")
+    parser.add_argument("--out", type=Path, default=Path("~/.cache/mmstory/stories/mix").expanduser())
+    parser.add_argument("--max-words", type=int, default=300)
+    parser.add_argument("--min-words", type=int, default=40)
+    parser.add_argument("--dev", type=int, default=64, help="held-out examples")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    named = {k: Path(v) for k, _, v in (r.partition("=") for r in args.repo)}
+    vocab = flickr_vocab(args.vocab)
+    rows, seen = [], set()
+    for name, repo, path, kind in BOOKS:
+        found = book_records(name, read_text(_repo_dir(repo, args.mirrors, named), path), kind, args.max_words,
+                             args.min_words, vocab, rng)
+        found = [r for r in found if r["title"].lower() not in seen]  # the two Andersen books share tales
+        seen.update(r["title"].lower() for r in found)
+        print(f"{name}: {len(found)} ({sum(r['complete'] for r in found)} whole tales)")
+        rows += found
+    if args.vist:
+        vist = vist_mix(args.vist, args.vist_count, rng)
+        print(f"vist: {len(vist)} third-person stories")
+        rows += vist
+    rng.shuffle(rows)
+    splits = {"dev": rows[: args.dev], "train": rows[args.dev:]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for split, items in splits.items():
+        (args.out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+        words = sum(len(r["story"].split()) for r in items)
+        styles = Counter(r["style"] or "-" for r in items)
+        print(f"{split}: {len(items)} stories, {words:,} words ({words / max(len(items), 1):.0f} each), "
+              f"styles {dict(styles)} -> {args.out / f'{split}.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
