@@ -173,7 +173,7 @@ class CaptionPolicy:
                first_choice: str | None = None) -> CaptionChoice:
         """The final caption among `beams` (from the second search when there was one), how sure it is, the trace."""
         best = self.rerank(beams, agreement, plan)
-        caption = beams[best][1]
+        caption = self._agree_in_number(plan, beams[best][1])
         if plan is None:
             return CaptionChoice(caption, 0.0, False, agreement[best])
         trace = list(plan.trace)
@@ -188,6 +188,17 @@ class CaptionPolicy:
         sure = (confidence >= max(self.config.caption_hedge, 1e-9) or agreement[best] >=
                 self.config.caption_hedge_agreement or (group is not None and self._supported(plan, group)))
         return CaptionChoice(caption, confidence, bool(sure), agreement[best], named, trace)
+
+    def _agree_in_number(self, plan: CaptionPlan | None, caption: str) -> str:
+        """"Some coffee are ..." -> "Some coffee is ...": a mass noun the caption was made to start with takes a
+        singular verb, which a decoder that learnt "Some dogs are" does not know."""
+        if plan is None or not plan.prefix or not caption.startswith("Some "):
+            return caption
+        for word in self.MASS:
+            start = f"Some {word} are "
+            if caption.startswith(start):
+                return f"Some {word} is " + caption[len(start):]
+        return caption
 
     # --- what a caption says and what supports it ------------------------------------------------------------------
     def _names(self, caption: str, word: Word) -> bool:

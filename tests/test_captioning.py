@@ -131,3 +131,11 @@ def test_added_words_borrow_their_donor_and_need_a_bias():
     assert all(ids[:2] == [decoder.SPECIALS, base] for _, ids in rows)
     with pytest.raises(ValueError, match="donor"):
         decoder.set_added_words([[1]], [base + 5])
+
+
+def test_a_mass_noun_opening_takes_a_singular_verb():
+    rules = policy()
+    plan = rules.plan(probs_of(espresso=0.9)[None])[0]
+    assert rules.revise(plan, "A brown dog is sitting on the floor.", agreement=0.0)
+    choice = rules.choose(plan, [(-1.0, "Some coffee are sitting on a ledge.")], [0.0])
+    assert choice.caption == "Some coffee is sitting on a ledge."
