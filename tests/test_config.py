@@ -79,7 +79,7 @@ def test_the_registered_generation_config_comes_with_the_name():
 
     small = get_generation_config("mmstory-small")
     assert (small.captioner, small.caption_beams, small.caption_rerank, small.caption_concepts) == (
-        "caption_decoder", 10, 120.0, 0.5)
+        "caption_decoder", 10, 120.0, 0.3)
     assert get_generation_config("tiny") == GenerationConfig()
 
 
