@@ -38,12 +38,12 @@ def test_a_caption_the_classifier_contradicts_is_told_about_what_it_sees(teller)
     assert "coffee" in choice.caption.lower() and "dog" not in choice.caption.lower(), choice
     assert any(step.startswith("check") for step in choice.trace) and choice.confidence > 0.5, choice
     config = teller.model.generation_config
-    saved = (config.caption_class_check, config.caption_concepts)
-    config.caption_class_check = config.caption_concepts = 0.0
+    saved = (config.caption_class_check, config.caption_concepts, config.caption_hedge)
+    config.caption_class_check = config.caption_concepts = config.caption_hedge = 0.0
     try:
         unchecked = teller.caption([example_image("coffee")])[0]
     finally:
-        config.caption_class_check, config.caption_concepts = saved
+        config.caption_class_check, config.caption_concepts, config.caption_hedge = saved
     assert "coffee" not in unchecked.lower(), unchecked
 
 
