@@ -126,8 +126,7 @@ class CaptionPolicy:
     def revise(self, plan: CaptionPlan, caption: str, agreement: float) -> bool:
         """Set `plan.prefix` or `plan.required` when `caption` (the first search's choice) must be written again;
         True when it must."""
-        subject = caption_subject(caption)
-        group = None if subject is None else OBJECT_FORMS[words(caption.split()[subject])[0]]
+        group = subject_group(caption)
         checked = self._sure(plan, self.config.caption_class_check)
         if checked is not None:
             word, p = checked
@@ -181,10 +180,10 @@ class CaptionPolicy:
             trace.append(f"'{first_choice}' -> '{caption}'")
         top = plan.pooled.topk(5)
         named = [(self.table.words[i].text, float(p)) for p, i in zip(top.values, top.indices)]
-        vouched = [float(plan.pooled[i]) for i, w in enumerate(self.table.words) if self._names(caption, w)]
+        said = words(caption)  # tokenized once for the ~750 words of the table
+        vouched = [float(plan.pooled[i]) for i, w in enumerate(self.table.words) if self._names(said, w)]
         confidence = max(vouched, default=0.0)
-        subject = caption_subject(caption)
-        group = None if subject is None else OBJECT_FORMS[words(caption.split()[subject])[0]]
+        group = subject_group(caption)
         sure = (confidence >= max(self.config.caption_hedge, 1e-9) or agreement[best] >=
                 self.config.caption_hedge_agreement or (group is not None and self._supported(plan, group)))
         return CaptionChoice(caption, confidence, bool(sure), agreement[best], named, trace)
@@ -201,8 +200,9 @@ class CaptionPolicy:
         return caption
 
     # --- what a caption says and what supports it ------------------------------------------------------------------
-    def _names(self, caption: str, word: Word) -> bool:
-        said = words(caption)
+    def _names(self, caption: str | list[str], word: Word) -> bool:
+        """The caption (text, or its `words`) names the word, its kind or its object group."""
+        said = words(caption) if isinstance(caption, str) else caption
         named = set(said) | {OBJECT_FORMS[w] for w in said if w in OBJECT_FORMS}
         text = " ".join(said)
         return bool(named & self._kind(word)) or f" {word.text} " in f" {text} " or f" {word.plural} " in f" {text} "
