@@ -23,7 +23,7 @@ import torch
 
 from mmstory.config import GenerationConfig
 from mmstory.imagenet_words import ImageNetWords, Word
-from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, words
+from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, names_person, words
 
 # ImageNet-1k's order: the animals come first; dogs and house cats are the ones people are photographed with
 ANIMAL_CLASSES, DOG_CLASSES, HOUSE_CAT_CLASSES = range(0, 398), range(151, 269), range(281, 286)
@@ -43,11 +43,12 @@ class CaptionChoice:
     agreement: float = 0.0  # the caption's agreement with the image under the contrastive heads (the rerank's)
     words: list[tuple[str, float]] = field(default_factory=list)  # the classifier's top pooled words
     trace: list[str] = field(default_factory=list)
+    people: bool = True  # the picture shows a person: the caption names one or the classifier's evidence does
 
     def to_dict(self) -> dict:
         return {"caption": self.caption, "confidence": round(self.confidence, 4), "sure": self.sure,
                 "agreement": round(self.agreement, 4),
-                "words": [(w, round(p, 4)) for w, p in self.words], "trace": self.trace}
+                "words": [(w, round(p, 4)) for w, p in self.words], "trace": self.trace, "people": self.people}
 
 
 @dataclass
@@ -186,7 +187,8 @@ class CaptionPolicy:
         group = subject_group(caption)
         sure = (confidence >= max(self.config.caption_hedge, 1e-9) or agreement[best] >=
                 self.config.caption_hedge_agreement or (group is not None and self._supported(plan, group)))
-        return CaptionChoice(caption, confidence, bool(sure), agreement[best], named, trace)
+        people = names_person(caption) or self._supported(plan, "person")
+        return CaptionChoice(caption, confidence, bool(sure), agreement[best], named, trace, people)
 
     def _agree_in_number(self, plan: CaptionPlan | None, caption: str) -> str:
         """"Some coffee are ..." -> "Some coffee is ...": a mass noun the caption was made to start with takes a

@@ -150,6 +150,14 @@ class GenerationConfig:
     # words the story writer may not write (each as a word on its own, in lower and sentence case): a writer trained
     # on photo albums narrates the photo ("This photo shows ...") instead of what it shows
     story_avoid_words: list[str] = field(default_factory=list)
+    # a story names people only where a picture shows one (its caption names a person, or the classifier's person
+    # evidence reaches caption_person_evidence) or the request does: else the writer may not write a person word,
+    # since a writer trained on photo albums brings a man or a family into a photo of a zebra
+    story_people_from_pictures: bool = False
+    # the story is told in the third person unless the request speaks in the first ("my dog", "we went"): the
+    # writer may not start a word "I", "my", "we", ... after a space (a quoted "I" in dialogue stays), since a
+    # writer trained on photo albums narrates as the photographer ("I took a good shot of the sand")
+    story_third_person: bool = False
 
     def __post_init__(self) -> None:
         if self.captioner == "decoder":  # the writer's captioning path, by its old name

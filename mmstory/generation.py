@@ -21,6 +21,7 @@ from mmstory.answering import AnswerResult, answer_question, check_answer_reques
 from mmstory.caption_policy import CaptionChoice
 from mmstory.captioning import CAPTION_REPETITION_PENALTY
 from mmstory.components import similarity
+from mmstory.config import GenerationConfig
 from mmstory.decoding import QUANTIZE, FastDecoder
 from mmstory.devices import DeviceLike, resolve_device
 from mmstory.images import ImageInput, ImageProcessor, load_image
@@ -43,7 +44,14 @@ from mmstory.prompts import (  # noqa: F401 - re-exported: the prompt and its ch
 )
 from mmstory.safety import ContentFilter
 from mmstory.seeing import Seen, see, writer_prompt
-from mmstory.text import content_word_recall, hallucinated_mentions, object_mentions, split_sentences
+from mmstory.text import (
+    PERSON_WORDS,
+    content_word_recall,
+    hallucinated_mentions,
+    names_person,
+    object_mentions,
+    split_sentences,
+)
 
 MAX_IMAGES = 8  # per story (and per answer); captioning takes any number, CAPTION_BATCH at a time
 CAPTION_BATCH = 32
@@ -310,6 +318,11 @@ class StoryTeller:
                 stopping_criteria=StoppingCriteriaList([stopper, Cancelled(cancel)]),
             )
             avoided = word_token_ids(self.model.tokenizer, self.model.generation_config.story_avoid_words)
+            config = self.model.generation_config
+            if not people_shown(seen.choices, prompt, previous, config):
+                avoided = sorted({*avoided, *word_token_ids(self.model.tokenizer, PERSON_WORDS, spaced_only=True)})
+            if config.story_third_person and not first_person(prompt) and not first_person(previous):
+                avoided = sorted({*avoided, *word_token_ids(self.model.tokenizer, FIRST_PERSON, spaced_only=True)})
             if avoided:
                 gen_kwargs["suppress_tokens"] = avoided
             if settings.seed is not None:
@@ -427,17 +440,36 @@ def _streamed(decode, gen_kwargs: dict, tokenizer, budget: int, cancel: threadin
     return ["".join(pieces)], emitted
 
 
-def word_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
+def word_token_ids(tokenizer, words: Sequence[str], spaced_only: bool = False) -> list[int]:
     """The tokenizer's single-token spellings of each word (with and without a leading space, lower and sentence
-    case): what `suppress_tokens` needs to keep a word out of a story."""
+    case): what `suppress_tokens` needs to keep a word out of a story. `spaced_only`: only the spellings that start
+    a word after a space, so that a short word's piece inside longer words ("son" in "season") stays writable."""
     ids = set()
     for word in words:
         for form in {word, word.lower(), word[:1].upper() + word[1:]}:
-            for text in (form, " " + form):
+            for text in (" " + form,) if spaced_only else (form, " " + form):
                 encoded = tokenizer(text, add_special_tokens=False).input_ids
                 if len(encoded) == 1:
                     ids.add(encoded[0])
     return sorted(ids)
+
+
+def people_shown(choices: Sequence[CaptionChoice], prompt: str | None, previous: str | None,
+                 config: GenerationConfig) -> bool:
+    """A story may name people: a picture shows one (its caption policy says so), the request speaks of one, or the
+    model's generation config lets the writer bring them in (`story_people_from_pictures` off)."""
+    if not config.story_people_from_pictures:
+        return True
+    return any(choice.people for choice in choices) or names_person(prompt or "") or names_person(previous or "")
+
+
+FIRST_PERSON = ("I", "I'm", "I've", "I'd", "I'll", "me", "my", "mine", "myself", "we", "we're", "us", "our", "ours",
+                "ourselves")
+
+
+def first_person(text: str | None) -> bool:
+    """The text speaks in the first person (then a story continuing it or asked for with it may too)."""
+    return bool(text) and any(w.lower() in {f.lower() for f in FIRST_PERSON} for w in re.findall(r"[A-Za-z']+", text))
 
 
 def caption_coverage(story: str, captions: Sequence[str]) -> float:

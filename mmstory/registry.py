@@ -58,6 +58,10 @@ def mmstory_small_generation() -> GenerationConfig:
         open_with_caption=True,
         # the writer learnt from photo albums and narrates the photo ("This photo shows ...") instead of its scene
         story_avoid_words=list(AVOIDED_PHOTO_WORDS),
+        # no person in the story unless a picture or the request shows one
+        story_people_from_pictures=True,
+        # a narrator, not the photographer: no "I" or "we" unless the request speaks so
+        story_third_person=True,
     )
 
 

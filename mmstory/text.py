@@ -73,6 +73,9 @@ person: persons people man men woman women boy boys girl girls child children ki
   dancer dancers runner runners hiker hikers trainer trainers worker workers tourist tourists spectators
   pedestrians performer performers
   musician musicians singer farmer fisherman policeman officer soldier soldiers prince princess king queen knight
+  keeper keepers zookeeper zookeepers owner owners visitor visitors traveler travelers driver drivers pilot pilots
+  passenger passengers chef baker customer customers neighbor neighbors stranger strangers guest guests someone somebody
+  uncle aunt grandparents
 # animals
 dog: dogs puppy puppies pup pups hound poodle terrier retriever collie labrador spaniel beagle greyhound dachshund
 cat: cats kitten kittens kitty; horse: horses pony ponies foal stallion; cow: cows cattle bull bulls calf calves
@@ -161,6 +164,14 @@ OBJECT_FORMS: dict[str, str] = _parse_objects(_OBJECT_TEXT)  # surface form -> c
 OBJECT_GROUPS: frozenset[str] = frozenset(OBJECT_FORMS.values())
 # the people and animal groups: what a caption's subject usually is
 CREATURE_GROUPS: frozenset[str] = frozenset(_parse_objects(_OBJECT_TEXT.split("# vehicles")[0]).values())
+
+
+PERSON_WORDS: tuple[str, ...] = tuple(sorted(form for form, group in OBJECT_FORMS.items() if group == "person"))
+
+
+def names_person(text: str) -> bool:
+    """The text speaks of a person ("a man", "the farmer", "her family")."""
+    return "person" in object_mentions(text)
 
 
 def object_mentions(text: str) -> list[str]:

@@ -102,6 +102,16 @@ def test_choose_reports_confidence_and_trace():
     assert choice.confidence == pytest.approx(0.8, abs=0.01) and choice.sure
     assert choice.words[0][0] == "animal" and "A dog is in the grass." in choice.trace[-1]
     assert caption_subject("A black and white dog is in the grass.") == 4
+    assert not choice.people  # no person in the caption, none in the classes
+
+
+def test_choose_says_whether_the_picture_shows_a_person():
+    rules = policy()
+    named = rules.choose(rules.plan(probs_of(zebra=0.8)[None])[0], [(-1.0, "A zookeeper feeds a zebra.")], [0.0])
+    assert named.people  # the caption names one
+    worn = rules.choose(rules.plan(probs_of(jersey=0.7)[None])[0], [(-1.0, "A red shirt on a line.")], [0.0])
+    assert worn.people  # the classes vouch for one: a jersey is worn
+    assert not rules.choose(rules.plan(probs_of(espresso=0.9)[None])[0], [(-1.0, "Some coffee.")], [0.0]).people
 
 
 def test_policy_switches_are_validated():

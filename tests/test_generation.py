@@ -6,6 +6,8 @@ import re
 import pytest
 import torch
 
+from mmstory.caption_policy import CaptionChoice
+from mmstory.config import GenerationConfig
 from mmstory.decoding import decode_layer
 from mmstory.generation import (
     StoryInputError,
@@ -14,11 +16,14 @@ from mmstory.generation import (
     build_instruction,
     caption_coverage,
     finish_story,
+    first_person,
+    people_shown,
     pick_candidate,
     split_sentences,
     word_budget,
 )
 from mmstory.safety import ContentFilter
+from mmstory.text import names_person
 from tests.conftest import make_photo
 
 FAST = dict(length=20, max_new_tokens=24, num_candidates=2)
@@ -352,3 +357,20 @@ def test_avoided_words_stay_out_of_every_candidate(tiny_teller):
 def test_finish_story_drops_a_sentence_said_twice():
     text = "A cat sits on a wall. A cat sits on a wall. It watches the birds. It watches  the birds. Then it sleeps."
     assert finish_story(text, 80) == "A cat sits on a wall. It watches the birds. Then it sleeps."
+
+
+def test_people_enter_a_story_only_where_a_picture_or_the_request_has_them():
+    strict = GenerationConfig(story_people_from_pictures=True)
+    fruit = CaptionChoice("Some fruit on a table.", 0.8, True, 0.1, [], [], people=False)
+    man = CaptionChoice("A man on a bench.", 0.5, True, 0.1, [], [], people=True)
+    assert not people_shown([fruit], None, None, strict)
+    assert people_shown([fruit, man], None, None, strict)  # one picture of several is enough
+    assert people_shown([fruit], "A story about my grandmother.", None, strict)
+    assert people_shown([fruit], None, "The baker took the fruit home.", strict)
+    assert people_shown([fruit], None, None, GenerationConfig())  # off: the writer may bring people in
+    assert names_person("Two zookeepers") and not names_person("The zebra and the season")
+
+
+def test_first_person_is_recognised_as_a_word_not_a_letter():
+    assert first_person("I saw it.") and first_person("Tell it as we lived it") and first_person("my dog")
+    assert not first_person("Ice on the river, music in the mist.") and not first_person(None)
