@@ -307,7 +307,7 @@ def test_dev_cider_from_pixels_leaves_an_undecodable_image_out(tmp_path: Path, m
 
     monkeypatch.setattr(train_module, "caption_scores", recording_scores)
     trainer = Trainer(tiny_config(csv, tmp_path / "run", f"data.dev.path={csv}", "best_metric=cider_d"))
-    assert trainer._dev_cider(trainer.model) >= 0
+    assert trainer.task.dev_eval.cider(trainer.task.model) >= 0
     expected = {f"p{i}.jpg": [f"a photo with stripes number {i % 4}", f"stripes and noise {i % 4}"] for i in (0, 2, 3)}
     assert sorted(map(sorted, scored[0])) == sorted(map(sorted, expected.values()))  # p2 once, p1 not at all
 
