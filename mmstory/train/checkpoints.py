@@ -114,6 +114,14 @@ def model_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _scheduled_lr(optimizer: torch.optim.Optimizer, scheduler: Any, step: int) -> None:
+    """Set the rates of `step` by this run's schedule (LambdaLR), which may end later than the saved run's did."""
+    scheduler.last_epoch = step
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def _old_writer_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any,
                       steps_per_epoch: int) -> tuple[dict, dict]:
     """An old writer checkpoint's optimiser moments loaded (the rates come from this run's config and schedule), and
@@ -127,10 +135,7 @@ def _old_writer_state(directory: Path, optimizer: torch.optim.Optimizer, schedul
     optimizer.load_state_dict({"state": saved["optimizer"]["state"], "param_groups": groups})
     old = json.loads((directory / "state.json").read_text())
     step = int(old["step"])
-    scheduler.last_epoch = step
-    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * factor(step)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    _scheduled_lr(optimizer, scheduler, step)
     best = old.get("best")
     state = {"global_step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch,
              "best_value": best if best is not None and math.isfinite(best) else None, "bad_items": {}}
@@ -152,6 +157,7 @@ class CheckpointStore:
             return _old_writer_state(directory, optimizer, scheduler, steps_per_epoch)
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+        _scheduled_lr(optimizer, scheduler, scheduler.last_epoch)  # a run resumed with a longer max_steps
         rng = directory / f"rng-{self.accelerator.process_index}.pt"
         rng_state = torch.load(rng if rng.is_file() else directory / "rng-0.pt", weights_only=True)
         return json.loads((directory / "state.json").read_text()), rng_state
