@@ -2,13 +2,9 @@
 loop's checkpoint layout), the old flat config layout, and adapters in PEFT's own format."""
 
 import json
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT
 from safetensors.torch import load_file, save_file
 
 from mmstory.config import to_yaml
@@ -177,26 +173,16 @@ def test_resume_after_sigkill_ends_as_an_uninterrupted_run(tiny_dir, story_files
     """A writer run killed (SIGKILL) after a checkpoint and resumed logs the same loss at every step and ends with
     the same adapters as one that ran straight through (LoRA dropout on: the restored RNG matters; 6 steps an epoch
     and checkpoints every 4 steps: the restored position in the epoch does)."""
-    from test_train import _wait_for_checkpoint
+    from test_train import kill_after_checkpoint
 
     config = _config(tiny_dir, story_files, tmp_path / "reference", max_steps=40, save_every=4, eval_every=10,
                      writer={"pretrained": str(tiny_dir), "lora_r": 4, "lora_targets": ["q_proj", "v_proj"],
                              "lora_dropout": 0.1})
-    path = tmp_path / "config.yaml"
-    path.write_text(to_yaml(config))
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "mmstory.cli", "train", "--config", str(path), "--output-dir", str(out)]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_checkpoint(process, out)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (out / "report.json").exists(), "the run finished before it could be killed"
-    killed_at = int((out / "latest").read_text().split("-")[1])
-
-    reference = train(config)
-    resumed = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"resumed from {out / f'checkpoint-{killed_at}'}" in resumed.stdout + resumed.stderr
+    resume, killed_at = kill_after_checkpoint(config, out)
+    assert killed_at < 40
+    reference = train(config)  # uninterrupted, same seed, in this process
+    resume()
     assert json.loads((out / "report.json").read_text())["steps"] == reference["steps"] == 40
     assert _train_losses(out) == pytest.approx(_train_losses(tmp_path / "reference"), abs=1e-6)
     for name in ("checkpoint-40", "best"):
