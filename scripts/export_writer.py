@@ -30,7 +30,7 @@ from mmstory.saving import load_configs
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path, help="the writer run's best/ or final/ directory")
+    parser.add_argument("run_dir", type=Path, help="the writer run's best/ or a checkpoint-<step>/ directory")
     parser.add_argument("--name", default="mmstory-small")
     parser.add_argument("--out", type=Path, default=None, help=f"default: {PRETRAINED_ROOT}/<name>")
     args = parser.parse_args()

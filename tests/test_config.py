@@ -156,3 +156,12 @@ def test_the_story_writer_s_old_name_decoder_still_loads(tiny_model):
     tiny_model.load_trained_state(saved)
     name = next(k for k in saved if k.startswith("decoder."))
     assert torch.equal(tiny_model.state_dict()["writer." + name[len("decoder."):]], saved[name])
+
+
+def test_every_packaged_config_reads_into_the_one_training_config():
+    from mmstory.train.trainer import CONFIG_DIR, TrainConfig, _task, packaged_configs
+
+    for name in packaged_configs():
+        config = TrainConfig.load(CONFIG_DIR / f"{name}.yaml")
+        assert config.task == (_task(str(CONFIG_DIR / f"{name}.yaml")) or "captioning"), name
+        assert config.data.train.path, name

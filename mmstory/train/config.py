@@ -1,5 +1,6 @@
-"""The trainer's configuration: one YAML file read into `TrainConfig` (model, data, optimiser, loss weights, run
-settings), older configs' keys moved to where they live now, and the packaged configs found by name."""
+"""The trainer's configuration: one YAML file read into `TrainConfig` (the task, model, data, optimiser, loss weights,
+the writer task's section, run settings), older configs' keys moved to where they live now (the story writer's old
+flat layout included), and the packaged configs found by name."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ DEFAULT_LR = {"bridge": 3e-4, "caption_decoder": 5e-4, "projections": 5e-4, "vis
 OBJECTIVES = ("xe", "scst")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
+TASKS = ("captioning", "writer")  # what a run trains: mmstory.train.captioning_task / mmstory.train.writer
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -86,7 +89,28 @@ class OptimConfig:
 
 
 @dataclass
+class WriterSection:
+    """The writer task: a pretrained StoryModel's story writer taught on text stories (`data.train` / `data.dev` are
+    story JSONL files from scripts/prepare_stories.py), with LoRA adapters or in full."""
+
+    pretrained: str = "mmstory-small"  # the StoryModel whose writer is adapted (a packaged name or directory)
+    train: str = "lora"  # lora: only the adapters train | full: every writer weight trains
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    max_tokens: int = 320  # longer examples are cut (prompt first, so the story's start is kept)
+
+    def __post_init__(self) -> None:
+        if self.train not in ("lora", "full"):
+            raise ValueError(f"writer.train must be 'lora' or 'full', got {self.train!r}")
+        if self.lora_r < 1 or self.max_tokens < 1:
+            raise ValueError("writer.lora_r and writer.max_tokens must be >= 1")
+
+
+@dataclass
 class TrainConfig:
+    task: str = "captioning"  # captioning: contrastive + captioners (+ SCST) | writer: the story writer
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -114,9 +138,14 @@ class TrainConfig:
     # reward (Luo et al. 2018) against the generic captions that CIDEr alone drifts towards
     scst_discriminability: float = 0.0
     num_sample_captions: int = 4
+    writer: WriterSection = field(default_factory=WriterSection)  # the writer task's settings
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "writer" and self.best_metric != "loss":
+            raise ValueError("the writer task's only dev metric is its loss: best_metric must be 'loss'")
         if self.data.train is None:
             raise ValueError("data.train is required")
         if self.mixed_precision not in PRECISIONS:
@@ -133,7 +162,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return from_dict(cls, move_loss_weights(data))
+        return from_dict(cls, move_loss_weights(move_writer_fields(data)))
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
@@ -177,6 +206,29 @@ def move_loss_weights(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "model": model, "loss": {**loss, **moved}}
 
 
+# the story writer's old flat config (`task: writer` with `model: <name>`, `train: <file>`, `lr: ...` at the top) and
+# its defaults there, where they differ from this config's
+WRITER_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "max_tokens")
+OLD_WRITER_DEFAULTS = {"train": "~/.cache/mmstory/stories/vist/train.jsonl",
+                       "dev": "~/.cache/mmstory/stories/vist/dev.jsonl", "output_dir": "runs/writer",
+                       "batch_size": 8, "mixed_precision": "bf16", "eval_every": 50, "save_every": 25, "log_every": 5}
+
+
+def move_writer_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """A writer config of the old flat layout read into this one's sections: the writer's fields under `writer`, its
+    story files under `data`, its rate and warmup under `optim` with the old loop's AdamW settings (betas 0.9/0.999,
+    eps 1e-8, no weight decay, gradients clipped at 1); a config already in sections is returned as it is."""
+    if data.get("task") != "writer" or isinstance(data.get("data"), dict) or isinstance(data.get("writer"), dict):
+        return data
+    old = {**OLD_WRITER_DEFAULTS, **data}
+    writer = {"pretrained": old.pop("model", "mmstory-small"), **{k: old.pop(k) for k in WRITER_FIELDS if k in old}}
+    train, dev = old.pop("train"), old.pop("dev")
+    optim = {"lr": {"writer": old.pop("lr", 3e-4)}, "weight_decay": old.pop("weight_decay", 0.0),
+             "warmup_steps": old.pop("warmup_steps", 10), "betas": [0.9, 0.999], "eps": 1e-8, "grad_clip": 1.0}
+    return {**old, "writer": writer, "optim": optim,
+            "data": {"train": {"path": train}, "dev": {"path": dev} if dev else None, "num_workers": 0}}
+
+
 def build_configs(section: ModelSection) -> tuple[ModelConfig, GenerationConfig]:
     """The section's architecture and inference settings: a registered name's (or a full mapping, which may be of
     the single-file form holding both), with `overrides` deep-merged into whichever of the two names the field."""
@@ -212,7 +264,7 @@ def resolve_config(name_or_path: str | Path) -> Path:
 
 
 def _task(path: str) -> str | None:
-    """`task: writer` marks a config for the story writer's fine-tuning; anything else trains the StoryModel."""
+    """A config file's `task` key, without reading the rest: `writer` marks the story writer's fine-tuning."""
     file = Path(path)
     data = yaml.safe_load(file.read_text()) if file.is_file() else None
     return data.get("task") if isinstance(data, dict) else None

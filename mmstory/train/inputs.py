@@ -1,11 +1,11 @@
-"""The Trainer's data: each split read and cleaned, as pixels or as cached encoder features, batched in the run's
-fixed order; the caption features and the distractor images' features computed once."""
+"""The captioning task's data: each split read and cleaned, as pixels or as cached encoder features, batched in the
+run's fixed order; the caption features and the distractor images' features computed once."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,8 +24,10 @@ from mmstory.images import ImageProcessor
 from mmstory.train.features import FeatureCache, TextFeatures, collate_features, tensors_sha256, text_features
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from mmstory.model import StoryModel
-    from mmstory.train.config import DataConfig, DataSource
+    from mmstory.train.config import DataConfig, DataSource, TrainConfig
 
 
 @dataclass
@@ -68,13 +70,25 @@ def caption_features(model: StoryModel, records: list[ImageCaptions], data: Data
                          progress=progress)
 
 
-class TrainDataMixin:
-    """The Trainer's splits, caches and loaders (mixed into `mmstory.train.trainer.Trainer`)."""
+class CaptionData:
+    """The captioning task's splits, caches and loaders for this process; the items it skipped, with the reason, in
+    `bad_items`. The train split is read on construction, the dev split too when the config names one."""
+
+    def __init__(self, config: TrainConfig, accelerator: Accelerator, model: StoryModel):
+        self.config, self.accelerator, self.model = config, accelerator, model
+        self.bad_items: dict[str, str] = {}
+        self.cache_report: dict[str, Any] = {"used": config.data.use_feature_cache}
+        self.train = self._split(config.data.train, "train")
+        self.dev = self._split(config.data.dev, "dev") if config.data.dev is not None else None
+
+    def note_skipped(self, skipped: list[Skipped]) -> None:
+        for item in skipped:
+            self.bad_items.setdefault(item.item, item.reason)
 
     def _split(self, source: DataSource, name: str) -> Split:
         acc, cfg = self.accelerator, self.config.data
         records, skipped = read_source(source)
-        self._note_skipped(skipped)
+        self.note_skipped(skipped)
         if not records:
             raise ValueError(f"the {name} data at {source.path} has no usable records")
         if not cfg.use_feature_cache:
@@ -89,7 +103,7 @@ class TrainDataMixin:
         with acc.main_process_first():  # the main process encodes; the others then find everything cached
             cached = cache.build(records, batch_size=cfg.encode_batch_size, num_workers=cfg.num_workers,
                                  device=acc.device, progress=self.config.progress and acc.is_main_process)
-        self._note_skipped(cached.skipped)
+        self.note_skipped(cached.skipped)
         if acc.is_main_process:
             self.cache_report[name] = {"directory": str(cache.directory), "images": len(records),
                                        "encoded": cached.encoded, "reused": cached.reused,
@@ -113,24 +127,24 @@ class TrainDataMixin:
         return text
 
     @torch.no_grad()
-    def _distractor_features(self, count: int) -> torch.Tensor:
+    def distractor_features(self, count: int) -> torch.Tensor:
         """Pooled features of `count` training images, picked by the run's seed (its own generator: the global RNG,
         and with it the run, stays as it was)."""
         if self.model.config.vision.train != "frozen":
             raise ValueError("caption_distractors keeps image features taken once, so it needs a frozen vision "
                              "encoder: set model.overrides.caption_distractors: 0 to train the vision encoder")
-        split = self.train_split
+        split = self.train
         order = np.random.default_rng(self.config.seed).permutation(len(split.records))[:count]
         pooled, was_training = [], self.model.training
         self.model.eval()  # a frozen encoder's batch norm on its running statistics, as when the cache was built
-        for _, inputs in self._image_batches(split, order, self.model.logit_scale.device):  # not prepared yet
+        for _, inputs in self.image_batches(split, order, self.model.logit_scale.device):  # not prepared yet
             if "image_pooled" not in inputs:
                 inputs["image_pooled"] = self.model.encode_image(inputs["pixel_values"])[1]
             pooled.append(inputs["image_pooled"].float().cpu())
         self.model.train(was_training)
         return torch.cat(pooled)
 
-    def _image_batches(self, split: Split, records: Iterable[int],
+    def image_batches(self, split: Split, records: Iterable[int],
                        device: torch.device | str) -> Iterator[tuple[dict, dict[str, torch.Tensor]]]:
         """Batches of the given records' images (first caption), as the batch and its image inputs on `device`."""
         records = [int(i) for i in records]
@@ -140,13 +154,13 @@ class TrainDataMixin:
             inputs.pop("text_pooled", None)
             yield batch, inputs
 
-    def _sampler(self, epoch: int, start: int = 0) -> EpochBatchSampler:
+    def sampler(self, epoch: int, start: int = 0) -> EpochBatchSampler:
         acc = self.accelerator
-        return EpochBatchSampler(self.train_split.caption_counts, self.config.batch_size, seed=self.config.seed,
+        return EpochBatchSampler(self.train.caption_counts, self.config.batch_size, seed=self.config.seed,
                                  epoch=epoch, rank=acc.process_index, world_size=acc.num_processes,
                                  caption_sampling=self.config.data.caption_sampling, start=start)
 
-    def _loader(self, split: Split, sampler: EpochBatchSampler, seed: int) -> DataLoader:
+    def loader(self, split: Split, sampler: EpochBatchSampler, seed: int) -> DataLoader:
         # Its own generator: creating a loader must not draw from the global RNG, or a resumed run would diverge.
         return DataLoader(split.dataset, batch_sampler=sampler, collate_fn=split.collate,
                           num_workers=self.config.data.num_workers, generator=torch.Generator().manual_seed(seed))

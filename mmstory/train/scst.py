@@ -28,33 +28,29 @@ def scst_reward(config: TrainConfig, model: StoryModel, records: list[ImageCapti
     return CiderDReward({item_name(r.image): r.captions for r in records})
 
 
-class SelfCriticalMixin:
-    """The Trainer's SCST forward pass (mixed into `mmstory.train.trainer.Trainer`)."""
-
-    def _self_critical_forward(self, batch: dict) -> tuple[Any, dict[str, torch.Tensor]]:
-        """Sample captions (no gradient), reward them, then the policy-gradient loss through the (DDP) model."""
-        cfg, acc = self.config, self.accelerator
-        inputs = _model_inputs(batch, acc.device)
-        inputs.pop("text_pooled", None)
-        model = acc.unwrap_model(self.model)
-        if "image_tokens" not in inputs:
-            with torch.no_grad():
-                inputs["image_tokens"], inputs["image_pooled"] = model.encode_image(inputs.pop("pixel_values"))
-        k = cfg.scst_samples
-        compact, texts = model.sample_captions(inputs["image_tokens"], inputs["image_pooled"], k, cfg.scst_temperature)
-        cider = torch.as_tensor(self.reward(texts, [name for name in batch["names"] for _ in range(k)]),
-                                dtype=torch.float32)
-        logged = {"sample_cider_d": cider.mean() * 100}
-        rewards = cider
-        if cfg.scst_discriminability > 0:
-            with torch.no_grad():
-                images = model.image_embedding(inputs["image_pooled"])
-                logits = model.contrastive_scale() * similarity(model.text_embedding(texts), images)
-                own = torch.arange(len(batch["names"]), device=logits.device).repeat_interleave(k)
-                retrieval = logits.log_softmax(dim=-1).gather(1, own[:, None])[:, 0].float().cpu()
-            rewards = cider + cfg.scst_discriminability * retrieval
-            logged["sample_image_logprob"] = retrieval.mean()
-        advantages = rewards - leave_one_out_baseline(rewards, k)
-        repeated = {name: value.repeat_interleave(k, dim=0) for name, value in inputs.items()}
-        out = self.model(**repeated, caption_samples=compact, sample_advantages=advantages.to(acc.device))
-        return out, {name: value.to(acc.device) for name, value in logged.items()}
+def self_critical_forward(module: torch.nn.Module, model: StoryModel, batch: dict, config: TrainConfig,
+                          reward: CiderDReward, device: torch.device) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Sample captions with `model` (no gradient), reward them, then the policy-gradient loss through `module` (the
+    same model, wrapped for data-parallel training); returns the outputs and the mean rewards to log."""
+    inputs = _model_inputs(batch, device)
+    inputs.pop("text_pooled", None)
+    if "image_tokens" not in inputs:
+        with torch.no_grad():
+            inputs["image_tokens"], inputs["image_pooled"] = model.encode_image(inputs.pop("pixel_values"))
+    k = config.scst_samples
+    compact, texts = model.sample_captions(inputs["image_tokens"], inputs["image_pooled"], k, config.scst_temperature)
+    cider = torch.as_tensor(reward(texts, [name for name in batch["names"] for _ in range(k)]), dtype=torch.float32)
+    logged = {"sample_cider_d": cider.mean() * 100}
+    rewards = cider
+    if config.scst_discriminability > 0:
+        with torch.no_grad():
+            images = model.image_embedding(inputs["image_pooled"])
+            logits = model.contrastive_scale() * similarity(model.text_embedding(texts), images)
+            own = torch.arange(len(batch["names"]), device=logits.device).repeat_interleave(k)
+            retrieval = logits.log_softmax(dim=-1).gather(1, own[:, None])[:, 0].float().cpu()
+        rewards = cider + config.scst_discriminability * retrieval
+        logged["sample_image_logprob"] = retrieval.mean()
+    advantages = rewards - leave_one_out_baseline(rewards, k)
+    repeated = {name: value.repeat_interleave(k, dim=0) for name, value in inputs.items()}
+    out = module(**repeated, caption_samples=compact, sample_advantages=advantages.to(device))
+    return out, {name: value.to(device) for name, value in logged.items()}
