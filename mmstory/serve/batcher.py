@@ -71,7 +71,8 @@ class DecodeJob:
         self.done = threading.Event()
 
     def advance(self) -> torch.Tensor | None:
-        """Choose every row's next token from `logits`, as `FastDecoder.stream` does; None once the job is over."""
+        """Choose every row's next token from `logits`, as `FastDecoder.stream` does; None once the job is over (the
+        loop then calls `finish`, after its rows have left)."""
         scores = self.processors(self.generated, self.logits)
         tokens = FastDecoder._choose(self.generated, scores, self.do_sample, self.top_k, self.warpers, self.generator)
         tokens = torch.where(self.unfinished, tokens, self.pad)
@@ -83,7 +84,6 @@ class DecodeJob:
         if self.streamer is not None:
             self.streamer.put(tokens)
         if self.cancelled or not self.unfinished.any() or self.generated.shape[1] == self.max_new:
-            self.finish()
             return None
         return tokens
 
@@ -253,14 +253,15 @@ class Batcher:
                     job.logits, prefilled[job] = self.fast.prefill(job.embeds, job.mask)
                 except Exception as err:  # noqa: BLE001 - this request fails; the batch goes on
                     job.finish(err)
-            tokens, positions, kept = [], [], []
+            tokens, positions, kept, ended = [], [], [], []
             for job in self._running + [job for job in joining if job in prefilled]:
                 try:
                     chosen = job.advance()
                 except Exception as err:  # noqa: BLE001 - a failing stopping rule or stream ends its request only
-                    job.finish(err)
-                    chosen = None
-                if chosen is not None:
+                    job.error, chosen = err, None
+                if chosen is None:
+                    ended.append(job)
+                else:
                     kept.append(job)
                     tokens.append(chosen)
                     positions.append(job.positions)
@@ -269,14 +270,16 @@ class Batcher:
                     self._window.layout(kept, prefilled)
                 with self._cond:
                     self._running = kept
+                for job in ended:  # woken once their rows are out of the batch
+                    job.finish(job.error)
                 if kept:
                     logits = self._window.step(torch.cat(tokens), torch.cat(positions))
                     self.steps += 1
                     for job, part in zip(kept, logits.split([job.rows for job in kept])):
                         job.logits, job.positions = part, job.positions + 1
             except Exception as err:  # noqa: BLE001 - the whole batch fails, the loop goes on
-                for job in kept:
-                    job.finish(err)
+                for job in kept + ended:
+                    job.finish(job.error or err)
                 with self._cond:
                     self._running = []
                 self._window.layout([], {})
