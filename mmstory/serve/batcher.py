@@ -200,6 +200,19 @@ class Batcher:
             job.cancelled = True  # the caller gave up (interrupted): its rows leave at the next step
             raise
 
+    @torch.no_grad()
+    def warmup(self) -> None:
+        """Decode a few short requests of different prompt lengths together (so padded steps of two batch sizes run
+        and are compiled now, before the first requests come in)."""
+        embeds = self.fast._embed.weight[:8][None].to(self.fast.dtype)
+        jobs = [DecodeJob(self.fast, embeds[:, :length].expand(rows, -1, -1), max_new_tokens=new, min_new_tokens=new)
+                for rows, length, new in ((1, 4, 3), (2, 6, 6), (3, 8, 9))]
+        with self._cond:
+            self._waiting.extend(jobs)
+            self._cond.notify()
+        for job in jobs:
+            job.result()
+
     def decoder(self, fallback: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """A `generate`-like callable for one request, carrying a copy of torch's RNG as it is now (call it right after
         seeding): the request samples from its own random state whichever thread decodes and whoever else is in
