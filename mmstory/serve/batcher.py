@@ -21,7 +21,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogit
 from mmstory.decoding import FastDecoder, _as_list
 
 MAX_ROWS = 64  # rows decoded together; a request that does not fit waits for the next free rows (alone, it runs)
-MIN_WINDOW = 512  # K/V slots allocated at least (then powers of two): few distinct sizes, few recompiles
+MIN_WINDOW = 1024  # K/V slots allocated at least (then powers of two), as FastDecoder does: few sizes, few recompiles
 
 
 class DecodeJob:
