@@ -26,6 +26,7 @@ from mmstory.decoding import QUANTIZE, FastDecoder
 from mmstory.devices import DeviceLike, resolve_device
 from mmstory.images import ImageInput, ImageProcessor, load_image
 from mmstory.limits import DECODING_LIMITS
+from mmstory.locks import FairLock
 from mmstory.model import StoryModel
 from mmstory.prompts import (  # noqa: F401 - re-exported: the prompt and its checks were defined here
     AUDIENCES,
@@ -175,7 +176,7 @@ class StoryTeller:
             self.fast = None
         self.processor = ImageProcessor(model.vision.image_size, model.vision.mean, model.vision.std)
         self.filter = content_filter if content_filter is not None else ContentFilter()
-        self._lock = threading.Lock()  # one generation at a time per model: torch threads are already shared
+        self._lock = FairLock()  # one generation at a time per model, in arrival order: torch threads are shared
         self.batcher = None  # a server's shared decode loop (mmstory.serve.batcher.Batcher); None: decode here
 
     def _decode(self, **kwargs) -> torch.Tensor:

@@ -81,6 +81,7 @@ def photo_b64(name: str) -> str:
 def run_level(url: str, clients: int, per_client: int, body: dict, timeout: float) -> dict:
     """`clients` threads, each sending `per_client` stories back to back; latencies of the stories that came back."""
     latencies: list[float] = []
+    phases: list[dict] = []  # the server's own timings of each story (caption_s, generate_s, ...)
     failures: list[str] = []
     lock = threading.Lock()
     barrier = threading.Barrier(clients)
@@ -101,6 +102,7 @@ def run_level(url: str, clients: int, per_client: int, body: dict, timeout: floa
                         failures.append(problem)
                     else:
                         latencies.append(time.perf_counter() - started)
+                        phases.append(response.json()["timings"])
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
@@ -116,7 +118,9 @@ def run_level(url: str, clients: int, per_client: int, body: dict, timeout: floa
 
     return {"clients": clients, "stories": len(latencies), "failed": len(failures), "wall_s": round(wall, 2),
             "stories_per_s": round(len(latencies) / wall, 3), "p50_s": round(statistics.median(ordered), 2)
-            if ordered else None, "p95_s": round(quantile(0.95), 2), "failures": failures[:3]}
+            if ordered else None, "p95_s": round(quantile(0.95), 2), "failures": failures[:3],
+            **{f"mean_{key}": round(statistics.mean(p[key] for p in phases), 2)
+               for key in ("caption_s", "generate_s", "total_s") if phases and all(key in p for p in phases)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop(process)
     print(f"\n{args.words}-word stories, {args.rounds} per client, model {args.model}\n")
-    print("| candidates | clients | mode | stories/s | p50 latency | p95 latency | failed |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| candidates | clients | mode | stories/s | p50 latency | p95 latency | failed | server caption / generate "
+          "|")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in sorted(results, key=lambda r: (r["candidates"], r["clients"], r["mode"])):
         print(f"| {r['candidates']} | {r['clients']} | {r['mode']} | {r['stories_per_s']:.3f} | {r['p50_s']} s | "
-              f"{r['p95_s']} s | {r['failed']} |")
+              f"{r['p95_s']} s | {r['failed']} | {r.get('mean_caption_s')} s / {r.get('mean_generate_s')} s |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0

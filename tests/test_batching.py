@@ -154,3 +154,27 @@ def test_seeded_story_is_the_same_through_the_batcher(tiny_model, stream):
     finally:
         teller.batcher.close()
     assert after.candidates == before.candidates and after.story == before.story
+
+
+def test_the_model_lock_serves_waiters_in_arrival_order():
+    from mmstory.locks import FairLock
+
+    lock, order = FairLock(), []
+    lock.acquire()
+
+    def wait_then_record(i: int) -> None:
+        with lock:
+            order.append(i)
+
+    threads = []
+    for i in range(6):
+        threads.append(threading.Thread(target=wait_then_record, args=(i,)))
+        threads[-1].start()
+        while len(lock._queue) < i + 1:  # each one queued before the next asks
+            threads[-1].join(timeout=0.005)
+    lock.release()
+    for thread in threads:
+        thread.join()
+    assert order == list(range(6)) and not lock.locked()
+    with pytest.raises(RuntimeError):
+        lock.release()
