@@ -36,6 +36,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from mmstory.packed_cache import cached_tensors, fingerprint
+
 LLAMA_STYLE = ("llama", "mistral")
 QUANTIZE = (None, "int8", "int4")
 INT4_GROUP = 32
@@ -209,6 +211,25 @@ class _Layer:
     down: Packed
 
 
+_PARTS = ("qkv", "out", "gate_up", "down")
+
+
+def _pack_writer(layers, head: torch.nn.Module, quantize: str | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every layer's projections and the output head packed, as flat named tensors ("layers.3.qkv.scales")."""
+    packs = {"head": pack_projections([head], quantize, dtype)}
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        parts = ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj])
+        for part, linears in zip(_PARTS, parts):
+            packs[f"layers.{i}.{part}"] = pack_projections(linears, quantize, dtype)
+    return {f"{name}.{field}": tensor for name, packed in packs.items()
+            for field, tensor in packed._asdict().items() if tensor is not None}
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], name: str) -> Packed:
+    return Packed(**{field: tensors.get(f"{name}.{field}") for field in Packed._fields})
+
+
 class FastDecoder:
     """Static-KV-cache, compiled-step decoding for a Llama-family causal LM driven by `inputs_embeds`.
 
@@ -245,19 +266,19 @@ class FastDecoder:
         self.max_length = max_length or config.max_position_embeddings  # prompt + new tokens
         self.eos_token_id = _as_list(model.generation_config.eos_token_id)
         self.pad_token_id = model.generation_config.pad_token_id
-        self._layers = []
-        for layer in layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            self._layers.append(_Layer(
-                norm1=layer.input_layernorm.weight.detach().to(self.dtype),
-                norm2=layer.post_attention_layernorm.weight.detach().to(self.dtype),
-                qkv=pack_projections([attn.q_proj, attn.k_proj, attn.v_proj], quantize, self.dtype),
-                out=pack_projections([attn.o_proj], quantize, self.dtype),
-                gate_up=pack_projections([mlp.gate_proj, mlp.up_proj], quantize, self.dtype),
-                down=pack_projections([mlp.down_proj], quantize, self.dtype)))
-        self._norm = base.norm.weight.detach().to(self.dtype)
         head = model.get_output_embeddings()
-        self._head = pack_projections([head], quantize, self.dtype)
+
+        def pack() -> dict[str, torch.Tensor]:
+            return _pack_writer(layers, head, quantize, self.dtype)
+
+        # packing int4/int8 costs seconds at every start; the packed tensors are kept in the user cache
+        packs = cached_tensors(fingerprint(model, quantize, self.dtype), pack) if quantize else pack()
+        self._layers = [_Layer(norm1=layer.input_layernorm.weight.detach().to(self.dtype),
+                               norm2=layer.post_attention_layernorm.weight.detach().to(self.dtype),
+                               **{part: _unflatten(packs, f"layers.{i}.{part}") for part in _PARTS})
+                        for i, layer in enumerate(layers)]
+        self._norm = base.norm.weight.detach().to(self.dtype)
+        self._head = _unflatten(packs, "head")
         self._head_exact = effective_weight(head).detach().to(self.dtype) if quantize else None
         self._embed = model.get_input_embeddings()
         with torch.no_grad():  # the same cos/sin values transformers computes, for every position at once
