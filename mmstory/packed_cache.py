@@ -41,7 +41,8 @@ def cached_tensors(key: str, build: Callable[[], dict[str, torch.Tensor]],
     path = directory / f"{key}.safetensors"
     if path.is_file():
         try:
-            return load_file(str(path))
+            # copied into torch's own (64-byte aligned) memory: the packed matmul kernels crash on the file's offsets
+            return {name: tensor.clone() for name, tensor in load_file(str(path)).items()}
         except Exception:  # noqa: BLE001 - a truncated or foreign file: pack again and replace it
             pass
     tensors = build()
