@@ -36,6 +36,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from mmstory.packed_cache import cached_tensors, fingerprint
+
 LLAMA_STYLE = ("llama", "mistral")
 QUANTIZE = (None, "int8", "int4")
 INT4_GROUP = 32
@@ -209,6 +211,25 @@ class _Layer:
     down: Packed
 
 
+_PARTS = ("qkv", "out", "gate_up", "down")
+
+
+def _pack_writer(layers, head: torch.nn.Module, quantize: str | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every layer's projections and the output head packed, as flat named tensors ("layers.3.qkv.scales")."""
+    packs = {"head": pack_projections([head], quantize, dtype)}
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        parts = ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj])
+        for part, linears in zip(_PARTS, parts):
+            packs[f"layers.{i}.{part}"] = pack_projections(linears, quantize, dtype)
+    return {f"{name}.{field}": tensor for name, packed in packs.items()
+            for field, tensor in packed._asdict().items() if tensor is not None}
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], name: str) -> Packed:
+    return Packed(**{field: tensors.get(f"{name}.{field}") for field in Packed._fields})
+
+
 class FastDecoder:
     """Static-KV-cache, compiled-step decoding for a Llama-family causal LM driven by `inputs_embeds`.
 
@@ -245,19 +266,19 @@ class FastDecoder:
         self.max_length = max_length or config.max_position_embeddings  # prompt + new tokens
         self.eos_token_id = _as_list(model.generation_config.eos_token_id)
         self.pad_token_id = model.generation_config.pad_token_id
-        self._layers = []
-        for layer in layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            self._layers.append(_Layer(
-                norm1=layer.input_layernorm.weight.detach().to(self.dtype),
-                norm2=layer.post_attention_layernorm.weight.detach().to(self.dtype),
-                qkv=pack_projections([attn.q_proj, attn.k_proj, attn.v_proj], quantize, self.dtype),
-                out=pack_projections([attn.o_proj], quantize, self.dtype),
-                gate_up=pack_projections([mlp.gate_proj, mlp.up_proj], quantize, self.dtype),
-                down=pack_projections([mlp.down_proj], quantize, self.dtype)))
-        self._norm = base.norm.weight.detach().to(self.dtype)
         head = model.get_output_embeddings()
-        self._head = pack_projections([head], quantize, self.dtype)
+
+        def pack() -> dict[str, torch.Tensor]:
+            return _pack_writer(layers, head, quantize, self.dtype)
+
+        # packing int4/int8 costs seconds at every start; the packed tensors are kept in the user cache
+        packs = cached_tensors(fingerprint(model, quantize, self.dtype), pack) if quantize else pack()
+        self._layers = [_Layer(norm1=layer.input_layernorm.weight.detach().to(self.dtype),
+                               norm2=layer.post_attention_layernorm.weight.detach().to(self.dtype),
+                               **{part: _unflatten(packs, f"layers.{i}.{part}") for part in _PARTS})
+                        for i, layer in enumerate(layers)]
+        self._norm = base.norm.weight.detach().to(self.dtype)
+        self._head = _unflatten(packs, "head")
         self._head_exact = effective_weight(head).detach().to(self.dtype) if quantize else None
         self._embed = model.get_input_embeddings()
         with torch.no_grad():  # the same cos/sin values transformers computes, for every position at once
@@ -412,20 +433,26 @@ class FastDecoder:
         choice = torch.multinomial(probs, num_samples=1, generator=generator)
         return (index.gather(1, choice) if index is not None else choice).squeeze(1)
 
-    def _prefill(self, embeds: torch.Tensor, mask: torch.Tensor, total: int) -> torch.Tensor:
-        """Run the prompt through the transformers model (rows that repeat row 0 once) and fill the KV cache."""
-        batch, length, _ = embeds.shape
+    def prefill(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
+        """Run the prompt through the transformers model (rows that repeat row 0 once): the first logits [B, V]
+        (float) and the prompt's K/V (one row, or B). The story server's decode loop joins new rows with this."""
+        batch = embeds.shape[0]
         shared = batch > 1 and bool((mask == mask[:1]).all()) and torch.equal(embeds, embeds[:1].expand_as(embeds))
         rows = 1 if shared else batch
         position_ids = (mask[:rows].cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache()
         out = self.model(inputs_embeds=embeds[:rows].to(self.model.dtype), attention_mask=mask[:rows],
                          position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        k_caches, v_caches = self._cache(batch, total)
+        return out.logits[:, -1].float().expand(batch, -1).contiguous(), cache
+
+    def _prefill(self, embeds: torch.Tensor, mask: torch.Tensor, total: int) -> torch.Tensor:
+        """Prefill the prompt and copy its K/V into this decoder's own cache."""
+        logits, cache = self.prefill(embeds, mask)
+        k_caches, v_caches = self._cache(embeds.shape[0], total)
         for i, layer in enumerate(cache.layers):
-            k_caches[i][:, :, :length] = layer.keys
-            v_caches[i][:, :, :length] = layer.values
-        return out.logits[:, -1].float().expand(batch, -1).contiguous()
+            k_caches[i][:, :, :embeds.shape[1]] = layer.keys
+            v_caches[i][:, :, :embeds.shape[1]] = layer.values
+        return logits
 
     def _cache(self, batch: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The preallocated K/V caches [B, kv_heads, S, hd] per layer, S a power of two >= 1024 that fits `length`
@@ -437,28 +464,31 @@ class FastDecoder:
                             [torch.zeros(shape, dtype=self.dtype) for _ in self._layers])
         return self._caches
 
-    def _step(self, tokens: torch.Tensor, slot: int, positions: torch.Tensor,
-              mask: torch.Tensor | None) -> torch.Tensor:
+    def _step(self, tokens: torch.Tensor, slot: int, positions: torch.Tensor, mask: torch.Tensor | None,
+              caches: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """One decode step over `caches` (default: this decoder's own; the story server's decode loop passes its
+        shared batch's)."""
+        caches = caches or self._caches
         if self._compiled_once or self._layer_fn is decode_layer:
-            return self._run_step(tokens, slot, positions, mask)
+            return self._run_step(tokens, slot, positions, mask, caches)
         try:  # the first compiled step: a machine without a working C++ toolchain falls back to eager decoding
-            logits = self._run_step(tokens, slot, positions, mask)
+            logits = self._run_step(tokens, slot, positions, mask, caches)
         except Exception as err:  # noqa: BLE001 - inductor raises many kinds; the step is simply redone eagerly
             warnings.warn(f"torch.compile of the decode step failed ({type(err).__name__}: {str(err)[:200]}); "
                           "decoding without it (slower)", RuntimeWarning, stacklevel=2)
             self._layer_fn, self._head_fn = decode_layer, decode_head
-            return self._run_step(tokens, slot, positions, mask)  # rewrites the same cache slot: idempotent
+            return self._run_step(tokens, slot, positions, mask, caches)  # rewrites the same slot: idempotent
         self._compiled_once = True
         return logits
 
-    def _run_step(self, tokens: torch.Tensor, slot: int, positions: torch.Tensor,
-                  mask: torch.Tensor | None) -> torch.Tensor:
+    def _run_step(self, tokens: torch.Tensor, slot: int, positions: torch.Tensor, mask: torch.Tensor | None,
+                  caches: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
         x = self._embed(tokens[:, None]).to(self.dtype)
         cos, sin = self._cos[positions][:, None, None], self._sin[positions][:, None, None]
         slot_index = torch.tensor([slot])
         # transformers folds the heads only when there is a padding mask; the exact path must do as it does
         fold_heads = self.quantize is not None or mask is not None
-        for layer, k_cache, v_cache in zip(self._layers, *self._caches):
+        for layer, k_cache, v_cache in zip(self._layers, *caches):
             x = self._layer_fn(x, slot_index, slot + 1, cos, sin, mask, k_cache, v_cache, layer.norm1, layer.norm2,
                                layer.qkv, layer.out, layer.gate_up, layer.down, self.heads, self.kv_heads, self.eps,
                                fold_heads)

@@ -7,6 +7,7 @@ they agree with the images under the model's own contrastive head.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -26,6 +27,7 @@ from mmstory.decoding import QUANTIZE, FastDecoder
 from mmstory.devices import DeviceLike, resolve_device
 from mmstory.images import ImageInput, ImageProcessor, load_image
 from mmstory.limits import DECODING_LIMITS
+from mmstory.locks import FairLock
 from mmstory.model import StoryModel
 from mmstory.prompts import (  # noqa: F401 - re-exported: the prompt and its checks were defined here
     AUDIENCES,
@@ -182,11 +184,31 @@ class StoryTeller:
             self.fast = None
         self.processor = ImageProcessor(model.vision.image_size, model.vision.mean, model.vision.std)
         self.filter = content_filter if content_filter is not None else ContentFilter()
-        self._lock = threading.Lock()  # one generation at a time per model: torch threads are already shared
+        self._lock = FairLock()  # one generation at a time per model, in arrival order: torch threads are shared
+        self.batcher = None  # a server's shared decode loop (mmstory.serve.batcher.Batcher); None: decode here
 
     def _decode(self, **kwargs) -> torch.Tensor:
         """The story writer's `generate`: FastDecoder where it applies (beam search goes to transformers inside)."""
-        return (self.fast or self.model.writer).generate(**kwargs)
+        return self._decoder()(**kwargs)
+
+    def _decoder(self):
+        """The writer's `generate` for one request; with a batcher, its shared decode loop, carrying torch's RNG as
+        seeded now (so the request keeps its own random state while the lock is let go)."""
+        writer = (self.fast or self.model.writer).generate
+        return writer if self.batcher is None else self.batcher.decoder(writer)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Around a story's decode, inside the lock: with a batcher the lock is let go meanwhile (the decode loop owns
+        the writer), so other requests are captioned and join the running batch; without one it stays held."""
+        if self.batcher is None:
+            yield
+            return
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
 
     def warmup(self) -> None:
         """Compile the decode step now for one row and the default candidate batch (servers: before requests)."""
@@ -327,14 +349,17 @@ class StoryTeller:
                 gen_kwargs["suppress_tokens"] = avoided
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
+            decode = self._decoder()
             t = time.perf_counter()
-            if stream:
-                texts, emitted = yield from _streamed(self._decode, gen_kwargs, self.model.tokenizer, budget, cancel,
-                                                      timings, start, opening)
-            else:
-                with torch.no_grad():
-                    out = self._decode(**gen_kwargs)
-                texts = [opening + text for text in self.model.tokenizer.batch_decode(out, skip_special_tokens=True)]
+            with self._writing():
+                if stream:
+                    texts, emitted = yield from _streamed(decode, gen_kwargs, self.model.tokenizer, budget, cancel,
+                                                          timings, start, opening)
+                else:
+                    with torch.no_grad():
+                        out = decode(**gen_kwargs)
+                    texts = [opening + text for text in self.model.tokenizer.batch_decode(out,
+                                                                                          skip_special_tokens=True)]
             timings["generate_s"] = time.perf_counter() - t
             candidates = [finish_story(text, budget) for text in texts]
             t = time.perf_counter()

@@ -72,6 +72,7 @@ def build_app(teller: StoryTeller, *, model_name: str, json_api: bool = True, qu
         return {"status": "ok", "model": model_name, "device": str(teller.device), "dtype": teller.dtype,
                 "quantize": teller.quantize,
                 "json_api": json_api, "busy": admission.active if admission else 0, "queue_size": queue_size,
+                "batching": teller.batcher.load() if teller.batcher is not None else None,
                 "uptime_s": round(time.time() - started, 1)}
 
     delete_cache = (int(delete_cache_s), int(delete_cache_s)) if delete_cache_s else None
@@ -106,6 +107,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                  "precision and the fastest; none keeps the loaded bf16/float32 weights")
     parser.add_argument("--queue-size", type=int, default=8,
                         help="stories waiting or running per API before clients are told the server is busy")
+    parser.add_argument("--batching", action=argparse.BooleanOptionalAction, default=command == "serve",
+                        help="decode concurrent stories together in one continuous batch (default for serve); "
+                             "--no-batching writes them one at a time")
     parser.add_argument("--max-upload-mb", type=float, default=20,
                         help=f"largest upload (request body) accepted, in MB (more than 0, at most {MAX_UPLOAD_MB})")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
@@ -147,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmstory {args.command}: {err}", file=sys.stderr)
         return 2
     teller.warmup()  # compile the decode step before the first request, not during it
+    if args.batching and teller.fast is not None:
+        from mmstory.serve.batcher import Batcher
+
+        teller.batcher = Batcher(teller.fast)
+        teller.batcher.warmup()
     app = build_app(teller, model_name=str(args.model), json_api=args.command == "serve", queue_size=args.queue_size,
                     max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, delete_cache_s=args.delete_cache)
     print(f"mmstory {args.command}: http://{args.host}:{args.port}/ on {teller.device}"

@@ -1,0 +1,180 @@
+"""Continuous batching (mmstory.serve.batcher): a request gives the same tokens in the shared decode loop as alone,
+however other requests join and leave around it, and a request that is given up frees its rows."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import make_photo
+from transformers import StoppingCriteriaList
+
+from mmstory.decoding import FastDecoder
+from mmstory.generation import Cancelled
+from mmstory.serve.batcher import Batcher
+from mmstory.tiny import tiny_decoder
+
+
+@pytest.fixture(scope="module")
+def fast():
+    model, _ = tiny_decoder()
+    model.generation_config.eos_token_id = None  # fixed lengths unless a test asks for an end token
+    return FastDecoder(model.eval(), compile=False)
+
+
+@pytest.fixture
+def batcher(fast):
+    running = Batcher(fast)
+    yield running
+    running.close()
+
+
+def prompt(model, rows: int, length: int, seed: int) -> torch.Tensor:
+    """Prompt embeddings like the story writer's: 'visual prefix' vectors then token embeddings, each row its own."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, model.config.vocab_size, (rows, length - 4), generator=gen)
+    prefix = torch.randn(rows, 4, model.config.hidden_size, generator=gen) * 0.05
+    with torch.no_grad():
+        return torch.cat([prefix, model.get_input_embeddings()(ids)], dim=1)
+
+
+class Gate:
+    """A streamer for the first request that, at its `at`-th token, sends the second request in and waits until it
+    is queued: the second then joins the running batch at the next step, whatever the machine's speed."""
+
+    def __init__(self, batcher: Batcher, at: int, start_second):
+        self.batcher, self.at, self.start_second, self.puts, self.rows_seen = batcher, at, start_second, 0, []
+        self.second: threading.Thread | None = None
+
+    def put(self, tokens: torch.Tensor) -> None:
+        self.puts += 1
+        self.rows_seen.append(self.batcher.load()["rows"])
+        if self.puts == self.at + 1:  # (the first put is the empty prompt)
+            self.second = threading.Thread(target=self.start_second)
+            self.second.start()
+            while not self.batcher.load()["waiting"]:
+                self.second.join(timeout=0.01)
+                assert self.second.is_alive(), "the second request ended before it was queued"
+
+    def end(self) -> None:
+        pass
+
+
+SETTINGS = [
+    pytest.param(dict(do_sample=False), dict(do_sample=False), id="greedy"),
+    pytest.param(dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=5),
+                 dict(do_sample=True, temperature=1.1, top_k=0, top_p=0.95, no_repeat_ngram_size=3, seed=9),
+                 id="seeded-sampling"),
+]
+
+
+@pytest.mark.parametrize("first_settings, second_settings", SETTINGS)
+def test_overlapping_requests_get_what_they_get_alone(fast, batcher, first_settings, second_settings):
+    """Two requests with different prompt lengths and row counts, the second joining mid-way and leaving first:
+    each gets exactly its tokens decoded alone by FastDecoder."""
+    model = fast.model
+    first, second = prompt(model, 2, 15, seed=1), prompt(model, 3, 9, seed=2)
+    first_args = dict(max_new_tokens=40, pad_token_id=0, **first_settings)
+    second_args = dict(max_new_tokens=12, pad_token_id=0, **second_settings)
+    alone = fast.generate(first, **first_args), fast.generate(second, **second_args)
+    got = {}
+
+    def run_second():
+        got["second"] = batcher.generate(second, **second_args)
+
+    gate = Gate(batcher, 5, run_second)
+    got["first"] = batcher.generate(first, streamer=gate, **first_args)
+    gate.second.join()
+    assert max(gate.rows_seen) == 5 and gate.rows_seen[-1] == 2  # they did share steps, and the second left first
+    assert torch.equal(got["first"], alone[0])
+    assert torch.equal(got["second"], alone[1])
+    assert batcher.load() == {"jobs": 0, "rows": 0, "waiting": 0, "steps": batcher.steps}
+
+
+def test_a_request_given_up_frees_its_rows(fast, batcher):
+    """What the server does when a streaming client goes away: the story's cancel event is set, and the request's
+    rows leave the batch at the next step (its tokens so far returned), not at max_new_tokens."""
+    cancel, started = threading.Event(), threading.Event()
+
+    class FirstTokens:
+        def put(self, tokens):
+            if tokens.numel():
+                started.set()
+
+        def end(self):
+            pass
+
+    got = {}
+    worker = threading.Thread(target=lambda: got.update(tokens=batcher.generate(
+        prompt(fast.model, 2, 10, seed=3), streamer=FirstTokens(), max_new_tokens=4000, pad_token_id=0,
+        stopping_criteria=StoppingCriteriaList([Cancelled(cancel)]))))
+    worker.start()
+    started.wait()
+    cancel.set()
+    worker.join()
+    assert got["tokens"].shape[0] == 2 and got["tokens"].shape[1] < 4000
+    assert batcher.load()["rows"] == 0 and batcher.load()["jobs"] == 0
+
+
+def test_bad_settings_fail_in_the_caller_and_the_loop_goes_on(fast, batcher):
+    embeds = prompt(fast.model, 1, 8, seed=4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        batcher.generate(embeds, max_new_tokens=0)
+    assert torch.equal(batcher.generate(embeds, max_new_tokens=5, pad_token_id=0),
+                       fast.generate(embeds, max_new_tokens=5, pad_token_id=0))
+
+
+def test_close_fails_waiting_requests(fast):
+    closed = Batcher(fast)
+    closed.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        closed.generate(prompt(fast.model, 1, 8, seed=5), max_new_tokens=3)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_seeded_story_is_the_same_through_the_batcher(tiny_model, stream):
+    """A lone seeded story (sampled candidates, the default settings) is exactly today's, streamed or not."""
+    from mmstory.generation import StoryTeller
+
+    teller = StoryTeller(tiny_model, dtype="float32", compile=False)
+    photo = make_photo(4)
+    settings = dict(length=20, max_new_tokens=30, seed=7, style="adventure", num_candidates=1 if stream else 3)
+
+    def story():
+        if stream:
+            return list(teller.stream_result(photo, **settings))[-1]
+        return teller.generate_story(photo, **settings)
+
+    before = story()
+    teller.batcher = Batcher(teller.fast)
+    try:
+        after = story()
+        assert teller.batcher.steps > 0  # it did go through the shared loop
+    finally:
+        teller.batcher.close()
+    assert after.candidates == before.candidates and after.story == before.story
+
+
+def test_the_model_lock_serves_waiters_in_arrival_order():
+    from mmstory.locks import FairLock
+
+    lock, order = FairLock(), []
+    lock.acquire()
+
+    def wait_then_record(i: int) -> None:
+        with lock:
+            order.append(i)
+
+    threads = []
+    for i in range(6):
+        threads.append(threading.Thread(target=wait_then_record, args=(i,)))
+        threads[-1].start()
+        while len(lock._queue) < i + 1:  # each one queued before the next asks
+            threads[-1].join(timeout=0.005)
+    lock.release()
+    for thread in threads:
+        thread.join()
+    assert order == list(range(6)) and not lock.locked()
+    with pytest.raises(RuntimeError):
+        lock.release()
