@@ -16,9 +16,14 @@ class FairLock:
         self._queue: deque[object] = deque()
         self._held = False
 
-    def acquire(self) -> bool:
+    def acquire(self, blocking: bool = True) -> bool:
         ticket = object()
         with self._cond:
+            if not blocking:  # only when free and nobody is waiting: a non-blocking caller does not jump the queue
+                if self._held or self._queue:
+                    return False
+                self._held = True
+                return True
             self._queue.append(ticket)
             try:
                 while self._held or self._queue[0] is not ticket:

@@ -178,3 +178,5 @@ def test_the_model_lock_serves_waiters_in_arrival_order():
     assert order == list(range(6)) and not lock.locked()
     with pytest.raises(RuntimeError):
         lock.release()
+    assert lock.acquire(blocking=False) and not lock.acquire(blocking=False)  # like threading.Lock
+    lock.release()
