@@ -10,7 +10,8 @@ The steps, each recorded in the trace it returns:
    "A <word>" (the word fills the subject's slot and the decoder goes on, as in Neural Baby Talk); else a word at
    least `caption_concepts` sure that the caption does not name is required (constrained beam search);
 4. hedge: with no sure word, an unsupported subject and agreement under `caption_hedge_agreement`, the caption
-   starts from the most specific word at least `caption_hedge` sure ("An animal"), or stays, marked unsure.
+   starts from the most specific word at least `caption_hedge` sure ("An animal"), or stays, marked unsure;
+5. tidy: the forms a forced word leaves behind ("on a buses", "A baseball baseball player") are mended.
 The model decodes, the policy decides (`revise` after the first beams, `choose` at the end); every switch lives
 in `GenerationConfig` (generation_config.json beside the weights).
 """
@@ -173,7 +174,7 @@ class CaptionPolicy:
                first_choice: str | None = None) -> CaptionChoice:
         """The final caption among `beams` (from the second search when there was one), how sure it is, the trace."""
         best = self.rerank(beams, agreement, plan)
-        caption = self._agree_in_number(plan, beams[best][1])
+        caption = tidy(self._agree_in_number(plan, beams[best][1]), self.table.singular)
         if plan is None:
             return CaptionChoice(caption, 0.0, False, agreement[best])
         trace = list(plan.trace)
@@ -231,3 +232,20 @@ class CaptionPolicy:
         support = (self.table.confidence(plan.pooled, group) if group in self.table.index
                    else self.table.animal_mass(plan.probs))
         return support >= max(UNSUPPORTED_ANIMAL, ANIMAL_SHARE * rival)
+
+
+def tidy(caption: str, singular: dict[str, str]) -> str:
+    """"A woman is sitting on a buses." -> "... on a bus."; "A baseball baseball player" -> "A baseball player":
+    an added word may be written in either number, and a caption made to start with a word may say it again."""
+    out: list[str] = []
+    for token in caption.split(" "):
+        if out and token.lower() == out[-1].lower() and token.isalpha():
+            continue
+        bare = token.rstrip(".,!?;:")
+        if out and out[-1].lower() in ("a", "an") and bare.lower() in singular:
+            one = singular[bare.lower()]
+            article = "an" if one[0] in "aeiou" else "a"
+            out[-1] = article.capitalize() if out[-1][0].isupper() else article
+            token = one + token[len(bare):]
+        out.append(token)
+    return " ".join(out)

@@ -139,6 +139,8 @@ class ImageNetWords:
             members.setdefault(word.strip(), set()).update(_ranges(ranges))
         self.words = [Word(w, tuple(sorted(c))) for w, c in sorted(members.items())]
         self.index = {w.text: i for i, w in enumerate(self.words)}
+        # one-word plurals back to their word, for a caption that put a plural after "a"
+        self.singular = {w.plural: w.text for w in self.words if " " not in w.text and w.plural != w.text}
         membership = torch.zeros(len(self.words), 1000)
         for i, word in enumerate(self.words):
             membership[i, list(word.classes)] = 1.0

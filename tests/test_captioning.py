@@ -114,6 +114,20 @@ def test_choose_says_whether_the_picture_shows_a_person():
     assert not rules.choose(rules.plan(probs_of(espresso=0.9)[None])[0], [(-1.0, "Some coffee.")], [0.0]).people
 
 
+@pytest.mark.parametrize("caption, expected", [
+    ("A woman is sitting on a buses.", "A woman is sitting on a bus."),
+    ("A skis on the beach.", "A ski on the beach."),
+    ("A man is standing next to a rackets.", "A man is standing next to a racket."),
+    ("A baseball baseball player is running.", "A baseball player is running."),
+    ("Two dogs are playing with buses.", "Two dogs are playing with buses."),  # a plural where a plural belongs
+    ("A sheep is eating.", "A sheep is eating."),
+])
+def test_a_forced_word_reads_as_english(caption, expected):
+    from mmstory.caption_policy import tidy
+
+    assert tidy(caption, imagenet_words().singular) == expected
+
+
 def test_policy_switches_are_validated():
     with pytest.raises(ValueError, match="caption_hedge"):
         GenerationConfig(caption_hedge=2.0)
