@@ -339,12 +339,7 @@ class StoryTeller:
                 pad_token_id=self.model.tokenizer.pad_token_id,
                 stopping_criteria=StoppingCriteriaList([stopper, Cancelled(cancel)]),
             )
-            avoided = word_token_ids(self.model.tokenizer, self.model.generation_config.story_avoid_words)
-            config = self.model.generation_config
-            if not people_shown(seen.choices, prompt, previous, config):
-                avoided = sorted({*avoided, *word_token_ids(self.model.tokenizer, PERSON_WORDS, spaced_only=True)})
-            if config.story_third_person and not first_person(prompt) and not first_person(previous):
-                avoided = sorted({*avoided, *word_token_ids(self.model.tokenizer, FIRST_PERSON, spaced_only=True)})
+            avoided = avoided_tokens(self.model.tokenizer, self.model.generation_config, seen.choices, prompt, previous)
             if avoided:
                 gen_kwargs["suppress_tokens"] = avoided
             if settings.seed is not None:
@@ -477,6 +472,18 @@ def word_token_ids(tokenizer, words: Sequence[str], spaced_only: bool = False) -
                 if len(encoded) == 1:
                     ids.add(encoded[0])
     return sorted(ids)
+
+
+def avoided_tokens(tokenizer, config: GenerationConfig, choices: Sequence[CaptionChoice], prompt: str | None,
+                   previous: str | None) -> list[int]:
+    """The writer's `suppress_tokens` for one story: the config's avoided words, person words where nothing shows
+    a person, first-person words where the story is to stay in the third person."""
+    avoided = set(word_token_ids(tokenizer, config.story_avoid_words))
+    if not people_shown(choices, prompt, previous, config):
+        avoided.update(word_token_ids(tokenizer, PERSON_WORDS, spaced_only=True))
+    if config.story_third_person and not first_person(prompt) and not first_person(previous):
+        avoided.update(word_token_ids(tokenizer, FIRST_PERSON, spaced_only=True))
+    return sorted(avoided)
 
 
 def people_shown(choices: Sequence[CaptionChoice], prompt: str | None, previous: str | None,

@@ -109,3 +109,21 @@ def test_same_seed_same_story(teller):
     a = teller.generate_story(example_image("coffee"), length=40, num_candidates=2, seed=5).story
     b = teller.generate_story(example_image("coffee"), length=40, num_candidates=2, seed=5).story
     assert a == b
+
+
+def test_a_picture_without_people_keeps_person_words_and_the_narrator_out_of_the_story(teller):
+    from mmstory.generation import avoided_tokens
+
+    coffee = teller.caption_choices([example_image("coffee")])[0]
+    assert not coffee.people, coffee  # an espresso: no person in the caption or the classes
+    tokenizer, config = teller.model.tokenizer, teller.model.generation_config
+    avoided = set(avoided_tokens(tokenizer, config, [coffee], None, None))
+    for word in (" man", " woman", " family", " I", " my", " we"):
+        assert tokenizer(word, add_special_tokens=False).input_ids[0] in avoided, word
+    for word in (" coffee", " cup", " season", " Ice"):  # the picture's words, and words that only start alike
+        assert not set(tokenizer(word, add_special_tokens=False).input_ids) & avoided, word
+    asked = set(avoided_tokens(tokenizer, config, [coffee], "A story about my grandfather's coffee.", None))
+    assert tokenizer(" man", add_special_tokens=False).input_ids[0] not in asked  # the request brings a person
+    assert tokenizer(" my", add_special_tokens=False).input_ids[0] not in asked  # and speaks as "I"
+    story = teller.generate_story(example_image("coffee"), seed=0, length=40, num_candidates=2).story
+    assert not re.search(r"(?<= )(I|my|we|our|man|woman)\b", story, re.IGNORECASE), story  # no word-initial form
