@@ -1,7 +1,8 @@
 """A blind pairwise reading of two story benchmarks' stories: which one would a reader keep?
 
     python scripts/blind_pairs.py sheet before.json after.json --count 24 --out /tmp/reading    # sheet.md + key.json
-    (read sheet.md; write one line per pair into choices.txt: "1 A", "2 B", ... ; "=" for no preference)
+    (read sheet.md; write one line per pair into choices.txt: "1 A", "2 B", ... ; "=" for no preference; optionally
+     each story's 1-5 score for "a story a reader would keep", A's then B's: "1 A 4 2")
     python scripts/blind_pairs.py tally /tmp/reading/key.json /tmp/reading/choices.txt
 
 The sheet shows, per image, the model's caption and the two stories in a random order (seeded), without saying
@@ -42,15 +43,21 @@ def sheet(first: Path, second: Path, count: int, out: Path, seed: int) -> None:
 def tally(key_path: Path, choices_path: Path) -> None:
     key = {row["pair"]: row for row in json.loads(key_path.read_text())}
     wins: dict[str, list[int]] = {}
+    scores: dict[str, list[int]] = {}
     for line in choices_path.read_text().splitlines():
         if not line.strip() or line.startswith("#"):
             continue
-        pair, choice = line.split()[:2]
+        pair, choice, *marks = line.split()
         row = key[int(pair)]
         winner = "no preference" if choice == "=" else row[choice.upper()]
         wins.setdefault(winner, []).append(int(pair))
+        for side, mark in zip("AB", marks[:2]):
+            scores.setdefault(row[side], []).append(int(mark))
     for winner, pairs in sorted(wins.items(), key=lambda item: -len(item[1])):
         print(f"{winner}: {len(pairs)} ({', '.join(map(str, pairs))})")
+    for name, marks in scores.items():
+        kept = sum(m >= 4 for m in marks)
+        print(f"{name}: mean score {sum(marks) / len(marks):.2f} of 5 over {len(marks)}; scored 4 or 5 (kept): {kept}")
 
 
 def main() -> None:
