@@ -129,7 +129,7 @@ class CaptionPolicy:
         """Set `plan.prefix` or `plan.required` when `caption` (the first search's choice) must be written again;
         True when it must."""
         group = subject_group(caption)
-        checked = self._sure(plan, self.config.caption_class_check)
+        checked = self._sure(plan, self.config.caption_class_check, subject=True)
         if checked is not None:
             word, p = checked
             if self._names(caption, word):
@@ -153,14 +153,16 @@ class CaptionPolicy:
             return False
         if self._supported(plan, group):
             return False
-        found = self.table.sure_word(plan.pooled, self.config.caption_hedge, exclude=())
+        found = self.table.sure_word(plan.pooled, self.config.caption_hedge, exclude=self.table.settings)
         if found is None or found[0].text in self._kind_of_group(group):
             return False
         return self._start_with(plan, found[0], f"hedge: nothing vouches for the caption's {group} (agreement "
                                                 f"{agreement:.2f}); '{found[0].text}' is {found[1]:.2f} sure")
 
-    def _sure(self, plan: CaptionPlan, threshold: float) -> tuple[Word, float] | None:
-        return self.table.sure_word(plan.pooled, threshold) if threshold > 0 else None
+    def _sure(self, plan: CaptionPlan, threshold: float, subject: bool = False) -> tuple[Word, float] | None:
+        """The most specific word at least `threshold` sure; `subject`: one that can start a caption (no setting)."""
+        exclude = ("animal", *self.table.settings) if subject else ("animal",)
+        return self.table.sure_word(plan.pooled, threshold, exclude=exclude) if threshold > 0 else None
 
     def _start_with(self, plan: CaptionPlan, word: Word, why: str) -> bool:
         if word.text not in self.forms or self.opening is None:

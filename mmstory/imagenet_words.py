@@ -77,6 +77,14 @@ _PERSON_TEXT = """
 416 422 429 430 450 522 543 574 602 693 702 722 746 747 752 768 795 805 852 880 890
 """
 
+# places, buildings, landscapes and the fixed parts of them: a scene to be in, never a caption's subject ("A lumbermill
+# is jumping in the air" for a skateboarder in front of one), so a check or hedge never starts a caption with them
+_SETTING_TEXT = """
+406 410 415 421 424 425 437 442 449 454 460 467 483 489 497 498 500 509 525 536 538 540 562 580 582 598 602 624 634
+646 649 663 668 682 698 702 706 716 718 727 743 762 788 819 821 825 832 839 853 854 858 860 865 873 884 888 900 912
+915 970 972-980 984
+"""
+
 _IRREGULAR_PLURALS = {"mouse": "mice", "sheep": "sheep", "fish": "fish", "ox": "oxen", "wolf": "wolves",
                       "deer": "deer", "buffalo": "buffalo", "bread": "bread", "food": "food", "corn": "corn",
                       "coffee": "coffee", "wine": "wine", "broccoli": "broccoli", "toilet paper": "toilet paper"}
@@ -147,6 +155,8 @@ class ImageNetWords:
         self.membership = membership  # [words, classes]
         self.sizes = membership.sum(1)
         self.person_classes = _ranges(_PERSON_TEXT)
+        setting = set(_ranges(_SETTING_TEXT))
+        self.settings = tuple(w.text for w in self.words if set(w.classes) <= setting)
         self.animal = self.words[self.index["animal"]]
 
     def pooled(self, probs: torch.Tensor) -> torch.Tensor:

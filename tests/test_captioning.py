@@ -11,6 +11,7 @@ from mmstory.imagenet_words import imagenet_words, plural
 
 ZEBRA, ORANGE, BANANA, LEMON, CHEETAH, GOLDEN_RETRIEVER, TABBY, ESPRESSO, JERSEY = (340, 950, 954, 951, 293, 207,
                                                                                      281, 967, 610)
+LUMBERMILL, VALLEY = 634, 979
 
 
 def probs_of(**classes: float) -> torch.Tensor:
@@ -73,6 +74,15 @@ def test_a_caption_that_agrees_or_an_unsure_class_is_kept(caption, probs):
     plan = rules.plan(probs_of(**probs)[None])[0]
     assert not rules.revise(plan, caption, agreement=0.0) or plan.required is not None
     assert plan.prefix == ()
+
+
+@pytest.mark.parametrize("probs", [dict(lumbermill=0.7), dict(valley=0.8)])
+def test_a_sure_place_is_never_made_the_subject(probs):
+    rules = policy(caption_hedge=0.3, caption_hedge_agreement=0.0)
+    plan = rules.plan(probs_of(**probs)[None])[0]
+    rules.revise(plan, "A skateboarder is jumping over a fence.", agreement=-0.3)
+    assert plan.prefix == ()  # not "A lumbermill is jumping ..."; at most the place is required as a word
+    assert all(not step.startswith(("check", "hedge")) for step in plan.trace), plan.trace
 
 
 def test_a_supported_person_keeps_the_subject_and_the_word_is_required():
