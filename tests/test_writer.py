@@ -133,7 +133,7 @@ def test_the_old_flat_writer_config_reads_into_sections(tmp_path):
     again = TrainConfig.from_dict(yaml_round_trip(config))  # written out, it reads back in the new layout
     assert again == config
     mix = TrainConfig.load(CONFIG_DIR / "writer_mix.yaml")
-    assert (mix.max_steps, mix.epochs, mix.writer.max_tokens) == (120, 2, 448)
+    assert (mix.max_steps, mix.epochs, mix.writer.max_tokens) == (200, 2, 448)
     with pytest.raises(ValueError, match="writer.train"):
         WriterSection(train="frozen")
     with pytest.raises(ValueError, match="task must be"):
