@@ -241,13 +241,21 @@ class CaptionDecoder(nn.Module):
         `logit_bias`: [images, size] added to every step's logits (what lets added words be written);
         `prefixes`: per image, compact ids its captions start with (`beam_search`)."""
         steps = min(max_new_tokens or self.max_length, self.max_length)
-        required = [None] * image_tokens.shape[0] if required is None else list(required)
-        if len(required) != image_tokens.shape[0]:
-            raise ValueError(f"required has {len(required)} entries for {image_tokens.shape[0]} images")
-        return [beam_search(self, image_tokens[i: i + 1], steps, num_beams, length_penalty, repetition_penalty,
-                            None if tag_ids is None else tag_ids[i: i + 1], required[i],
-                            None if logit_bias is None else logit_bias[i], prefixes[i] if prefixes else ())
-                for i in range(image_tokens.shape[0])]
+        count = image_tokens.shape[0]
+        required = [None] * count if required is None else list(required)
+        if len(required) != count:
+            raise ValueError(f"required has {len(required)} entries for {count} images")
+        prefixes = [tuple(p) for p in prefixes] if prefixes else [()] * count
+        found: list[list[tuple[float, list[int]]]] = [[] for _ in range(count)]
+        for length in sorted({len(p) for p in prefixes}):  # one batched search per prefix length
+            rows = [i for i in range(count) if len(prefixes[i]) == length]
+            index = torch.tensor(rows, device=image_tokens.device)
+            results = beam_search(self, image_tokens[index], steps, num_beams, length_penalty, repetition_penalty,
+                                  None if tag_ids is None else tag_ids[index], [required[i] for i in rows],
+                                  None if logit_bias is None else logit_bias[index], [prefixes[i] for i in rows])
+            for i, result in zip(rows, results):
+                found[i] = result
+        return found
 
     @torch.no_grad()
     def sample(self, image_tokens: torch.Tensor, num_samples: int = 1, temperature: float = 1.0,
@@ -291,66 +299,107 @@ class CaptionDecoder(nn.Module):
 
 def beam_search(decoder: CaptionDecoder, image_tokens: torch.Tensor, steps: int, beams: int, length_penalty: float,
                 repetition_penalty: float, tag_ids: torch.Tensor | None = None,
-                required: Sequence[int] | None = None, logit_bias: torch.Tensor | None = None,
-                prefix: Sequence[int] = ()) -> list[tuple[float, list[int]]]:
-    """Beam search for one image. With `required` (compact ids of one word's forms), constrained beam search
-    (Anderson et al., 2017): a second bank of `beams` hypotheses that have not written one of them yet, and
-    only captions that contain one finish; if none does within `steps`, the open hypotheses are returned.
-    `prefix`: compact ids every caption starts with (Neural Baby Talk's slot, filled before the caption is
-    written: "A zebra" and the decoder goes on); they count towards `steps` and the captions include them."""
-    required = list(required) if required else None  # no forms: no constraint
-    ids = torch.tensor([[decoder.BOS, *prefix]], dtype=torch.long, device=image_tokens.device)
-    scores = torch.zeros(1, device=ids.device)
-    has_word = torch.tensor([required is None or any(t in required for t in prefix)], device=ids.device)
+                required: Sequence[Sequence[int] | None] | None = None, logit_bias: torch.Tensor | None = None,
+                prefixes: Sequence[Sequence[int]] | None = None) -> list[list[tuple[float, list[int]]]]:
+    """Beam search for a batch of images: every step is one decoder step over all their open beams (a small decoder's
+    step costs about the same for 5 rows as for 40), while each image keeps its own beams, banks and stopping rule,
+    so an image gets the captions it gets alone. With `required[i]` (compact ids of one word's forms), constrained
+    beam search (Anderson et al., 2017): a second bank of `beams` hypotheses that have not written one of them yet,
+    and only captions that contain one finish; if none does within `steps`, the open hypotheses are returned.
+    `prefixes[i]`: compact ids image i's captions start with (Neural Baby Talk's slot, filled before the caption is
+    written: "A zebra" and the decoder goes on), all of one length; they count towards `steps` and the captions
+    include them. `logit_bias`: [images, size]."""
+    count, device = image_tokens.shape[0], image_tokens.device
+    prefixes = [list(p) for p in prefixes] if prefixes else [[] for _ in range(count)]
+    required = [list(r) if r else None for r in required] if required is not None else [None] * count
+    start = len(prefixes[0])
+    if any(len(p) != start for p in prefixes) or len(prefixes) != count or len(required) != count:
+        raise ValueError("beam_search needs one prefix (all of one length) and one required entry per image")
+    ids = torch.tensor([[decoder.BOS, *p] for p in prefixes], dtype=torch.long, device=device)
+    scores = torch.zeros(count, device=device)
+    has_word = torch.tensor([r is None or any(t in r for t in p) for r, p in zip(required, prefixes)], device=device)
+    owner = list(range(count))  # the image each row of the batch belongs to; an image's rows are contiguous
+    bias = logit_bias
     state = decoder.start(image_tokens, tag_ids)
-    for token in ids[:, :-1].T:  # the prefix's keys and values; its log-probability is not scored
-        decoder.step(state, token, logit_bias)
-    finished: list[tuple[float, list[int]]] = []
-    for step in range(len(prefix), steps):
-        logits = _penalise_repeats(decoder.step(state, ids[:, -1], logit_bias), ids[:, 1:], repetition_penalty)
-        if prefix and step == len(prefix):  # the prefix's last word is whole: a new word, not a suffix, follows it
+    for token in ids[:, :-1].T:  # the prefixes' keys and values; their log-probability is not scored
+        decoder.step(state, token, bias)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(count)]
+    last_open: dict[int, tuple] = {}  # per image whose search is over: its open rows then (for the fallback)
+    for step in range(start, steps):
+        logits = _penalise_repeats(decoder.step(state, ids[:, -1], bias), ids[:, 1:], repetition_penalty)
+        if start and step == start:  # the prefix's last word is whole: a new word, not a suffix, follows it
             logits = logits.masked_fill(~decoder.word_starts.to(logits.device), float("-inf"))
         logprobs = scores[:, None] + logits.log_softmax(-1)
         vocab = logprobs.shape[-1]
-        # bank 1: hypotheses that contain the word (all of them when none is required); an open hypothesis
-        # without it joins bank 1 by writing it, and stays in bank 2 (where it cannot end) otherwise
-        with_word = logprobs.masked_fill(~has_word[:, None], float("-inf"))
-        banks = [(with_word, True)]
-        if required is not None:
-            with_word[:, required] = logprobs[:, required]
-            without = logprobs.masked_fill(has_word[:, None], float("-inf"))
-            without[:, required + [decoder.EOS]] = float("-inf")
-            banks.append((without, False))
-        next_rows, next_scores, sources, next_has = [], [], [], []
-        for bank, contains in banks:
-            top_scores, top_index = bank.view(-1).topk(min(2 * beams, bank.numel()))
-            kept = 0
-            for score, index in zip(top_scores.tolist(), top_index.tolist()):
-                if score == float("-inf") or kept == beams:
-                    break
-                row, token = divmod(index, vocab)
-                sequence = ids[row, 1:].tolist() + [token]
-                if token == decoder.EOS:
-                    finished.append((score / (len(sequence) ** length_penalty), sequence[:-1]))
-                else:
-                    next_rows.append(sequence)
-                    next_scores.append(score)
-                    sources.append(row)
-                    next_has.append(contains)
-                    kept += 1
-        best_finished = max((f[0] for f in finished), default=float("-inf"))
-        best_open = max(next_scores, default=float("-inf")) / ((step + 2) ** length_penalty)
-        if not next_rows or (len(finished) >= beams and best_finished > best_open):
+        next_rows, next_scores, sources, next_has, next_owner = [], [], [], [], []
+        for image, first, last in _blocks(owner):
+            block, block_has = logprobs[first:last], has_word[first:last]
+            # bank 1: hypotheses that contain the word (all of them when none is required); an open hypothesis
+            # without it joins bank 1 by writing it, and stays in bank 2 (where it cannot end) otherwise
+            with_word = block.masked_fill(~block_has[:, None], float("-inf"))
+            banks = [(with_word, True)]
+            if required[image] is not None:
+                with_word[:, required[image]] = block[:, required[image]]
+                without = block.masked_fill(block_has[:, None], float("-inf"))
+                without[:, required[image] + [decoder.EOS]] = float("-inf")
+                banks.append((without, False))
+            rows, row_scores, row_sources, row_has = [], [], [], []
+            for bank, contains in banks:
+                top_scores, top_index = bank.view(-1).topk(min(2 * beams, bank.numel()))
+                kept = 0
+                for score, index in zip(top_scores.tolist(), top_index.tolist()):
+                    if score == float("-inf") or kept == beams:
+                        break
+                    row, token = divmod(index, vocab)
+                    sequence = ids[first + row, 1:].tolist() + [token]
+                    if token == decoder.EOS:
+                        finished[image].append((score / (len(sequence) ** length_penalty), sequence[:-1]))
+                    else:
+                        rows.append(sequence)
+                        row_scores.append(score)
+                        row_sources.append(first + row)
+                        row_has.append(contains)
+                        kept += 1
+            best_finished = max((f[0] for f in finished[image]), default=float("-inf"))
+            best_open = max(row_scores, default=float("-inf")) / ((step + 2) ** length_penalty)
+            if not rows or (len(finished[image]) >= beams and best_finished > best_open):
+                last_open[image] = (scores[first:last], ids[first:last], has_word[first:last])
+                continue
+            next_rows += rows
+            next_scores += row_scores
+            sources += row_sources
+            next_has += row_has
+            next_owner += [image] * len(rows)
+        if not next_rows:
             break
-        ids = torch.tensor([[decoder.BOS] + row for row in next_rows], device=ids.device)
-        scores = torch.tensor(next_scores, device=ids.device)
-        has_word = torch.tensor(next_has, device=ids.device)
-        state.select(torch.tensor(sources, device=ids.device))
-    if not finished:  # out of steps: the open hypotheses, those with the required word if any has it
-        open_rows = [(s / (len(r) ** length_penalty), r, has) for s, r, has
-                     in zip(scores.tolist(), ids[:, 1:].tolist(), has_word.tolist())]
-        finished = [(s, r) for s, r, has in open_rows if has] or [(s, r) for s, r, _ in open_rows]
-    return sorted(finished, key=lambda item: -item[0])[:beams]
+        ids = torch.tensor([[decoder.BOS] + row for row in next_rows], device=device)
+        scores = torch.tensor(next_scores, device=device)
+        has_word = torch.tensor(next_has, device=device)
+        owner = next_owner
+        bias = None if logit_bias is None else logit_bias[torch.tensor(owner, device=device)]
+        state.select(torch.tensor(sources, device=device))
+    else:
+        for image, first, last in _blocks(owner):  # out of steps: these images' searches end with the loop
+            last_open[image] = (scores[first:last], ids[first:last], has_word[first:last])
+    results = []
+    for image in range(count):
+        if not finished[image]:  # out of steps: the open hypotheses, those with the required word if any has it
+            open_scores, open_ids, open_has = last_open[image]
+            open_rows = [(s / (len(r) ** length_penalty), r, has) for s, r, has
+                         in zip(open_scores.tolist(), open_ids[:, 1:].tolist(), open_has.tolist())]
+            finished[image] = [(s, r) for s, r, has in open_rows if has] or [(s, r) for s, r, _ in open_rows]
+        results.append(sorted(finished[image], key=lambda item: -item[0])[:beams])
+    return results
+
+
+def _blocks(owner: list[int]) -> list[tuple[int, int, int]]:
+    """(image, first row, end row) for each run of rows that belong to one image."""
+    blocks, first = [], 0
+    for row in range(1, len(owner) + 1):
+        if row == len(owner) or owner[row] != owner[first]:
+            blocks.append((owner[first], first, row))
+            first = row
+    return blocks
 
 
 class DecodeState:

@@ -302,6 +302,25 @@ def test_constrained_beam_search_writes_a_required_word(tiny_model):
     assert all(word in ids or plural in ids for _, ids in either[0]) and all(plural in ids for _, ids in either[1])
 
 
+def test_beam_search_over_a_batch_gives_each_image_its_own_captions(tiny_model):
+    """One decoder step serves every image's beams; each image's captions are those it gets searched alone, with
+    its own constraint, prefix (of any length) and logit bias."""
+    tiny_model.eval()
+    decoder = tiny_model.caption_decoder
+    with torch.no_grad():
+        tokens, _ = tiny_model.encode_image(_pixels(tiny_model, n=4))
+        usable = [t for t in (~decoder._unusable).nonzero()[:, 0].tolist() if t != decoder.EOS]
+        required = [(usable[3],), None, (usable[5], usable[6]), None]
+        prefixes = [(), (usable[1],), (usable[2],), (usable[1], usable[4])]
+        bias = torch.randn(4, decoder.size, generator=torch.Generator().manual_seed(0))
+        together = decoder.candidates(tokens, 6, num_beams=3, required=required, logit_bias=bias, prefixes=prefixes)
+        alone = [decoder.candidates(tokens[i:i + 1], 6, num_beams=3, required=[required[i]],
+                                    logit_bias=bias[i:i + 1], prefixes=[prefixes[i]])[0] for i in range(4)]
+    assert together == alone
+    assert all(ids[:len(prefixes[i])] == list(prefixes[i]) for i in range(4) for _, ids in together[i])
+    assert all(usable[3] in ids for _, ids in together[0])
+
+
 def test_caption_decoder_compact_vocabulary():
     config = get_model_config("tiny")
     config.caption_decoder.vocab_size = 12
