@@ -45,7 +45,7 @@ from mmstory.prompts import (  # noqa: F401 - re-exported: the prompt and its ch
     word_budget,
 )
 from mmstory.safety import ContentFilter
-from mmstory.seeing import Seen, SharedSight, see, writer_prompt
+from mmstory.seeing import Seen, see, writer_prompt
 from mmstory.text import (
     PERSON_WORDS,
     content_word_recall,
@@ -186,7 +186,6 @@ class StoryTeller:
         self.filter = content_filter if content_filter is not None else ContentFilter()
         self._lock = FairLock()  # one generation at a time per model, in arrival order: torch threads are shared
         self.batcher = None  # a server's shared decode loop (mmstory.serve.batcher.Batcher); None: decode here
-        self.sight: SharedSight | None = None  # a server's shared caption step; None: each request captions alone
 
     def _decode(self, **kwargs) -> torch.Tensor:
         """The story writer's `generate`: FastDecoder where it applies (beam search goes to transformers inside)."""
@@ -242,14 +241,9 @@ class StoryTeller:
     def _encode(self, pil_images: list) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.encode_image(self.processor.batch(pil_images).to(self.device))
 
-    @contextlib.contextmanager
-    def _seeing(self, pil_images: list) -> Iterator[Seen]:
-        """Hold the model lock with the pictures captioned (the step a story and an answer share). With a server's
-        shared sight, the pictures of the requests queued for the lock meanwhile are captioned in the same batch."""
-        pixels = self.processor.batch(pil_images).to(self.device)
-        ticket = self.sight.submit(pixels) if self.sight is not None else None
-        with self._lock:
-            yield see(self.model, pixels) if ticket is None else self.sight.collect(ticket)
+    def _see(self, pil_images: list) -> Seen:
+        """The pictures captioned (the step a story and an answer share); call it holding the lock."""
+        return see(self.model, self.processor.batch(pil_images).to(self.device))
 
     @torch.no_grad()
     def caption(self, images: ImageInput | Sequence[ImageInput], num_beams: int | None = None,
@@ -313,7 +307,8 @@ class StoryTeller:
         style_text, tone_text, audience_text = request.style_text, request.tone_text, request.audience_text
         pil_images = self._load_images(images)
         timings = {}
-        with self._seeing(pil_images) as seen:
+        with self._lock:
+            seen = self._see(pil_images)
             captions, hints, timings["caption_s"] = seen.captions, seen.hints, seen.seconds
             instruction = build_instruction(captions, prompt, style_text, tone_text, audience_text, budget, previous,
                                             with_images=self.model.generation_config.story_prefix, hints=hints)
@@ -422,7 +417,8 @@ class StoryTeller:
         start = time.perf_counter()
         question = check_answer_request(question, max_new_tokens, seed, self.filter)  # before any model work
         pil_images = self._load_images(images)
-        with self._seeing(pil_images) as seen:
+        with self._lock:
+            seen = self._see(pil_images)
             return answer_question(self.model, seen, question, self._decode, self.filter,
                                    max_new_tokens=max_new_tokens, seed=seed, start=start)
 

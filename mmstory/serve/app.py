@@ -29,7 +29,6 @@ except ImportError as err:
 from mmstory.devices import DEVICE_HELP, DeviceError, resolve_device
 from mmstory.generation import StoryTeller
 from mmstory.images import MAX_PIXELS
-from mmstory.seeing import SharedSight
 from mmstory.serve.api import add_json_api
 from mmstory.serve.demo import DELETE_CACHE_S, build_demo
 from mmstory.serve.uploads import sweeper, upload_folder, use_upload_folder
@@ -74,7 +73,6 @@ def build_app(teller: StoryTeller, *, model_name: str, json_api: bool = True, qu
                 "quantize": teller.quantize,
                 "json_api": json_api, "busy": admission.active if admission else 0, "queue_size": queue_size,
                 "batching": teller.batcher.load() if teller.batcher is not None else None,
-                "caption_batches": teller.sight.batches if teller.sight is not None else None,
                 "uptime_s": round(time.time() - started, 1)}
 
     delete_cache = (int(delete_cache_s), int(delete_cache_s)) if delete_cache_s else None
@@ -153,8 +151,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmstory {args.command}: {err}", file=sys.stderr)
         return 2
     teller.warmup()  # compile the decode step before the first request, not during it
-    if args.batching:
-        teller.sight = SharedSight(teller.model)  # concurrent requests' pictures captioned together
     if args.batching and teller.fast is not None:
         from mmstory.serve.batcher import Batcher
 
