@@ -11,6 +11,7 @@ import re
 
 import torch
 
+from mmstory import caption_search
 from mmstory.caption_policy import CaptionChoice, CaptionPolicy
 from mmstory.components import similarity
 from mmstory.imagenet_words import imagenet_words
@@ -90,8 +91,8 @@ class CaptioningMixin:
         dec = self.caption_decoder
         if dec is None:
             raise ValueError("this model has no caption decoder")
-        compact = dec.sample(image_tokens.float(), num_samples, temperature, self.config.max_caption_tokens,
-                             self.image_tags(image_pooled), generator)
+        compact = caption_search.sample(dec, image_tokens.float(), num_samples, temperature,
+                                        self.config.max_caption_tokens, self.image_tags(image_pooled), generator)
         return compact, self._decode_compact(compact)
 
     def _decode_compact(self, compact: list[list[int]]) -> list[str]:
@@ -134,8 +135,7 @@ class CaptioningMixin:
             plans = policy.plan(self.vision.class_logits(image_pooled.float()).softmax(-1).cpu())
         tags = self.image_tags(image_pooled)
         if num_beams == 1:
-            compact = decoder.generate(image_tokens.float(), max_new_tokens, 1, length_penalty, repetition_penalty,
-                                       tags)
+            compact = caption_search.greedy(decoder, image_tokens.float(), max_new_tokens, repetition_penalty, tags)
             return [CaptionChoice(tidy_caption(t), 0.0, False) for t in self._decode_compact(compact)]
         bias = None if plans is None else policy.logit_bias(plans, decoder.size, decoder.base_size)
         bias = None if bias is None else bias.to(image_tokens.device)
@@ -143,8 +143,8 @@ class CaptioningMixin:
         def search(rows: list[int]) -> list[list[tuple[float, str]]]:
             """Beam search for these images (with their plans' prefix and required word), with agreements."""
             index = torch.tensor(rows, device=image_tokens.device)
-            found = decoder.candidates(
-                image_tokens[index].float(), max_new_tokens, num_beams, length_penalty, repetition_penalty,
+            found = caption_search.candidates(
+                decoder, image_tokens[index].float(), max_new_tokens, num_beams, length_penalty, repetition_penalty,
                 None if tags is None else tags[index], None if plans is None else [plans[i].required for i in rows],
                 None if bias is None else bias[index], None if plans is None else [plans[i].prefix for i in rows])
             return [[(lp, tidy_caption(t)) for lp, t in zip([lp for lp, _ in beams],

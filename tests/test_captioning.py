@@ -4,6 +4,7 @@ decoder's added words (mmstory.caption_decoder), with synthetic class probabilit
 import pytest
 import torch
 
+from mmstory import caption_search
 from mmstory.caption_decoder import CaptionDecoder
 from mmstory.caption_policy import CaptionPolicy, caption_subject
 from mmstory.config import GenerationConfig
@@ -159,9 +160,10 @@ def test_added_words_borrow_their_donor_and_need_a_bias():
     assert biased[0, base] == biased[0, decoder.SPECIALS + 5]  # the donor's logit
     assert decoder.to_tokenizer([[decoder.SPECIALS + 1, base]]) == [[1, 7, 8]]
     # constrained beam search can write it, and a prefix puts it first
-    rows = decoder.candidates(image, 6, num_beams=3, required=[(base,)], logit_bias=bias[None])[0]
+    rows = caption_search.candidates(decoder, image, 6, num_beams=3, required=[(base,)], logit_bias=bias[None])[0]
     assert all(base in ids for _, ids in rows)
-    rows = decoder.candidates(image, 6, num_beams=3, logit_bias=bias[None], prefixes=[(decoder.SPECIALS, base)])[0]
+    rows = caption_search.candidates(decoder, image, 6, num_beams=3, logit_bias=bias[None],
+                                     prefixes=[(decoder.SPECIALS, base)])[0]
     assert all(ids[:2] == [decoder.SPECIALS, base] for _, ids in rows)
     with pytest.raises(ValueError, match="donor"):
         decoder.set_added_words([[1]], [base + 5])

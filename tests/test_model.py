@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mmstory import StoryModel, create_model, get_model_config
+from mmstory import StoryModel, caption_search, create_model, get_model_config
 from mmstory.losses import IGNORE_INDEX, StoryLoss
 
 
@@ -239,7 +239,7 @@ def test_caption_decoder_samples_are_reproducible_and_scored_by_self_critical_fo
     (ids, texts), (again, _), (other, _) = draw(0), draw(0), draw(1)
     assert len(ids) == len(texts) == 6 and ids == again and ids != other  # image-major: 3 samples per image
     with pytest.raises(ValueError, match="temperature"):
-        tiny_model.caption_decoder.sample(tokens, 2, temperature=0.0)
+        caption_search.sample(tiny_model.caption_decoder, tokens, 2, temperature=0.0)
     # the policy-gradient loss: -mean over real tokens of advantage x log p(token), as the caption log-likelihood sees
     cfg = tiny_model.loss_fn
     cfg.contrastive_weight = cfg.caption_weight = 0.0
@@ -261,7 +261,7 @@ def test_caption_rerank_picks_the_beam_with_the_best_combined_score(tiny_model):
     pixels = _pixels(tiny_model, n=2)
     with torch.no_grad():
         tokens, pooled = tiny_model.encode_image(pixels)
-        found = tiny_model.caption_decoder.candidates(tokens, 5, num_beams=4)
+        found = caption_search.candidates(tiny_model.caption_decoder, tokens, 5, num_beams=4)
         assert all(len(rows) >= 2 and rows == sorted(rows, key=lambda r: -r[0]) for rows in found)
         weight = 50.0  # large enough that agreement, not log-probability, decides on a random model
         expected = []
@@ -285,18 +285,17 @@ def test_constrained_beam_search_writes_a_required_word(tiny_model):
     decoder = tiny_model.caption_decoder
     with torch.no_grad():
         tokens, _ = tiny_model.encode_image(_pixels(tiny_model, n=2))
-        free = decoder.candidates(tokens, 6, num_beams=3)
+        free = caption_search.candidates(decoder, tokens, 6, num_beams=3)
         written = {t for rows in free for _, ids in rows for t in ids}
         usable = (~decoder._unusable).nonzero()[:, 0].tolist()
         word, plural = [t for t in usable if t not in written and t != decoder.EOS][:2]  # words no free beam writes
-        found = decoder.candidates(tokens, 6, num_beams=3, required=[(word,), None])
-        either = decoder.candidates(tokens, 6, num_beams=3, required=[(word, plural), (plural,)])
-        with pytest.raises(ValueError, match="beam search"):
-            decoder.generate(tokens, 6, num_beams=1, required=[(word,), None])
+        found = caption_search.candidates(decoder, tokens, 6, num_beams=3, required=[(word,), None])
+        either = caption_search.candidates(decoder, tokens, 6, num_beams=3, required=[(word, plural), (plural,)])
         with pytest.raises(ValueError, match="entries"):
-            decoder.candidates(tokens, 6, num_beams=3, required=[(word,)])
+            caption_search.candidates(decoder, tokens, 6, num_beams=3, required=[(word,)])
     assert found[1] == free[1]  # no constraint for this image: plain beam search
-    assert decoder.candidates(tokens, 6, num_beams=3, required=[(), ()]) == free  # no forms: no constraint
+    no_forms = caption_search.candidates(decoder, tokens, 6, num_beams=3, required=[(), ()])
+    assert no_forms == free  # no forms: no constraint
     assert found[0] and all(word in ids for _, ids in found[0])
     assert found[0] == sorted(found[0], key=lambda r: -r[0])
     assert all(word in ids or plural in ids for _, ids in either[0]) and all(plural in ids for _, ids in either[1])
@@ -313,9 +312,10 @@ def test_beam_search_over_a_batch_gives_each_image_its_own_captions(tiny_model):
         required = [(usable[3],), None, (usable[5], usable[6]), None]
         prefixes = [(), (usable[1],), (usable[2],), (usable[1], usable[4])]
         bias = torch.randn(4, decoder.size, generator=torch.Generator().manual_seed(0))
-        together = decoder.candidates(tokens, 6, num_beams=3, required=required, logit_bias=bias, prefixes=prefixes)
-        alone = [decoder.candidates(tokens[i:i + 1], 6, num_beams=3, required=[required[i]],
-                                    logit_bias=bias[i:i + 1], prefixes=[prefixes[i]])[0] for i in range(4)]
+        together = caption_search.candidates(decoder, tokens, 6, num_beams=3, required=required, logit_bias=bias,
+                                             prefixes=prefixes)
+        alone = [caption_search.candidates(decoder, tokens[i:i + 1], 6, num_beams=3, required=[required[i]],
+                                           logit_bias=bias[i:i + 1], prefixes=[prefixes[i]])[0] for i in range(4)]
     assert together == alone
     assert all(ids[:len(prefixes[i])] == list(prefixes[i]) for i in range(4) for _, ids in together[i])
     assert all(usable[3] in ids for _, ids in together[0])
