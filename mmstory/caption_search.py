@@ -3,6 +3,7 @@ constrained to a required word or started from a forced prefix when the caption 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -11,7 +12,7 @@ from transformers import RepetitionPenaltyLogitsProcessor
 from mmstory.caption_decoder import CaptionDecoder
 
 
-def max_steps(decoder: CaptionDecoder, max_new_tokens: int | None) -> int:
+def _steps(decoder: CaptionDecoder, max_new_tokens: int | None) -> int:
     return min(max_new_tokens or decoder.max_length, decoder.max_length)
 
 
@@ -19,7 +20,7 @@ def max_steps(decoder: CaptionDecoder, max_new_tokens: int | None) -> int:
 def greedy(decoder: CaptionDecoder, image_tokens: torch.Tensor, max_new_tokens: int | None = None,
            repetition_penalty: float = 1.0, tag_ids: torch.Tensor | None = None) -> list[list[int]]:
     """The argmax caption per image: compact ids without BOS/EOS."""
-    return decode_batch(decoder, image_tokens, max_steps(decoder, max_new_tokens), repetition_penalty, tag_ids)
+    return _decode_batch(decoder, image_tokens, _steps(decoder, max_new_tokens), repetition_penalty, tag_ids)
 
 
 @torch.no_grad()
@@ -32,7 +33,7 @@ def sample(decoder: CaptionDecoder, image_tokens: torch.Tensor, num_samples: int
         raise ValueError("sampling needs temperature > 0; use greedy() for greedy decoding")
     tokens = image_tokens.repeat_interleave(num_samples, dim=0)
     tags = None if tag_ids is None else tag_ids.repeat_interleave(num_samples, dim=0)
-    return decode_batch(decoder, tokens, max_steps(decoder, max_new_tokens), 1.0, tags, temperature, generator)
+    return _decode_batch(decoder, tokens, _steps(decoder, max_new_tokens), 1.0, tags, temperature, generator)
 
 
 @torch.no_grad()
@@ -45,7 +46,7 @@ def candidates(decoder: CaptionDecoder, image_tokens: torch.Tensor, max_new_toke
     `required`: per image, compact ids of which every caption must contain one (constrained search), or None;
     `logit_bias`: [images, size] added to every step's logits (what lets added words be written);
     `prefixes`: per image, compact ids its captions start with (`beam_search`)."""
-    steps = max_steps(decoder, max_new_tokens)
+    steps = _steps(decoder, max_new_tokens)
     count = image_tokens.shape[0]
     required = [None] * count if required is None else list(required)
     if len(required) != count:
@@ -63,7 +64,7 @@ def candidates(decoder: CaptionDecoder, image_tokens: torch.Tensor, max_new_toke
     return found
 
 
-def decode_batch(decoder: CaptionDecoder, image_tokens: torch.Tensor, steps: int, repetition_penalty: float,
+def _decode_batch(decoder: CaptionDecoder, image_tokens: torch.Tensor, steps: int, repetition_penalty: float,
                  tag_ids: torch.Tensor | None = None, temperature: float = 0.0,
                  generator: torch.Generator | None = None) -> list[list[int]]:
     """Token by token for the whole batch: the argmax, or a draw at `temperature` > 0."""
@@ -188,10 +189,10 @@ def beam_search(decoder: CaptionDecoder, image_tokens: torch.Tensor, steps: int,
 def _blocks(owner: list[int]) -> list[tuple[int, int, int]]:
     """(image, first row, end row) for each run of rows that belong to one image."""
     blocks, first = [], 0
-    for row in range(1, len(owner) + 1):
-        if row == len(owner) or owner[row] != owner[first]:
-            blocks.append((owner[first], first, row))
-            first = row
+    for image, run in itertools.groupby(owner):
+        end = first + sum(1 for _ in run)
+        blocks.append((image, first, end))
+        first = end
     return blocks
 
 
