@@ -158,6 +158,9 @@ class GenerationConfig:
     # writer may not start a word "I", "my", "we", ... after a space (a quoted "I" in dialogue stays), since a
     # writer trained on photo albums narrates as the photographer ("I took a good shot of the sand")
     story_third_person: bool = False
+    # the story has a plot: a want, a turn and an ending, each opened by a few forced words once the story reaches
+    # its share of the word budget (mmstory.story_beats), since a small writer left alone describes and drifts
+    story_beats: bool = False
 
     def __post_init__(self) -> None:
         if self.captioner == "decoder":  # the writer's captioning path, by its old name

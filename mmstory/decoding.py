@@ -330,14 +330,14 @@ class FastDecoder:
                seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
                pad_token_id: int | None = None,
                stopping_criteria: StoppingCallable | Sequence[StoppingCallable] | None = None,
-               suppress_tokens: Sequence[int] | None = None,
+               suppress_tokens: Sequence[int] | None = None, logits_processor: Sequence | None = None,
                ) -> Iterator[torch.LongTensor]:
         """Yield the next token of every row [B] per step, as `generate` would append it.
 
         A row stops at EOS (once `min_new_tokens` are out) or when a stopping criterion says so for it; afterwards
         it yields `pad_token_id`. Stopping criteria are called like transformers' (`(new_ids [B, t], scores)`,
         returning a bool per row). `seed` makes sampling independent of the global RNG; without it the global RNG
-        is used, as in `generate`.
+        is used, as in `generate`. `logits_processor`: more transformers processors, run after the built-in ones.
         """
         batch, prompt_len, _ = inputs_embeds.shape
         if max_new_tokens < 1:
@@ -353,7 +353,8 @@ class FastDecoder:
         if attention_mask is None:
             attention_mask = torch.ones(batch, prompt_len, dtype=torch.long)
         attention_mask = attention_mask.to(torch.long)
-        processors = self._processors(eos, min_new_tokens, repetition_penalty, no_repeat_ngram_size, suppress_tokens)
+        processors = self._processors(eos, min_new_tokens, repetition_penalty, no_repeat_ngram_size, suppress_tokens,
+                                      logits_processor)
         warpers = LogitsProcessorList()
         if do_sample and temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(temperature))
@@ -405,7 +406,8 @@ class FastDecoder:
 
     # --- internals -----------------------------------------------------------------------------------------------
     def _processors(self, eos: list[int], min_new_tokens: int, repetition_penalty: float,
-                    no_repeat_ngram_size: int, suppress_tokens: Sequence[int] | None = None) -> LogitsProcessorList:
+                    no_repeat_ngram_size: int, suppress_tokens: Sequence[int] | None = None,
+                    extra: Sequence | None = None) -> LogitsProcessorList:
         """transformers' processors, in generate's order; they see only the new tokens, as with inputs_embeds."""
         processors = LogitsProcessorList()
         if repetition_penalty != 1.0:
@@ -416,6 +418,7 @@ class FastDecoder:
             processors.append(MinNewTokensLengthLogitsProcessor(0, min_new_tokens, eos))
         if suppress_tokens:
             processors.append(SuppressTokensLogitsProcessor(list(suppress_tokens)))
+        processors.extend(extra or ())  # a caller's own, last, as generate appends a custom logits_processor
         return processors
 
     @staticmethod

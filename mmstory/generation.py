@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from mmstory.answering import AnswerResult, answer_question, check_answer_request
 from mmstory.caption_policy import CaptionChoice
@@ -46,6 +46,7 @@ from mmstory.prompts import (  # noqa: F401 - re-exported: the prompt and its ch
 )
 from mmstory.safety import ContentFilter
 from mmstory.seeing import Seen, see, writer_prompt
+from mmstory.story_beats import BeatProcessor, plan_beats
 from mmstory.text import (
     PERSON_WORDS,
     content_word_recall,
@@ -342,6 +343,11 @@ class StoryTeller:
             avoided = avoided_tokens(self.model.tokenizer, self.model.generation_config, seen.choices, prompt, previous)
             if avoided:
                 gen_kwargs["suppress_tokens"] = avoided
+            kind = (style or "").strip().lower()
+            if self.model.generation_config.story_beats and not previous and (not kind or kind in STYLES):
+                plans = [plan_beats(captions[0], style, tone, seed=(settings.seed or 0) + row) for row in range(rows)]
+                gen_kwargs["logits_processor"] = LogitsProcessorList([BeatProcessor(self.model.tokenizer, plans,
+                                                                                    budget, opening)])
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
             decode = self._decoder()

@@ -62,6 +62,8 @@ def mmstory_small_generation() -> GenerationConfig:
         story_people_from_pictures=True,
         # a narrator, not the photographer: no "I" or "we" unless the request speaks so
         story_third_person=True,
+        # a want, a turn and an ending, each opened by forced words: a plot, not a description (docs/stories.md)
+        story_beats=True,
     )
 
 

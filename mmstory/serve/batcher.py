@@ -32,7 +32,8 @@ class DecodeJob:
                  min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int = 50,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
                  seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int | None = None, stopping_criteria=None, suppress_tokens: Sequence[int] | None = None):
+                 pad_token_id: int | None = None, stopping_criteria=None, suppress_tokens: Sequence[int] | None = None,
+                 logits_processor: Sequence | None = None):
         """Checks as `FastDecoder.stream` does (ValueError), in the caller's thread, before the job is queued."""
         self.rows, self.prompt_len, _ = inputs_embeds.shape
         if max_new_tokens < 1:
@@ -50,7 +51,7 @@ class DecodeJob:
             fast.pad_token_id if fast.pad_token_id is not None else (self.eos[0] if self.eos else 0))
         self.max_new, self.do_sample, self.top_k = max_new_tokens, do_sample, top_k
         self.processors = fast._processors(self.eos, min_new_tokens, repetition_penalty, no_repeat_ngram_size,
-                                           suppress_tokens)
+                                           suppress_tokens, logits_processor)
         self.warpers = LogitsProcessorList()
         if do_sample and temperature != 1.0:
             self.warpers.append(TemperatureLogitsWarper(temperature))

@@ -1,0 +1,128 @@
+"""A story's plot as beats the writer must open: a want, a turn and an ending, each started by a few forced words.
+
+A 135M writer left alone describes the picture and drifts ("This dog has a very small mouth ..."): nobody wants
+anything and nothing happens. Plan-and-write story generation (Yao et al., AAAI 2019) and TinyStories' plot prompts
+give a small model the story's shape and let it fill in the words. Here the shape is cheap: once the story has
+reached a beat's share of the word budget and a sentence has just ended, the next tokens are forced to the beat's
+opening words ("One day, the black dog wanted", "But", "In the end,"), and the writer goes on from them.
+
+`BeatProcessor` is a transformers `LogitsProcessor` and keeps no state between calls (it reads each row's tokens), so
+it works the same in `generate` (beam search reorders rows), `FastDecoder` and the server's shared decode loop.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor
+
+from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, words
+
+_ENDS_SENTENCE = re.compile(r"[.!?][\"'”’)\]]*$")
+
+
+@dataclass(frozen=True)
+class Beat:
+    """Forced words, and the share of the word budget the story must have reached before they may start."""
+
+    words: str
+    at: float
+
+
+# per beat, phrasings a candidate picks from ("{who}": the caption's subject, "the black dog"); by style or tone
+WANT = ("One day, {who} wanted", "More than anything, {who} wanted", "That morning, {who} wanted")
+WANT_NOBODY = ("One day,", "That morning,")
+TURN = {"default": ("But", "Then, all of a sudden,", "But then"), "adventure": ("Suddenly,", "But then"),
+        "mystery": ("Then something strange happened:", "But"), "negative": ("But", "Then, sadly,")}
+ENDING = {"default": ("In the end,", "At last,"), "bedtime": ("When night came,", "At last, sleepy and happy,"),
+          "negative": ("In the end, sadly,", "But in the end,")}
+SHARES = (0.1, 0.4, 0.7)  # where the want, the turn and the ending may start, as shares of the word budget
+NO_BEATS = ("poem",)  # forms whose shape is not a plot
+
+
+def subject_words(caption: str) -> list[str] | None:
+    """The caption's words up to its subject, a person or an animal ("A black and white dog is ..." -> "A black and
+    white dog"); None when its subject is neither (a plate of food wants nothing)."""
+    tokens = caption.strip().rstrip(".").split()
+    for i, token in enumerate(tokens[:8]):
+        found = words(token)
+        if found and OBJECT_FORMS.get(found[0]) in CREATURE_GROUPS:
+            return [tokens[0].lower(), *tokens[1: i + 1]]
+    return None
+
+
+def named_again(subject: list[str]) -> str:
+    """The subject as the story names it a second time: "a black dog" -> "the black dog", "two dogs" -> "the two
+    dogs"."""
+    rest = subject[1:] if subject[0] in ("a", "an", "the", "some") else subject
+    return " ".join(["the", *rest]).rstrip(",")
+
+
+def plan_beats(caption: str, style: str | None = None, tone: str | None = None, seed: int = 0) -> list[Beat]:
+    """The beats of one candidate (`seed` picks among the phrasings, so candidates differ): a fairy tale first opens
+    with "Once upon a time, there lived <the caption's subject>"; a poem gets none."""
+    key = (style or "").strip().lower()
+    if key in NO_BEATS:
+        return []
+    mood = "negative" if (tone or "").strip().lower() == "negative" else None
+    pick = random.Random(seed).choice
+    subject = subject_words(caption)
+    want = pick(WANT).format(who=named_again(subject)) if subject else pick(WANT_NOBODY)
+    turn = pick(TURN.get(key) or TURN.get(mood) or TURN["default"])
+    ending = pick(ENDING.get(key) or ENDING.get(mood) or ENDING["default"])
+    beats = [Beat(want, SHARES[0]), Beat(turn, SHARES[1]), Beat(ending, SHARES[2])]
+    if key == "fairy tale":
+        beats.insert(0, Beat("Once upon a time, there lived " + " ".join(subject).rstrip(",") if subject else
+                             "Once upon a time,", 0.0))
+    return beats
+
+
+class BeatProcessor(LogitsProcessor):
+    """Forces each row's next beat once its story (opening + new tokens) ends a sentence past the beat's share of the
+    word budget. `plans`: one beat list per candidate (rows past their number reuse them in turn)."""
+
+    def __init__(self, tokenizer, plans: Sequence[Sequence[Beat]], budget: int, opening: str = ""):
+        self.tokenizer, self.budget, self.opening = tokenizer, budget, opening
+        self.plans = [[(self._ids(beat.words, first=not opening and beat.at <= 0), beat.at * budget) for beat in plan]
+                      for plan in plans] or [[]]
+
+    def _ids(self, text: str, first: bool) -> list[int]:
+        return self.tokenizer(text if first else " " + text, add_special_tokens=False).input_ids
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row in range(input_ids.shape[0]):
+            token = self._forced(input_ids[row].tolist(), self.plans[row % len(self.plans)])
+            if token is not None:
+                scores[row] = float("-inf")
+                scores[row, token] = 0.0
+        return scores
+
+    def _forced(self, ids: list[int], plan: list[tuple[list[int], float]]) -> int | None:
+        start = 0
+        for beat, at in plan:
+            found = _find(ids, beat, start)
+            if found >= 0:
+                start = found + len(beat)
+                continue
+            for j in range(len(beat) - 1, 0, -1):  # inside the beat's words: the next one
+                if ids[len(ids) - j:] == beat[:j] and self._sentence_ended(ids[: len(ids) - j], at):
+                    return beat[j]
+            return beat[0] if self._sentence_ended(ids, at) else None
+        return None
+
+    def _sentence_ended(self, ids: list[int], at: float) -> bool:
+        text = self.opening + self.tokenizer.decode(ids, skip_special_tokens=True)
+        if not text.strip():
+            return at <= 0
+        return len(text.split()) >= at and bool(_ENDS_SENTENCE.search(text.rstrip()))
+
+
+def _find(ids: list[int], part: list[int], start: int) -> int:
+    for i in range(start, len(ids) - len(part) + 1):
+        if ids[i: i + len(part)] == part:
+            return i
+    return -1

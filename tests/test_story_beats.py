@@ -1,0 +1,92 @@
+"""Story beats (mmstory.story_beats): the plan a caption gives, and the forced words as every decoder applies them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_photo
+from transformers import LogitsProcessorList
+
+from mmstory.decoding import FastDecoder
+from mmstory.serve.batcher import Batcher
+from mmstory.story_beats import ENDING, TURN, WANT, WANT_NOBODY, Beat, BeatProcessor, plan_beats, subject_words
+from mmstory.tiny import tiny_decoder
+
+
+def test_the_plan_names_the_captions_subject_and_keeps_the_order():
+    assert subject_words("A black and white dog is running on the grass.") == ["a", "black", "and", "white", "dog"]
+    assert subject_words("Two dogs play in the snow.") == ["two", "dogs"]
+    assert subject_words("A plate of food on a table.") is None
+    want, turn, ending = plan_beats("A black dog is swimming.", seed=3)
+    assert want.words in [w.format(who="the black dog") for w in WANT]
+    assert turn.words in TURN["default"] and ending.words in ENDING["default"]
+    assert want.at < turn.at < ending.at
+    assert plan_beats("A plate of food on a table.")[0].words in WANT_NOBODY  # food wants nothing
+
+
+def test_styles_shape_the_plan():
+    fairy = plan_beats("A young boy wearing a red shirt is running.", style="Fairy tale")
+    assert fairy[0] == Beat("Once upon a time, there lived a young boy", 0.0)
+    assert plan_beats("A dog runs.", style="poem") == []
+    assert plan_beats("A dog runs.", style="bedtime")[-1].words in ENDING["bedtime"]
+    assert plan_beats("A dog runs.", tone="negative")[-1].words in ENDING["negative"]
+    assert {plan_beats("A dog runs.", seed=s)[0].words for s in range(12)} == {
+        w.format(who="the dog") for w in WANT}  # candidates differ in phrasing
+
+
+def forced_run(processor: BeatProcessor, tokenizer, text: str, steps: int) -> str:
+    """Decode `steps` tokens after `text` with flat scores: what comes out is only what the processor forces
+    (token 0 when nothing is)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    for _ in range(steps):
+        scores = processor(torch.tensor([ids]), torch.zeros(1, len(tokenizer)))
+        ids.append(int(scores[0].argmax()))
+    return tokenizer.decode(ids[-steps:])
+
+
+def test_a_beat_starts_at_a_sentence_end_past_its_share_of_the_budget():
+    _, tokenizer = tiny_decoder()
+    zero = tokenizer.convert_ids_to_tokens(0)
+    early = BeatProcessor(tokenizer, [[Beat("But", 0.5)]], budget=20)
+    assert forced_run(early, tokenizer, "A dog runs.", 4).count(zero) == 4  # 3 words < 10: nothing forced
+    late = BeatProcessor(tokenizer, [[Beat("But", 0.1)]], budget=20)
+    assert forced_run(late, tokenizer, "A dog runs", 2).count(zero) == 2  # no sentence end yet
+    out = forced_run(late, tokenizer, "A dog runs.", 6)
+    assert out.startswith(" But") and out[4:].count(zero) == 2  # forced once, then free
+
+
+def test_forced_words_are_the_same_in_every_decoder():
+    """transformers.generate, FastDecoder and the server's shared loop give the same tokens, the beat's first."""
+    model, tokenizer = tiny_decoder()
+    model.generation_config.eos_token_id = None
+    model.eval()
+    ids = tokenizer("Tell a story.", add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids).expand(2, -1, -1)
+    plans = [[Beat("But the cat", 0.0)], [Beat("Then a bird", 0.0)]]
+
+    def settings():
+        return dict(max_new_tokens=16, do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList(
+            [BeatProcessor(tokenizer, plans, budget=30, opening="A dog runs.")]))
+
+    with torch.no_grad():
+        expected = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                  **settings())
+    fast = FastDecoder(model, compile=False)
+    assert torch.equal(fast.generate(embeds, **settings()), expected)
+    batcher = Batcher(fast)
+    try:
+        assert torch.equal(batcher.decoder(fast.generate)(inputs_embeds=embeds, **settings()), expected)
+    finally:
+        batcher.close()
+    texts = tokenizer.batch_decode(expected)
+    assert texts[0].startswith(" But the cat") and texts[1].startswith(" Then a bird")
+
+
+@pytest.mark.parametrize("style, first", [("fairy tale", "Once upon a time,"), ("poem", None)])
+def test_the_teller_opens_a_fairy_tale_like_one(tiny_teller, style, first):
+    tiny_teller.model.generation_config.story_beats = True
+    result = tiny_teller.generate_story(make_photo(2), style=style, length=20, max_new_tokens=40, seed=1,
+                                        num_candidates=2)
+    for candidate in result.candidates:
+        assert candidate.startswith(first) if first else not candidate.startswith("Once upon a time")
