@@ -46,7 +46,7 @@ from mmstory.prompts import (  # noqa: F401 - re-exported: the prompt and its ch
 )
 from mmstory.safety import ContentFilter
 from mmstory.seeing import Seen, see, writer_prompt
-from mmstory.story_beats import BeatProcessor, plan_beats
+from mmstory.story_beats import BeatProcessor, PoemLines, ShortSentences, plan_beats
 from mmstory.text import (
     PERSON_WORDS,
     content_word_recall,
@@ -344,10 +344,15 @@ class StoryTeller:
             if avoided:
                 gen_kwargs["suppress_tokens"] = avoided
             kind = (style or "").strip().lower()
-            if self.model.generation_config.story_beats and not previous and (not kind or kind in STYLES):
+            lines = kind == "poem" and self.model.generation_config.story_beats
+            if lines:
+                gen_kwargs["logits_processor"] = LogitsProcessorList([PoemLines(self.model.tokenizer, opening)])
+            elif self.model.generation_config.story_beats and not previous and (not kind or kind in STYLES):
                 plans = [plan_beats(captions[0], style, tone, seed=(settings.seed or 0) + row) for row in range(rows)]
-                gen_kwargs["logits_processor"] = LogitsProcessorList([BeatProcessor(self.model.tokenizer, plans,
-                                                                                    budget, opening)])
+                shape = [BeatProcessor(self.model.tokenizer, plans, budget, opening)]
+                if (audience or "").strip().lower() == "children":
+                    shape.insert(0, ShortSentences(self.model.tokenizer, opening))
+                gen_kwargs["logits_processor"] = LogitsProcessorList(shape)
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
             decode = self._decoder()
@@ -355,14 +360,14 @@ class StoryTeller:
             with self._writing():
                 if stream:
                     texts, emitted = yield from _streamed(decode, gen_kwargs, self.model.tokenizer, budget, cancel,
-                                                          timings, start, opening)
+                                                          timings, start, opening, lines)
                 else:
                     with torch.no_grad():
                         out = decode(**gen_kwargs)
                     texts = [opening + text for text in self.model.tokenizer.batch_decode(out,
                                                                                           skip_special_tokens=True)]
             timings["generate_s"] = time.perf_counter() - t
-            candidates = [finish_story(text, budget) for text in texts]
+            candidates = [finish_story(text, budget, keep_lines=lines) for text in texts]
             t = time.perf_counter()
             image_embeds = self.model.image_embedding(seen.pooled)
             scores = self._agreements(candidates, image_embeds)
@@ -430,7 +435,7 @@ class StoryTeller:
 
 
 def _streamed(decode, gen_kwargs: dict, tokenizer, budget: int, cancel: threading.Event, timings: dict,
-              start: float, opening: str = "") -> Generator[str, None, tuple[list[str], str]]:
+              start: float, opening: str = "", lines: bool = False) -> Generator[str, None, tuple[list[str], str]]:
     """Decode one candidate in a worker thread, yielding the story's settled part as it grows (from `opening`, the
     text the prompt already ends with); returns (the raw texts, the text yielded so far). The decode is cancelled
     and joined however the consumer stops."""
@@ -454,7 +459,7 @@ def _streamed(decode, gen_kwargs: dict, tokenizer, budget: int, cancel: threadin
             if "first_token_s" not in timings and piece:
                 timings["first_token_s"] = time.perf_counter() - start
             pieces.append(piece)
-            safe = _emittable("".join(pieces), budget)
+            safe = _emittable("".join(pieces), budget, lines)
             if len(safe) > len(emitted):
                 chunk, emitted = safe[len(emitted):], safe
                 yield chunk
@@ -553,14 +558,16 @@ def meets_budget(story: str, budget: int) -> bool:
 
 
 _ENDS_SENTENCE = re.compile(r"[.!?][\"'”’)\]]*$")
+_LINE_BREAK = "\u00b6"  # a poem's line break while finish_story cuts the text into sentences
 
 
-def finish_story(text: str, budget: int) -> str:
+def finish_story(text: str, budget: int, keep_lines: bool = False) -> str:
     """Clean the raw generation, drop sentences said a second time, and cut it to whole sentences within ~115% of
     the word budget.
 
     When whole sentences would leave the story well short (one long run-on sentence crossing the limit), the next
     sentence is cut at its last clause boundary (comma, semicolon, colon) that fits, and closed with a period.
+    `keep_lines`: a poem's line breaks stay (each rides on its line's first word, so it counts no word of its own).
     """
     text = re.sub(r"\s+\n", "\n", text.replace("\r", "")).strip()
     text = re.sub(r"^(title:.*\n|#+.*\n)", "", text, flags=re.IGNORECASE).strip()
@@ -572,6 +579,8 @@ def finish_story(text: str, budget: int) -> str:
     echo = _REQUEST_ECHO.search(text)
     if echo:
         text = text[: echo.start()].strip()
+    if keep_lines:
+        text = re.sub(r"\s*\n\s*", " " + _LINE_BREAK, text)
     limit = budget * 1.15
     kept, words = [], 0
     sentences = split_sentences(text)
@@ -594,7 +603,7 @@ def finish_story(text: str, budget: int) -> str:
     if story and not _ENDS_SENTENCE.search(story):
         cut = max(story.rfind(ch) for ch in ".!?")
         story = story[: cut + 1] if cut > len(story) // 2 else story.rstrip(" \"'“”‘’,;:-") + "."
-    return story
+    return story.replace(" " + _LINE_BREAK, "\n").replace(_LINE_BREAK, "") if keep_lines else story
 
 
 # the writer going on to a photo of its own, as the request does, or to a chat turn of its own
@@ -615,13 +624,13 @@ def _clause_within(sentence: str, max_words: int) -> str | None:
     return best + "." if best and len(best.split()) >= 4 else None
 
 
-def _emittable(text: str, budget: int) -> str:
+def _emittable(text: str, budget: int, keep_lines: bool = False) -> str:
     """The part of a growing stream that is final: whole sentences, within the budget's hard limit."""
-    finished = finish_story(text, budget)
+    finished = finish_story(text, budget, keep_lines)
     last_end = max(text.rfind(". "), text.rfind("! "), text.rfind("? "), text.rfind(".\n"))
     if last_end < 0:
         return ""
-    settled = finish_story(text[: last_end + 1], budget)
+    settled = finish_story(text[: last_end + 1], budget, keep_lines)
     return settled if finished.startswith(settled) else ""
 
 

@@ -41,7 +41,10 @@ TURN = {"default": ("But", "Then, all of a sudden,", "But then"), "adventure": (
 ENDING = {"default": ("In the end,", "At last,"), "bedtime": ("When night came,", "At last, sleepy and happy,"),
           "negative": ("In the end, sadly,", "But in the end,")}
 SHARES = (0.1, 0.4, 0.7)  # where the want, the turn and the ending may start, as shares of the word budget
-NO_BEATS = ("poem",)  # forms whose shape is not a plot
+NO_BEATS = ("poem",)  # forms whose shape is not a plot: a poem gets lines (PoemLines) instead
+LINE_WORDS = 4  # a poem's line breaks after a comma or a sentence end once it has this many words
+SHORT_SENTENCE = 10  # words after which a story for children is pushed to end its sentence
+PERIOD_BONUS = 4.0  # added to the period's logit then: a push, not a cut
 
 
 def subject_words(caption: str) -> list[str] | None:
@@ -81,6 +84,40 @@ def plan_beats(caption: str, style: str | None = None, tone: str | None = None, 
     return beats
 
 
+class PoemLines(LogitsProcessor):
+    """A poem has lines: once a line has `LINE_WORDS` words and ends at a comma or a sentence end, the next token is
+    a line break (the writer, trained on prose, otherwise writes a poem as one paragraph)."""
+
+    def __init__(self, tokenizer, opening: str = ""):
+        self.tokenizer, self.opening = tokenizer, opening
+        self.newline = tokenizer("\n", add_special_tokens=False).input_ids[-1]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row in range(input_ids.shape[0]):
+            text = self.opening + self.tokenizer.decode(input_ids[row].tolist(), skip_special_tokens=True)
+            line = text.rsplit("\n", 1)[-1]
+            if len(line.split()) >= LINE_WORDS and re.search(r"[,;:.!?][\"'”’)]*$", line):
+                scores[row] = float("-inf")
+                scores[row, self.newline] = 0.0
+        return scores
+
+
+class ShortSentences(LogitsProcessor):
+    """Simple words for children start with short sentences: past `SHORT_SENTENCE` words the period's logit is
+    raised (the writer learnt from tales whose sentences run to thirty words)."""
+
+    def __init__(self, tokenizer, opening: str = ""):
+        self.tokenizer, self.opening = tokenizer, opening
+        self.period = tokenizer(".", add_special_tokens=False).input_ids[-1]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row in range(input_ids.shape[0]):
+            text = self.opening + self.tokenizer.decode(input_ids[row].tolist(), skip_special_tokens=True)
+            if len(re.split(r"[.!?]\s", text)[-1].split()) >= SHORT_SENTENCE:
+                scores[row, self.period] += PERIOD_BONUS
+        return scores
+
+
 class BeatProcessor(LogitsProcessor):
     """Forces each row's next beat once its story (opening + new tokens) ends a sentence past the beat's share of the
     word budget. `plans`: one beat list per candidate (rows past their number reuse them in turn)."""
@@ -118,7 +155,8 @@ class BeatProcessor(LogitsProcessor):
         text = self.opening + self.tokenizer.decode(ids, skip_special_tokens=True)
         if not text.strip():
             return at <= 0
-        return len(text.split()) >= at and bool(_ENDS_SENTENCE.search(text.rstrip()))
+        closed = text.count('"') % 2 == 0 and text.count("“") <= text.count("”")  # not inside what someone says
+        return closed and len(text.split()) >= at and bool(_ENDS_SENTENCE.search(text.rstrip()))
 
 
 def _find(ids: list[int], part: list[int], start: int) -> int:

@@ -8,8 +8,19 @@ from conftest import make_photo
 from transformers import LogitsProcessorList
 
 from mmstory.decoding import FastDecoder
+from mmstory.generation import finish_story
 from mmstory.serve.batcher import Batcher
-from mmstory.story_beats import ENDING, TURN, WANT, WANT_NOBODY, Beat, BeatProcessor, plan_beats, subject_words
+from mmstory.story_beats import (
+    ENDING,
+    TURN,
+    WANT,
+    WANT_NOBODY,
+    Beat,
+    BeatProcessor,
+    PoemLines,
+    plan_beats,
+    subject_words,
+)
 from mmstory.tiny import tiny_decoder
 
 
@@ -51,8 +62,23 @@ def test_a_beat_starts_at_a_sentence_end_past_its_share_of_the_budget():
     assert forced_run(early, tokenizer, "A dog runs.", 4).count(zero) == 4  # 3 words < 10: nothing forced
     late = BeatProcessor(tokenizer, [[Beat("But", 0.1)]], budget=20)
     assert forced_run(late, tokenizer, "A dog runs", 2).count(zero) == 2  # no sentence end yet
+    assert forced_run(late, tokenizer, 'A dog says: "I run.', 2).count(zero) == 2  # not inside a quotation
+    assert forced_run(late, tokenizer, 'A dog says: "I run."', 2) == " B"
     out = forced_run(late, tokenizer, "A dog runs.", 6)
     assert out.startswith(" But") and out[4:].count(zero) == 2  # forced once, then free
+
+
+def test_a_poem_breaks_its_lines_at_commas_and_sentence_ends():
+    _, tokenizer = tiny_decoder()
+    lines = PoemLines(tokenizer)
+    assert forced_run(lines, tokenizer, "The sea is blue,", 1) == "\n"
+    assert forced_run(lines, tokenizer, "The sea,", 1) != "\n"  # two words: no line yet
+    assert forced_run(lines, tokenizer, "The sea is very blue", 1) != "\n"  # no clause end
+    poem = "The sea is blue,\n the sky is wide.\nA small dog runs along the shore,\nand barks at every wave."
+    assert finish_story(poem, 20, keep_lines=True).splitlines() == [
+        "The sea is blue,", "the sky is wide.", "A small dog runs along the shore,", "and barks at every wave."]
+    assert "wide. A small" in finish_story(poem, 20)  # prose: a sentence end joins the next sentence
+    assert finish_story(poem, 12, keep_lines=True).splitlines() == ["The sea is blue,", "the sky is wide."]
 
 
 def test_forced_words_are_the_same_in_every_decoder():
