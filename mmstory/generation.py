@@ -409,7 +409,7 @@ class StoryTeller:
 
     @torch.no_grad()
     def _sentence_scores(self, story: str, image_embeds: torch.Tensor) -> list[SentenceScore]:
-        sentences = split_sentences(story)
+        sentences = split_sentences(story, keep_closers=True)
         if not sentences:
             return []
         sims = similarity(self.model.text_embedding(sentences), image_embeds)  # [S, I]
@@ -583,7 +583,7 @@ def finish_story(text: str, budget: int, keep_lines: bool = False) -> str:
         text = re.sub(r"\s*\n\s*", " " + _LINE_BREAK, text)
     limit = budget * 1.15
     kept, words = [], 0
-    sentences = split_sentences(text)
+    sentences = split_sentences(text, keep_closers=True)  # a closing quote stays: "Help!" cried the fox.
     seen = set()
     for sentence in sentences:
         said = " ".join(sentence.lower().split())

@@ -22,16 +22,16 @@ how all any both each few more most other some such no not only own same can wil
 must shall is are was were be been being am has have had having do does did doing 's 'm 're 've 'd 'll n't
 """
 STOPWORDS = frozenset(_STOPWORD_TEXT.split())
-# a sentence ends at . ! or ? and the space after it; the story's own cut also drops the closing quotes or brackets
-# between the two (what the shipped stories were cut with, so it stays)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# a sentence ends at . ! or ?, a closing quote or bracket after it, and the space after that; the metrics split
+# dropping the closer (what their published numbers were measured with, so it stays)
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'”’)\]]))\s+")
 _SENTENCE_END_DROPPING_CLOSERS = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 
 
 def split_sentences(text: str, keep_closers: bool = False) -> list[str]:
     """The one sentence splitter, for the story's cut to whole sentences, its metrics, the content filter's redaction
     and the story data's beats. `keep_closers`: a closing quote or bracket after the period stays with its sentence
-    (the filter and the data); without it, it is dropped (the story's cut and its metrics)."""
+    (the story's cut, the filter and the data); without it, it is dropped (the metrics)."""
     pattern = _SENTENCE_END if keep_closers else _SENTENCE_END_DROPPING_CLOSERS
     return [s.strip() for s in pattern.split(text.strip()) if s.strip()]
 

@@ -354,6 +354,12 @@ def test_avoided_words_stay_out_of_every_candidate(tiny_teller):
         assert not {ch.lower() for ch in candidate} & set(avoid), candidate
 
 
+def test_finish_story_keeps_closing_quotes():
+    text = 'He says: "I am glad to see you." The man replies: "It is late." Then they went home and ate some soup.'
+    assert finish_story(text, 30) == text
+    assert finish_story(text, 14) == 'He says: "I am glad to see you." The man replies: "It is late."'
+
+
 def test_finish_story_drops_a_sentence_said_twice():
     text = "A cat sits on a wall. A cat sits on a wall. It watches the birds. It watches  the birds. Then it sleeps."
     assert finish_story(text, 80) == "A cat sits on a wall. It watches the birds. Then it sleeps."
