@@ -161,6 +161,9 @@ class GenerationConfig:
     # the story has a plot: a want, a turn and an ending, each opened by a few forced words once the story reaches
     # its share of the word budget (mmstory.story_beats), since a small writer left alone describes and drifts
     story_beats: bool = False
+    # words a story may not write unless the request asks for a dark tone or a suspense or mystery story: a writer
+    # that learnt from Grimm puts blood and killing into a family's photo of a child on a slide
+    story_grim_words: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.captioner == "decoder":  # the writer's captioning path, by its old name

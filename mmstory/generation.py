@@ -58,6 +58,7 @@ from mmstory.text import (
 
 MAX_IMAGES = 8  # per story (and per answer); captioning takes any number, CAPTION_BATCH at a time
 CAPTION_BATCH = 32
+DARK_STYLES = ("suspense", "mystery")  # styles that may speak of death (as may a negative tone)
 MIN_STORY_SHARE = 0.8  # of the word budget, written before the writer may end the story
 TOKENS_PER_WORD = 1.45  # SmolLM2's tokenizer on English prose, measured on its own stories
 
@@ -340,10 +341,12 @@ class StoryTeller:
                 pad_token_id=self.model.tokenizer.pad_token_id,
                 stopping_criteria=StoppingCriteriaList([stopper, Cancelled(cancel)]),
             )
-            avoided = avoided_tokens(self.model.tokenizer, self.model.generation_config, seen.choices, prompt, previous)
+            kind = (style or "").strip().lower()
+            dark = tone_text == TONES["negative"] or kind in DARK_STYLES
+            avoided = avoided_tokens(self.model.tokenizer, self.model.generation_config, seen.choices, prompt, previous,
+                                     dark)
             if avoided:
                 gen_kwargs["suppress_tokens"] = avoided
-            kind = (style or "").strip().lower()
             lines = kind == "poem" and self.model.generation_config.story_beats
             if lines:
                 gen_kwargs["logits_processor"] = LogitsProcessorList([PoemLines(self.model.tokenizer, opening)])
@@ -486,10 +489,13 @@ def word_token_ids(tokenizer, words: Sequence[str], spaced_only: bool = False) -
 
 
 def avoided_tokens(tokenizer, config: GenerationConfig, choices: Sequence[CaptionChoice], prompt: str | None,
-                   previous: str | None) -> list[int]:
-    """The writer's `suppress_tokens` for one story: the config's avoided words, person words where nothing shows
-    a person, first-person words where the story is to stay in the third person."""
+                   previous: str | None, dark: bool = False) -> list[int]:
+    """The writer's `suppress_tokens` for one story: the config's avoided words, grim words unless the request is
+    `dark`, person words where nothing shows a person, first-person words where the story is to stay in the third
+    person."""
     avoided = set(word_token_ids(tokenizer, config.story_avoid_words))
+    if not dark:
+        avoided.update(word_token_ids(tokenizer, config.story_grim_words, spaced_only=True))
     if not people_shown(choices, prompt, previous, config):
         avoided.update(word_token_ids(tokenizer, PERSON_WORDS, spaced_only=True))
     if config.story_third_person and not first_person(prompt) and not first_person(previous):

@@ -28,6 +28,9 @@ def register(name: str, generation: Callable[[], GenerationConfig] | None = None
 
 AVOIDED_PHOTO_WORDS = ("photo", "photos", "picture", "pictures", "pic", "pics", "image", "images", "photograph",
                        "photographs", "snapshot")
+GRIM_WORDS = ("blood", "bled", "bleed", "bleeding", "bloody", "kill", "killed", "kills", "killing", "die", "died",
+              "dies", "dying", "dead", "death", "murder", "murdered", "corpse", "knife", "spear", "gun", "stab",
+              "stabbed", "drown", "drowned", "torture", "tortured", "hang", "hanged", "devour", "devoured")
 
 
 def mmstory_small_generation() -> GenerationConfig:
@@ -64,6 +67,8 @@ def mmstory_small_generation() -> GenerationConfig:
         story_third_person=True,
         # a want, a turn and an ending, each opened by forced words: a plot, not a description (docs/stories.md)
         story_beats=True,
+        # no blood or killing in a story unless the request asks for a dark tone, suspense or a mystery
+        story_grim_words=list(GRIM_WORDS),
     )
 
 

@@ -116,3 +116,4 @@ def test_the_teller_opens_a_fairy_tale_like_one(tiny_teller, style, first):
                                         num_candidates=2)
     for candidate in result.candidates:
         assert candidate.startswith(first) if first else not candidate.startswith("Once upon a time")
+

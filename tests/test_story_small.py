@@ -127,3 +127,6 @@ def test_a_picture_without_people_keeps_person_words_and_the_narrator_out_of_the
     assert tokenizer(" my", add_special_tokens=False).input_ids[0] not in asked  # and speaks as "I"
     story = teller.generate_story(example_image("coffee"), seed=0, length=40, num_candidates=2).story
     assert not re.search(r"(?<= )(I|my|we|our|man|woman)\b", story, re.IGNORECASE), story  # no word-initial form
+    grim = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in (" blood", " killed", " dead")]
+    assert set(grim) <= avoided  # no blood in a story about a cup of coffee ...
+    assert not set(grim) & set(avoided_tokens(tokenizer, config, [coffee], None, None, dark=True))  # unless asked
