@@ -9,6 +9,8 @@ The steps, each recorded in the trace it returns:
    classifier does not support the caption's subject (a person or an animal): the caption is written again from
    "A <word>" (the word fills the subject's slot and the decoder goes on, as in Neural Baby Talk); else a word at
    least `caption_concepts` sure that the caption does not name is required (constrained beam search);
+   an animal word at least `caption_animal_rival` sure and surer than the caption's own animal subject takes
+   its place the same way;
 4. hedge: with no sure word, an unsupported subject and agreement under `caption_hedge_agreement`, the caption
    starts from the most specific word at least `caption_hedge` sure ("An animal"), or stays, marked unsure;
 5. tidy: the forms a forced word leaves behind ("on a buses", "A baseball baseball player") are mended.
@@ -141,6 +143,10 @@ class CaptionPolicy:
             if not keep_subject and self._start_with(plan, word, f"check: '{word.text}' ({p:.2f}), not the "
                                                                  f"caption's {group}"):
                 return True
+        rival = self._animal_rival(plan, caption, group)
+        if rival is not None and self._start_with(plan, rival[0], f"rival: '{rival[0].text}' ({rival[1]:.2f}) "
+                                                                  f"over the caption's {group} ({rival[2]:.2f})"):
+            return True
         concept = self._sure(plan, self.config.caption_concepts)
         if concept is not None:
             word, p = concept
@@ -158,6 +164,17 @@ class CaptionPolicy:
             return False
         return self._start_with(plan, found[0], f"hedge: nothing vouches for the caption's {group} (agreement "
                                                 f"{agreement:.2f}); '{found[0].text}' is {found[1]:.2f} sure")
+
+    def _animal_rival(self, plan: CaptionPlan, caption: str, group: str | None) -> tuple[Word, float, float] | None:
+        """The animal the classifier is surer of than of the caption's own animal subject: (word, its confidence,
+        the caption's animal's), or None."""
+        if group in (None, "person") or self.config.caption_animal_rival <= 0:
+            return None
+        found = self._sure(plan, self.config.caption_animal_rival, subject=True)
+        if found is None or not set(found[0].classes) <= set(ANIMAL_CLASSES) or self._names(caption, found[0]):
+            return None
+        own = self.table.confidence(plan.pooled, group) if group in self.table.index else 0.0
+        return (*found, own) if found[1] > own else None
 
     def _sure(self, plan: CaptionPlan, threshold: float, subject: bool = False) -> tuple[Word, float] | None:
         """The most specific word at least `threshold` sure; `subject`: one that can start a caption (no setting)."""

@@ -133,6 +133,9 @@ class GenerationConfig:
     # > 0: a caption that an ImageNet class at least this sure contradicts is told about that class instead
     # (mmstory.captioning.agree_with_classifier): the caption data's people and dogs are not in every photo
     caption_class_check: float = 0.0
+    # > 0: an animal word at least this sure, surer than the caption's own animal, becomes the caption's subject
+    # (three zebras are not "a black and white dog" when zebra is 0.24 sure and dog 0.08)
+    caption_animal_rival: float = 0.0
     # ImageNet words the training captions never used join the caption decoder's vocabulary, each borrowing a known
     # word's embedding (mmstory.open_vocabulary): "zebra" can be written, not only "dog"
     caption_open_vocabulary: bool = False
@@ -170,7 +173,8 @@ class GenerationConfig:
             self.captioner = "writer"
         if self.captioner not in CAPTIONERS:
             raise ValueError(f"captioner must be one of {CAPTIONERS}, got {self.captioner!r}")
-        for name in ("caption_concepts", "caption_class_check", "caption_hedge", "caption_person_evidence"):
+        for name in ("caption_concepts", "caption_class_check", "caption_animal_rival", "caption_hedge",
+                     "caption_person_evidence"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a classifier confidence in [0, 1], got {getattr(self, name)}")
 

@@ -93,6 +93,21 @@ def test_a_supported_person_keeps_the_subject_and_the_word_is_required():
     assert plan.prefix == () and plan.required == rules.forms["coffee"]
 
 
+def test_an_animal_surer_than_the_captioned_one_takes_its_place():
+    rules = policy(caption_animal_rival=0.15)
+    plan = rules.plan(probs_of(zebra=0.24, golden_retriever=0.08)[None])[0]  # under the 0.5 check
+    assert rules.revise(plan, "A black and white dog is jumping on a tree.", agreement=-0.4)
+    assert plan.prefix == (1, rules.forms["zebra"][0]) and plan.trace[0].startswith("rival: 'zebra' (0.24)")
+    for probs, caption in [(dict(zebra=0.24, golden_retriever=0.3), "A dog is running."),  # its own is surer
+                           (dict(zebra=0.1), "A dog is running."),  # the rival is unsure
+                           (dict(zebra=0.3), "A man is running."),  # a person is no animal to replace
+                           (dict(zebra=0.3), "A zebra is running.")]:  # it names it already
+        plan = rules.plan(probs_of(**probs)[None])[0]
+        assert not rules.revise(plan, caption, agreement=0.0) or plan.prefix == (), (probs, caption)
+    off = policy()
+    assert not off.revise(off.plan(probs_of(zebra=0.24)[None])[0], "A dog is running.", agreement=0.0)
+
+
 def test_the_hedge_names_only_what_is_sure():
     probs = probs_of(cheetah=0.2, zebra=0.2)
     rules = policy(caption_hedge=0.3, caption_hedge_agreement=0.0)
