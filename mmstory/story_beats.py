@@ -35,7 +35,6 @@ class Beat:
 
 # per beat, phrasings a candidate picks from ("{who}": the caption's subject, "the black dog"); by style or tone
 WANT = ("One day, {who} wanted", "More than anything, {who} wanted", "That morning, {who} wanted")
-WANT_NOBODY = ("One day,", "That morning,")
 TURN = {"default": ("But", "Then, all of a sudden,", "But then"), "adventure": ("Suddenly,", "But then"),
         "mystery": ("Then something strange happened:", "But"), "negative": ("But", "Then, sadly,")}
 ENDING = {"default": ("In the end,", "At last,"), "bedtime": ("When night came,", "At last, sleepy and happy,"),
@@ -74,10 +73,11 @@ def plan_beats(caption: str, style: str | None = None, tone: str | None = None, 
     mood = "negative" if (tone or "").strip().lower() == "negative" else None
     pick = random.Random(seed).choice
     subject = subject_words(caption)
-    want = pick(WANT).format(who=named_again(subject)) if subject else pick(WANT_NOBODY)
     turn = pick(TURN.get(key) or TURN.get(mood) or TURN["default"])
     ending = pick(ENDING.get(key) or ENDING.get(mood) or ENDING["default"])
-    beats = [Beat(want, SHARES[0]), Beat(turn, SHARES[1]), Beat(ending, SHARES[2])]
+    beats = [Beat(turn, SHARES[1]), Beat(ending, SHARES[2])]
+    if subject:  # a thing wants nothing, and "One day, ..." after one brings in a couple the picture does not show
+        beats.insert(0, Beat(pick(WANT).format(who=named_again(subject)), SHARES[0]))
     if key == "fairy tale":
         beats.insert(0, Beat("Once upon a time, there lived " + " ".join(subject).rstrip(",") if subject else
                              "Once upon a time,", 0.0))
