@@ -46,7 +46,7 @@ from mmstory.prompts import (  # noqa: F401 - re-exported: the prompt and its ch
 )
 from mmstory.safety import ContentFilter
 from mmstory.seeing import Seen, see, writer_prompt
-from mmstory.story_beats import BeatProcessor, PoemLines, ShortSentences, plan_beats
+from mmstory.story_beats import story_shape
 from mmstory.text import (
     PERSON_WORDS,
     content_word_recall,
@@ -342,19 +342,15 @@ class StoryTeller:
                 stopping_criteria=StoppingCriteriaList([stopper, Cancelled(cancel)]),
             )
             kind = (style or "").strip().lower()
-            dark = tone_text == TONES["negative"] or kind in DARK_STYLES
             avoided = avoided_tokens(self.model.tokenizer, self.model.generation_config, seen.choices, prompt, previous,
-                                     dark)
+                                     dark=tone_text == TONES["negative"] or kind in DARK_STYLES)
             if avoided:
                 gen_kwargs["suppress_tokens"] = avoided
-            lines = kind == "poem" and self.model.generation_config.story_beats
-            if lines:
-                gen_kwargs["logits_processor"] = LogitsProcessorList([PoemLines(self.model.tokenizer, opening)])
-            elif self.model.generation_config.story_beats and not previous and (not kind or kind in STYLES):
-                plans = [plan_beats(captions[0], style, tone, seed=(settings.seed or 0) + row) for row in range(rows)]
-                shape = [BeatProcessor(self.model.tokenizer, plans, budget, opening)]
-                if (audience or "").strip().lower() == "children":
-                    shape.insert(0, ShortSentences(self.model.tokenizer, opening))
+            shaped = self.model.generation_config.story_beats and not previous and (not kind or kind in STYLES)
+            lines = shaped and kind == "poem"
+            if shaped:
+                shape = story_shape(self.model.tokenizer, captions[0], style, tone, audience, budget, opening, rows,
+                                    settings.seed or 0)
                 gen_kwargs["logits_processor"] = LogitsProcessorList(shape)
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)

@@ -84,6 +84,19 @@ def plan_beats(caption: str, style: str | None = None, tone: str | None = None, 
     return beats
 
 
+def story_shape(tokenizer, caption: str, style: str | None, tone: str | None, audience: str | None, budget: int,
+                opening: str, rows: int, seed: int = 0) -> list[LogitsProcessor]:
+    """The logits processors that give one request's `rows` candidates their shape: a poem's lines; else the beats
+    (each candidate its own phrasings), and short sentences for children."""
+    if (style or "").strip().lower() == "poem":
+        return [PoemLines(tokenizer, opening)]
+    shape: list[LogitsProcessor] = [BeatProcessor(tokenizer, [plan_beats(caption, style, tone, seed=seed + row)
+                                                              for row in range(rows)], budget, opening)]
+    if (audience or "").strip().lower() == "children":
+        shape.insert(0, ShortSentences(tokenizer, opening))
+    return shape
+
+
 class PoemLines(LogitsProcessor):
     """A poem has lines: once a line has `LINE_WORDS` words and ends at a comma or a sentence end, the next token is
     a line break (the writer, trained on prose, otherwise writes a poem as one paragraph)."""
