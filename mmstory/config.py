@@ -167,6 +167,10 @@ class GenerationConfig:
     # words a story may not write unless the request asks for a dark tone or a suspense or mystery story: a writer
     # that learnt from Grimm puts blood and killing into a family's photo of a child on a slide
     story_grim_words: list[str] = field(default_factory=list)
+    # > 0: the story picker adds this x each sampled candidate's mean token log-probability under the writer (with
+    # its penalties, before temperature and top-p): among samples, the ones the writer itself finds unlikely are the
+    # garbled ones
+    story_pick_likelihood: float = 0.0
 
     def __post_init__(self) -> None:
         if self.captioner == "decoder":  # the writer's captioning path, by its old name

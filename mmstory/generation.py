@@ -348,10 +348,16 @@ class StoryTeller:
                 gen_kwargs["suppress_tokens"] = avoided
             shaped = self.model.generation_config.story_beats and not previous and (not kind or kind in STYLES)
             lines = shaped and kind == "poem"
+            processors = []
+            weight = self.model.generation_config.story_pick_likelihood
+            likelihood = WriterLikelihood(self.model.tokenizer.eos_token_id) if weight > 0 and rows > 1 else None
+            if likelihood is not None:  # first: it scores the writer's own choices, not the forced beat words
+                processors.append(likelihood)
             if shaped:
-                shape = story_shape(self.model.tokenizer, captions[0], style, tone, audience, budget, opening, rows,
-                                    settings.seed or 0)
-                gen_kwargs["logits_processor"] = LogitsProcessorList(shape)
+                processors += story_shape(self.model.tokenizer, captions[0], style, tone, audience, budget, opening,
+                                          rows, settings.seed or 0)
+            if processors:
+                gen_kwargs["logits_processor"] = LogitsProcessorList(processors)
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
             decode = self._decoder()
@@ -372,7 +378,9 @@ class StoryTeller:
             scores = self._agreements(candidates, image_embeds)
             timings["rerank_s"] = time.perf_counter() - t
         verdicts = [self.filter.check(c) for c in candidates]
-        best = pick_candidate(candidates, captions, hints, scores, [v.blocked for v in verdicts], budget)
+        fluency = likelihood.mean() if likelihood is not None else None
+        best = pick_candidate(candidates, captions, hints, scores, [v.blocked for v in verdicts], budget,
+                              fluency, weight)
         story = candidates[best]
         if stream and story.startswith(emitted) and len(story) > len(emitted):
             yield story[len(emitted):]
@@ -531,14 +539,16 @@ def unseen_object_share(story: str, seen: Sequence[str]) -> float:
 
 
 def pick_candidate(candidates: Sequence[str], captions: Sequence[str], hints: Sequence[Sequence[str]],
-                   agreement: Sequence[float], blocked: Sequence[bool], budget: int) -> int:
+                   agreement: Sequence[float], blocked: Sequence[bool], budget: int,
+                   likelihood: Sequence[float] | None = None, likelihood_weight: float = 0.0) -> int:
     """The index of the story to keep.
 
     Among the candidates the content filter passes (all of them, when none does), those that meet the length request,
     then those that speak of the most pictures (a content word of each picture's caption), then the best balance of
     image agreement, things the pictures show (half the share of the captions' content words the story uses) and
     things they do not (objects neither a caption nor the classifier named, counted again in the last third, where
-    a small writer drifts). In an album the mean agreement alone lets a story about one picture win.
+    a small writer drifts), plus `likelihood_weight` x the candidate's mean token log-probability under the writer
+    where given. In an album the mean agreement alone lets a story about one picture win.
     """
     seen = list(captions) + [word for words in hints for word in words]
 
@@ -549,6 +559,8 @@ def pick_candidate(candidates: Sequence[str], captions: Sequence[str], hints: Se
         last_third = " ".join(sentences[len(sentences) - max(1, len(sentences) // 3):])
         balance = (agreement[i] + named / 2 - unseen_object_share(story, seen)
                    - unseen_object_share(last_third, seen))
+        if likelihood:
+            balance += likelihood_weight * likelihood[i]
         return not blocked[i], meets_budget(story, budget), caption_coverage(story, captions), balance
 
     return max(range(len(candidates)), key=key)
@@ -634,6 +646,33 @@ def _emittable(text: str, budget: int, keep_lines: bool = False) -> str:
         return ""
     settled = finish_story(text[: last_end + 1], budget, keep_lines)
     return settled if finished.startswith(settled) else ""
+
+
+class WriterLikelihood:
+    """A logits processor that adds up each row's log-probability of the tokens it writes (under the scores it is
+    given: the writer's, after penalties and before temperature and top-p) until the row's end of text."""
+
+    def __init__(self, eos_token_id: int | Sequence[int]):
+        self.eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        self.total = self.count = self.alive = self._last = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._last is None:
+            self.total, self.count = torch.zeros(scores.shape[0]), torch.zeros(scores.shape[0])
+            self.alive = torch.ones(scores.shape[0], dtype=torch.bool)
+        elif input_ids.shape[1]:
+            chosen = input_ids[:, -1].cpu()
+            logprob = self._last.gather(1, chosen[:, None])[:, 0]
+            counted = self.alive & torch.isfinite(logprob)
+            self.total += torch.where(counted, logprob, 0.0)
+            self.count += counted
+            self.alive &= ~torch.isin(chosen, self.eos)
+        self._last = scores.detach().float().log_softmax(-1).cpu()
+        return scores
+
+    def mean(self) -> list[float]:
+        """Each row's mean log-probability per counted token."""
+        return [] if self.total is None else (self.total / self.count.clamp(min=1)).tolist()
 
 
 class WordBudget(StoppingCriteria):

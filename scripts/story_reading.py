@@ -44,6 +44,9 @@ def write(args: argparse.Namespace) -> None:
 
     records = photos(args.data)
     teller = StoryTeller.from_pretrained(args.model, quantize="int4")
+    for setting in args.set_generation:  # e.g. story_beats=false (a JSON value)
+        key, _, value = setting.partition("=")
+        setattr(teller.model.generation_config, key, json.loads(value))
     teller.warmup()
     variants = []
     for n in args.candidates:
@@ -138,6 +141,8 @@ def main() -> None:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--styles", action="store_true", help="also one story per style for --style-photos photos")
     w.add_argument("--style-photos", type=int, default=4)
+    w.add_argument("--set-generation", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a generation_config.json key (JSON value) for this run")
     w.add_argument("--out", type=Path, required=True)
     r = sub.add_parser("report")
     r.add_argument("files", type=Path, nargs="+")

@@ -13,6 +13,7 @@ from mmstory.generation import (
     StoryInputError,
     StoryTeller,
     WordBudget,
+    WriterLikelihood,
     build_instruction,
     caption_coverage,
     finish_story,
@@ -293,6 +294,41 @@ def test_the_kept_story_names_what_the_caption_shows_and_not_what_it_does_not():
                           budget) == 1
     assert pick_candidate([names_it, vague], caption, [[]], agreement[:2], [True, False], budget) == 1
     assert pick_candidate([names_it, vague], caption, [[]], agreement[:2], open_[:2], 120) in (0, 1)
+
+
+def test_writer_likelihood_adds_up_each_rows_chosen_tokens_until_its_end_of_text():
+    eos = 3
+    recorder = WriterLikelihood(eos)
+    steps = [torch.randn(2, 5) for _ in range(4)]
+    chosen = torch.tensor([[1, 2, 4, 0], [eos, 2, 2, 2]])  # the second row ends at its first token
+    for t, scores in enumerate(steps):
+        assert recorder(chosen[:, :t], scores) is scores  # it only records
+    logp = [step.log_softmax(-1) for step in steps]
+    first = sum(float(logp[t][0, chosen[0, t]]) for t in range(3)) / 3  # the last token has no next step
+    assert recorder.mean() == pytest.approx([first, float(logp[0][1, eos])], abs=1e-5)
+
+
+def test_the_likelier_candidate_wins_a_tie_when_likelihood_is_weighed():
+    caption = ["A brown dog runs through the grass."]
+    stories = [f"The brown dog ran through the grass. It was {word}." for word in ("happy", "glad")]
+    tie = dict(captions=caption, hints=[[]], agreement=[0.3, 0.3], blocked=[False, False], budget=10)
+    assert pick_candidate(stories, **tie, likelihood=[-2.5, -1.9], likelihood_weight=1.0) == 1
+    assert pick_candidate(stories, **tie, likelihood=[-1.9, -2.5], likelihood_weight=1.0) == 0
+    assert pick_candidate(stories, **tie, likelihood=[-2.5, -1.9], likelihood_weight=0.0) == 0  # off: the first
+
+
+def test_likelihood_weighed_picking_runs_through_the_teller(tiny_teller, monkeypatch):
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["likelihood"] = args[6]
+        return pick_candidate(*args, **kwargs)
+
+    monkeypatch.setattr("mmstory.generation.pick_candidate", spy)
+    monkeypatch.setattr(tiny_teller.model.generation_config, "story_pick_likelihood", 1.0)
+    result = tiny_teller.generate_story(make_photo(2), seed=3, **FAST)
+    assert len(seen["likelihood"]) == 2 and all(-30 < x < 0 for x in seen["likelihood"])
+    assert result.story in result.candidates
 
 
 def test_a_story_that_drifts_at_the_end_loses_to_one_that_drifts_at_the_start():
