@@ -601,8 +601,8 @@ def finish_story(text: str, budget: int, keep_lines: bool = False) -> str:
     seen = set()
     for sentence in sentences:
         said = " ".join(sentence.lower().split())
-        if said in seen:  # the writer saying a sentence again (the opening, which its penalties do not see)
-            continue
+        if said in seen or said.startswith("also seen:"):  # a sentence said again (the opening, which the penalties
+            continue  # do not see), or the request's "Also seen: microwave." echoed
         seen.add(said)
         n = len(sentence.split())
         if kept and words + n > limit:

@@ -296,6 +296,11 @@ def test_the_kept_story_names_what_the_caption_shows_and_not_what_it_does_not():
     assert pick_candidate([names_it, vague], caption, [[]], agreement[:2], open_[:2], 120) in (0, 1)
 
 
+def test_finish_story_drops_the_requests_class_line_echoed():
+    story = finish_story("A microwave in the air. Also seen: microwave. The microwave hummed all night.", 80)
+    assert story == "A microwave in the air. The microwave hummed all night."
+
+
 def test_writer_likelihood_adds_up_each_rows_chosen_tokens_until_its_end_of_text():
     eos = 3
     recorder = WriterLikelihood(eos)
