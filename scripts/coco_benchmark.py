@@ -7,7 +7,8 @@ Sets: `coco-tune` / `coco-check` are the first 128 / the other 129 photos of ../
 name (tune on the first, report the second); `flickr8k-dev` is Flickr8k's 1,000 dev photos. Captions: BLEU-4 and
 CIDEr-D (pycocoevalcap), made-up objects (COCO's 80 categories, `mmstory.eval.coco_objects`), invented people (a
 person named where no reference names one). Stories (`--stories`, short, seed 0): the same object rates, and the
-grounding gap. Every caption and story goes into the JSON (`--out`).
+grounding gap. Every caption and story goes into the JSON (`--out`), with the object words no reference names; the
+references themselves do not (coco_dev's terms).
 """
 
 from __future__ import annotations
@@ -18,11 +19,16 @@ import json
 import time
 from pathlib import Path
 
-from mmstory.eval.coco_objects import object_rates
+from mmstory.eval.coco_objects import made_up_objects, object_rates
 from mmstory.eval.metrics import caption_scores, grounding_gap
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TUNE_SIZE = 128
+
+
+def _rate(value: float | None) -> str:
+    """n/a where a set has nothing to count (no photo without people, say, in a --limit run)."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def load_set(name: str, data_root: Path, limit: int | None) -> list[tuple[Path, list[str]]]:
@@ -71,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"set": args.set, "images": len(paths), "generation": args.set_generation,
               "captions": {"BLEU-4": 100 * scores["BLEU-4"], "CIDEr-D": 100 * scores["CIDEr-D"],
                            **object_rates(captions, references), "seconds_per_caption": seconds}}
-    rows = [{"image": Path(path).name, "caption": caption, "references": refs}
+    # the references stay out of the JSON (coco_dev's terms: its captions are never copied into the repository);
+    # each row keeps the object words none of them names
+    rows = [{"image": Path(path).name, "caption": caption, "made_up": made_up_objects(caption, refs)}
             for path, caption, refs in zip(paths, captions, references)]
     for row, d in zip(rows, details):
         row.update(confidence=d.confidence, sure=d.sure, agreement=d.agreement, words=d.words, trace=d.trace)
@@ -81,16 +89,16 @@ def main(argv: list[str] | None = None) -> int:
             stories.append(teller.generate_story(path, length="short", seed=0).story)
         report["stories"] = {**object_rates(stories, references),
                              "grounding_gap": grounding_gap(stories, references)["gap"]}
-        for row, story in zip(rows, stories):
-            row["story"] = story
+        for row, story, refs in zip(rows, stories, references):
+            row.update(story=story, story_made_up=made_up_objects(story, refs))
     c = report["captions"]
     print("| set | images | BLEU-4 | CIDEr-D | made-up objects (captions) | invented people (captions) | s/caption |")
-    print(f"| {args.set} | {len(paths)} | {c['BLEU-4']:.1f} | {c['CIDEr-D']:.1f} | {c['chair_i']:.3f} | "
-          f"{c['invented_person']:.3f} | {seconds:.3f} |")
+    print(f"| {args.set} | {len(paths)} | {c['BLEU-4']:.1f} | {c['CIDEr-D']:.1f} | {_rate(c['chair_i'])} | "
+          f"{_rate(c['invented_person'])} | {seconds:.3f} |")
     if args.stories:
         s = report["stories"]
-        print(f"stories: made-up objects {s['chair_i']:.3f}, invented people {s['invented_person']:.3f}, "
-              f"grounding gap {s['grounding_gap']:.3f}")
+        print(f"stories: made-up objects {_rate(s['chair_i'])}, invented people {_rate(s['invented_person'])}, "
+              f"grounding gap {_rate(s['grounding_gap'])}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({**report, "rows": rows}, indent=1) + "\n")
