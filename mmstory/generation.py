@@ -317,15 +317,9 @@ class StoryTeller:
             opening = (story_opening(captions[0], style, previous)
                        if self.model.generation_config.open_with_caption else "")
             embeds = writer_prompt(self.model, seen, instruction, opening)
-            max_new = settings.max_new_tokens or int(budget * TOKENS_PER_WORD * 1.4) + 24
             context = getattr(self.model.writer.config, "max_position_embeddings", None) or 1 << 30
-            if embeds.shape[1] >= context - 16:
-                raise StoryInputError(f"the request is too long for the story writer's context ({embeds.shape[1]} "
-                                      f"of {context} tokens before the story starts); shorten the prompt or the "
-                                      "previous story")
-            max_new = min(max_new, context - embeds.shape[1])
-            to_write = max(budget - len(opening.split()), 1)  # the words the writer adds after the opening
-            min_new = min(int(to_write * MIN_STORY_SHARE * TOKENS_PER_WORD), max_new - 1)
+            max_new, min_new, to_write = token_limits(settings.max_new_tokens, budget, opening, embeds.shape[1],
+                                                      context)
             stopper = WordBudget(self.model.tokenizer, to_write)  # generate() passes only new tokens
             cancel = threading.Event()  # set when a streaming consumer goes away mid-story
             rows = settings.num_candidates if settings.num_beams == 1 else 1  # beam search returns its candidates
@@ -348,11 +342,9 @@ class StoryTeller:
                 gen_kwargs["suppress_tokens"] = avoided
             shaped = self.model.generation_config.story_beats and not previous and (not kind or kind in STYLES)
             lines = shaped and kind == "poem"
-            processors = []
             weight = self.model.generation_config.story_pick_likelihood
             likelihood = WriterLikelihood(self.model.tokenizer.eos_token_id) if weight > 0 and rows > 1 else None
-            if likelihood is not None:  # first: it scores the writer's own choices, not the forced beat words
-                processors.append(likelihood)
+            processors = [likelihood] if likelihood else []  # first: it scores the writer's choices, not the beats'
             if shaped:
                 processors += story_shape(self.model.tokenizer, captions[0], style, tone, audience, budget, opening,
                                           rows, settings.seed or 0)
@@ -439,6 +431,18 @@ class StoryTeller:
             seen = self._see(pil_images)
             return answer_question(self.model, seen, question, self._decode, self.filter,
                                    max_new_tokens=max_new_tokens, seed=seed, start=start)
+
+
+def token_limits(max_new_tokens: int | None, budget: int, opening: str, prompt_len: int, context: int
+                 ) -> tuple[int, int, int]:
+    """(max_new_tokens, min_new_tokens, the words the writer adds after `opening`) for a story of `budget` words;
+    StoryInputError when the prompt leaves the writer's context no room."""
+    if prompt_len >= context - 16:
+        raise StoryInputError(f"the request is too long for the story writer's context ({prompt_len} of {context} "
+                              "tokens before the story starts); shorten the prompt or the previous story")
+    max_new = min(max_new_tokens or int(budget * TOKENS_PER_WORD * 1.4) + 24, context - prompt_len)
+    to_write = max(budget - len(opening.split()), 1)
+    return max_new, min(int(to_write * MIN_STORY_SHARE * TOKENS_PER_WORD), max_new - 1), to_write
 
 
 def _streamed(decode, gen_kwargs: dict, tokenizer, budget: int, cancel: threading.Event, timings: dict,
