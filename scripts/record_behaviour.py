@@ -64,8 +64,8 @@ def sample(teller) -> dict:
         opening = story_opening(first.captions[0], None, None) if config.open_with_caption else ""
         out[name] = {"story": first.story, "again": again.story, "opening": opening, "budget": LENGTHS["short"],
                      "avoided": list(config.story_avoid_words)}
-    chelsea = example_image("chelsea")
-    out["answer"] = {"answer": teller.answer(chelsea, QUESTION).answer, "caption": teller.caption([chelsea])[0]}
+    answer = teller.answer(example_image("chelsea"), QUESTION)
+    out["answer"] = {"answer": answer.answer, "caption": answer.captions[0]}
     return out
 
 
