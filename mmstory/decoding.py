@@ -95,11 +95,19 @@ def _active_lora(linear: torch.nn.Module) -> list[str]:
     return adapters
 
 
-def pack_projections(linears: Sequence[torch.nn.Module], quantize: str | None, dtype: torch.dtype) -> Packed:
+def pack_projections(linears: Sequence[torch.nn.Module], quantize: str | None, dtype: torch.dtype,
+                     merge_lora: bool = False) -> Packed:
     """Linear layers side by side (q, k, v: one matmul) as one `Packed`: their base weights stacked and packed,
-    their LoRA adapters unmerged (see the module docstring): A factors stacked, B factors block-diagonal."""
+    their LoRA adapters unmerged (see the module docstring): A factors stacked, B factors block-diagonal.
+    `merge_lora` (dense weights only): W + B @ A rounded once to `dtype` instead, for many-row steps, where the
+    adapters' eight small float32 products per layer cost as much as the layer's bf16 ones (the SmolLM2 writer's
+    delta is 0.8% of W, and bf16 rounding of the sum moves it by a fifth of the delta's size, unbiased)."""
     if any(getattr(linear, "fan_in_fan_out", False) for linear in linears):
         raise ValueError("FastDecoder packs [out, in] linear layers only (no fan_in_fan_out)")
+    if merge_lora:
+        if quantize is not None:
+            raise ValueError("merge_lora is for dense weights: an int4 or int8 step would round the adapter away")
+        return pack_linear(torch.cat([effective_weight(linear).float() for linear in linears]), None, dtype)
     bases = [linear.get_base_layer() if hasattr(linear, "base_layer") else linear for linear in linears]
     packed = pack_linear(torch.cat([base.weight.detach() for base in bases]), quantize, dtype)
     a_factors, b_blocks = [], []
@@ -136,8 +144,16 @@ def effective_weight(linear: torch.nn.Module) -> torch.Tensor:
     return weight.t() if getattr(linear, "fan_in_fan_out", False) else weight
 
 
-def _linear(x: torch.Tensor, weight: Packed) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: Packed, row_block: int = 0) -> torch.Tensor:
+    """x @ W.T (+ LoRA). `row_block` > 0: the rows go through in zero-padded blocks of exactly that many, since a
+    GEMM library picks its kernel (and so its summation order) by shape: a row's result then never depends on how
+    many rows share its step (the story server's batch), only on the row itself."""
     rows = x.reshape(-1, x.shape[-1])
+    if row_block:
+        count = rows.shape[0]
+        padded = F.pad(rows, (0, 0, 0, -count % row_block))
+        out = torch.cat([_linear(block, weight) for block in padded.split(row_block)])[:count]
+        return out.reshape(*x.shape[:-1], out.shape[-1])
     if weight.scales is None:
         out = F.linear(rows, weight.weight)
     elif weight.weight.dtype == torch.int8:
@@ -164,13 +180,13 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 def decode_layer(x: torch.Tensor, slot: torch.Tensor, length: int, cos: torch.Tensor, sin: torch.Tensor,
                  mask: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, norm1: torch.Tensor,
                  norm2: torch.Tensor, qkv: Packed, out: Packed, gate_up: Packed, down: Packed, heads: int,
-                 kv_heads: int, eps: float, fold_heads: bool) -> torch.Tensor:
+                 kv_heads: int, eps: float, fold_heads: bool, row_block: int = 0) -> torch.Tensor:
     """One Llama decoder layer for one new token per row: x [B, 1, D]; writes its K/V at `slot` of the caches
     [B, kv_heads, S, hd] and attends to the first `length` cached positions (`mask` [B, 1, 1, length] for padding)."""
     batch = x.shape[0]
     head_dim = k_cache.shape[-1]
     h = _rms_norm(x, norm1, eps)
-    q, k, v = _linear(h, qkv).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = _linear(h, qkv, row_block).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q = _rope(q.view(batch, heads, 1, head_dim), cos, sin)
     k = _rope(k.view(batch, kv_heads, 1, head_dim), cos, sin)
     k_cache[:, :, slot] = k
@@ -181,18 +197,18 @@ def decode_layer(x: torch.Tensor, slot: torch.Tensor, length: int, cos: torch.Te
                                               attn_mask=mask)
     else:
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-    x = x + _linear(attn.reshape(batch, 1, heads * head_dim), out)
-    gate, up = _linear(_rms_norm(x, norm2, eps), gate_up).chunk(2, dim=-1)
-    return x + _linear(F.silu(gate) * up, down)
+    x = x + _linear(attn.reshape(batch, 1, heads * head_dim), out, row_block)
+    gate, up = _linear(_rms_norm(x, norm2, eps), gate_up, row_block).chunk(2, dim=-1)
+    return x + _linear(F.silu(gate) * up, down, row_block)
 
 
 def decode_head(x: torch.Tensor, norm: torch.Tensor, weight: Packed, exact: torch.Tensor | None, eps: float,
-                refine: int) -> torch.Tensor:
+                refine: int, row_block: int = 0) -> torch.Tensor:
     """Next-token logits [B, V] (float). With a quantized head, the `refine` most likely tokens are rescored with the
     exact weights `exact` [V, D]: those are the only ones greedy and top-k/top-p choose from, and int4 rounding of
     the output head alone costs ~1.5% perplexity on SmolLM2, while rescoring costs a few hundred rows."""
     h = _rms_norm(x, norm, eps)[:, -1]
-    logits = _linear(h, weight)
+    logits = _linear(h, weight, row_block)
     if exact is None:
         return logits.float()
     top = logits.topk(refine, dim=-1).indices
@@ -214,14 +230,15 @@ class _Layer:
 _PARTS = ("qkv", "out", "gate_up", "down")
 
 
-def _pack_writer(layers, head: torch.nn.Module, quantize: str | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _pack_writer(layers, head: torch.nn.Module, quantize: str | None, dtype: torch.dtype,
+                 merge_lora: bool = False) -> dict[str, torch.Tensor]:
     """Every layer's projections and the output head packed, as flat named tensors ("layers.3.qkv.scales")."""
-    packs = {"head": pack_projections([head], quantize, dtype)}
+    packs = {"head": pack_projections([head], quantize, dtype, merge_lora)}
     for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
         parts = ([attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj])
         for part, linears in zip(_PARTS, parts):
-            packs[f"layers.{i}.{part}"] = pack_projections(linears, quantize, dtype)
+            packs[f"layers.{i}.{part}"] = pack_projections(linears, quantize, dtype, merge_lora)
     return {f"{name}.{field}": tensor for name, packed in packs.items()
             for field, tensor in packed._asdict().items() if tensor is not None}
 
@@ -243,7 +260,11 @@ class FastDecoder:
     decoder after training on.
     """
 
-    def __init__(self, model, quantize: str | None = None, compile: bool = True, max_length: int | None = None):
+    def __init__(self, model, quantize: str | None = None, compile: bool = True, max_length: int | None = None,
+                 row_block: int = 0):
+        """`row_block` > 0: every decode step multiplies its rows in blocks of this many (see `_linear`), so that a
+        row decodes the same alone as beside others; what the story server sets when it batches dense weights (a
+        dense bf16 GEMM over 64 rows costs about what it costs over 6; int4 costs ~6x more)."""
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
         config = model.config
@@ -257,7 +278,7 @@ class FastDecoder:
             raise ValueError(f"FastDecoder supports Llama-style decoders (RMSNorm, RoPE, SiLU MLP, no biases); "
                              f"got {type(model).__name__}")
         self.model = model.eval()
-        self.quantize = quantize
+        self.quantize, self.row_block = quantize, row_block
         self.dtype = torch.bfloat16 if quantize else model.dtype
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -269,7 +290,7 @@ class FastDecoder:
         head = model.get_output_embeddings()
 
         def pack() -> dict[str, torch.Tensor]:
-            return _pack_writer(layers, head, quantize, self.dtype)
+            return _pack_writer(layers, head, quantize, self.dtype, merge_lora=bool(row_block) and quantize is None)
 
         # packing int4/int8 costs seconds at every start; the packed tensors are kept in the user cache
         packs = cached_tensors(fingerprint(model, quantize, self.dtype), pack) if quantize else pack()
@@ -490,12 +511,12 @@ class FastDecoder:
         cos, sin = self._cos[positions][:, None, None], self._sin[positions][:, None, None]
         slot_index = torch.tensor([slot])
         # transformers folds the heads only when there is a padding mask; the exact path must do as it does
-        fold_heads = self.quantize is not None or mask is not None
+        fold_heads = self.quantize is not None or mask is not None or self.row_block > 0
         for layer, k_cache, v_cache in zip(self._layers, *caches):
             x = self._layer_fn(x, slot_index, slot + 1, cos, sin, mask, k_cache, v_cache, layer.norm1, layer.norm2,
                                layer.qkv, layer.out, layer.gate_up, layer.down, self.heads, self.kv_heads, self.eps,
-                               fold_heads)
-        return self._head_fn(x, self._norm, self._head, self._head_exact, self.eps, HEAD_REFINE)
+                               fold_heads, self.row_block)
+        return self._head_fn(x, self._norm, self._head, self._head_exact, self.eps, HEAD_REFINE, self.row_block)
 
 
 def _own_copy(fn: Callable) -> Callable:

@@ -160,7 +160,8 @@ class StoryTeller:
     """Load once per process, then caption images and write stories about them."""
 
     def __init__(self, model: StoryModel, dtype: str = "bfloat16", quantize: str | None = None,
-                 content_filter: ContentFilter | None = None, compile: bool = True, device: DeviceLike = None):
+                 content_filter: ContentFilter | None = None, compile: bool = True, device: DeviceLike = None,
+                 row_block: int = 0):
         """`quantize`: None (exact weights), "int8" or "int4" weights for the story writer's decode steps (the
         packaged SmolLM2 ships as Q4_1, which "int4" reproduces). `compile`: torch.compile the decode step.
 
@@ -169,7 +170,10 @@ class StoryTeller:
         lacks raises `DeviceError` (a ValueError). The model is moved there in place. On CUDA the FastDecoder keeps
         bf16 weights and a static KV cache and compiles its step; int8/int4 there go through torchao's weight-only
         quantisation when torchao is importable, and are exact bf16 otherwise (`self.fast.weight_format` says
-        which). On the CPU nothing changes: the packed int8/int4 kernels and the same tokens as before."""
+        which). On the CPU nothing changes: the packed int8/int4 kernels and the same tokens as before.
+
+        `row_block` > 0: decode steps multiply their rows in blocks of this many (`FastDecoder`), so that a row's
+        tokens do not depend on the rows beside it: the story server sets it when it batches dense weights."""
         if dtype not in ("bfloat16", "float32"):
             raise ValueError("dtype must be 'bfloat16' or 'float32'")
         if quantize not in QUANTIZE:
@@ -179,7 +183,8 @@ class StoryTeller:
         self.dtype, self.quantize = dtype, quantize
         self.model.writer.to(torch.bfloat16 if dtype == "bfloat16" else torch.float32)
         try:  # static KV cache + compiled step for Llama-family decoders; others decode with transformers
-            self.fast: FastDecoder | None = FastDecoder(self.model.writer, quantize=quantize, compile=compile)
+            self.fast: FastDecoder | None = FastDecoder(self.model.writer, quantize=quantize, compile=compile,
+                                                         row_block=row_block)
         except ValueError as err:
             if quantize is not None:
                 raise ValueError(f"quantize={quantize!r} is not available for this decoder: {err}") from err

@@ -1,5 +1,6 @@
 """Load benchmark of `mmstory serve` on loopback: stories/s and p50/p95 latency at 1, 4 and 8 concurrent clients, for
-the continuously batched server and for one-at-a-time decoding (`--no-batching`), in the same run.
+the continuously batched server (dense bf16 weights in row blocks, its default; or int4 weights) and for
+one-at-a-time decoding (`--no-batching`, int4), in the same run.
 
 Each mode starts its own server subprocess with the packaged model (bounded: loopback only, a fixed number of
 requests per level, every request with a timeout). Each client sends its requests one after another (a new seed each
@@ -35,11 +36,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: str, batching: bool, queue_size: int, log: Path) -> tuple[subprocess.Popen, str, float]:
+MODES = {"batched": ["--batching"], "batched-int4": ["--batching", "--quantize", "int4"],
+         "one-at-a-time": ["--no-batching"]}
+
+
+def start_server(model: str, mode: str, queue_size: int, log: Path) -> tuple[subprocess.Popen, str, float]:
     """A `mmstory serve` subprocess on loopback, and the seconds from its start to a healthy /health."""
     port = free_port()
     args = [sys.executable, "-m", "mmstory.cli", "serve", "--model", model, "--port", str(port), "--host", "127.0.0.1",
-            "--queue-size", str(queue_size), "--log-level", "warning", "--batching" if batching else "--no-batching"]
+            "--queue-size", str(queue_size), "--log-level", "warning", *MODES[mode]]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
@@ -134,14 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", default="chelsea", help="an example photo (mmstory.examples)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds a client waits for one story")
     parser.add_argument("--modes", nargs="+", default=["batched", "one-at-a-time"],
-                        choices=["batched", "one-at-a-time"])
+                        choices=list(MODES))
     parser.add_argument("--json", type=Path, help="also write every number here")
     parser.add_argument("--logs", type=Path, default=Path("/tmp"), help="folder for the servers' logs")
     args = parser.parse_args(argv)
     image = photo_b64(args.image)
     results = []
     for mode in args.modes:
-        process, url, startup = start_server(args.model, mode == "batched", max(args.clients),
+        process, url, startup = start_server(args.model, mode, max(args.clients),
                                              args.logs / f"load-benchmark-{mode}.log")
         print(f"{mode}: server healthy {startup:.1f} s after start", flush=True)
         try:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
 
-from mmstory.decoding import FastDecoder, _linear, decode_head, pack_linear
+from mmstory.decoding import FastDecoder, _linear, decode_head, pack_linear, pack_projections
 from mmstory.tiny import tiny_decoder
 from tests.conftest import requires_packaged
 
@@ -401,6 +401,20 @@ def test_lora_greedy_equals_transformers(adapters, active):
     assert not torch.equal(without, expected)
     # ... and a decoder built while they are off decodes without them, as transformers then does
     assert torch.equal(FastDecoder(model, compile=False).generate(embeds, max_new_tokens=40), without)
+
+
+def test_row_blocks_merge_lora_into_dense_weights_and_keep_the_tokens():
+    """The server's many-row decoder sums W + scaling * B @ A once (no float32 side products per step): in float32
+    that is the adapters' own arithmetic to rounding, so greedy tokens stay transformers'."""
+    model = with_lora(tiny_decoder()[0], seed=3)
+    model.generation_config.eos_token_id = None
+    embeds = prompt(model, 3, seed=44)
+    expected = hf_generate(model, embeds, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    blocked = FastDecoder(model, compile=False, row_block=4)
+    assert all(part.lora_a is None for layer in blocked._layers for part in (layer.qkv, layer.down))
+    assert torch.equal(blocked.generate(embeds, max_new_tokens=30, pad_token_id=0), expected)
+    with pytest.raises(ValueError, match="dense"):
+        pack_projections([model.model.layers[0].mlp.down_proj], "int4", torch.bfloat16, merge_lora=True)
 
 
 def test_lora_decoder_leaves_the_model_as_it_was():
