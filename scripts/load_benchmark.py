@@ -1,6 +1,6 @@
 """Load benchmark of `mmstory serve` on loopback: stories/s and p50/p95 latency at 1, 4 and 8 concurrent clients, for
-the continuously batched server (dense bf16 weights in row blocks, its default; or int4 weights) and for
-one-at-a-time decoding (`--no-batching`, int4), in the same run.
+the continuously batched server (by default int4 weights for one-row requests and bf16 row blocks for several rows;
+or all bf16, or all int4) and for one-at-a-time decoding (`--no-batching`, int4), in the same run.
 
 Each mode starts its own server subprocess with the packaged model (bounded: loopback only, a fixed number of
 requests per level, every request with a timeout). Each client sends its requests one after another (a new seed each
@@ -36,7 +36,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-MODES = {"batched": ["--batching"], "batched-int4": ["--batching", "--quantize", "int4"],
+MODES = {"batched": ["--batching"], "batched-bf16": ["--batching", "--quantize", "none"],
+         "batched-int4": ["--batching", "--quantize", "int4"],
          "one-at-a-time": ["--no-batching"]}
 
 

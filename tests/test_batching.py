@@ -95,6 +95,28 @@ def test_overlapping_requests_get_what_they_get_alone(fast, batcher, first_setti
     assert batcher.load() == {"jobs": 0, "rows": 0, "waiting": 0, "steps": batcher.steps}
 
 
+def test_one_row_and_many_row_requests_keep_their_own_weights():
+    """The server's batcher decodes a stream (one row) with int4 weights and a story's candidates with bf16 blocks:
+    two decoders of one model, each request with its own from start to end, both in the same steps."""
+    model, _ = tiny_decoder()
+    model.generation_config.eos_token_id = None
+    plain, blocked = FastDecoder(model.eval(), compile=False), FastDecoder(model, compile=False, row_block=4)
+    both = Batcher(plain, wide=blocked)
+    try:
+        first, second = prompt(model, 1, 15, seed=1), prompt(model, 3, 9, seed=2)
+        args = dict(max_new_tokens=30, pad_token_id=0, do_sample=True, temperature=0.9, seed=3)
+        alone = plain.generate(first, **args), blocked.generate(second, **args)
+        got = {}
+        gate = Gate(both, 5, lambda: got.update(second=both.generate(second, **args)))
+        got["first"] = both.generate(first, streamer=gate, **args)
+        gate.second.join()
+        assert max(gate.rows_seen) == 4  # they shared steps
+        assert torch.equal(got["first"], alone[0]) and torch.equal(got["second"], alone[1])
+        assert both.decoder_for(1) is plain and both.decoder_for(6) is blocked
+    finally:
+        both.close()
+
+
 def test_a_request_given_up_frees_its_rows(fast, batcher):
     """What the server does when a streaming client goes away: the story's cancel event is set, and the request's
     rows leave the batch at the next step (its tokens so far returned), not at max_new_tokens."""

@@ -58,14 +58,13 @@ def test_host_and_port_default_from_gradio_environment(monkeypatch):
         parse_args(["serve"])
 
 
-def test_a_batching_server_decodes_dense_weights_and_one_at_a_time_int4():
-    """Many rows multiply ~2x faster with dense bf16 weights, one row ~3x faster with int4 (docs/benchmarks.md)."""
+def test_the_server_picks_its_decode_weights_by_rows_unless_told():
     from mmstory.serve.app import parse_args
 
-    assert parse_args(["serve"]).quantize == "none"
-    assert parse_args(["serve", "--no-batching"]).quantize == "int4"
-    assert parse_args(["demo"]).quantize == "int4"
-    assert parse_args(["serve", "--quantize", "int4"]).quantize == "int4"  # the option wins
+    assert parse_args(["serve"]).quantize == parse_args(["demo"]).quantize == "auto"
+    assert parse_args(["serve", "--quantize", "int4"]).quantize == "int4"
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--quantize", "int3"])
 
 
 def test_device_option_is_checked_before_the_model_loads(monkeypatch, tmp_path, capsys):

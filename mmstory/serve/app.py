@@ -26,6 +26,7 @@ try:  # the [serve] extra; only `mmstory demo` / `mmstory serve` import this mod
 except ImportError as err:
     raise ImportError(f"the demo and the JSON API need the serve extra: pip install 'mmstory[serve]' ({err})") from err
 
+from mmstory.decoding import FastDecoder
 from mmstory.devices import DEVICE_HELP, DeviceError, resolve_device
 from mmstory.generation import StoryTeller
 from mmstory.images import MAX_PIXELS
@@ -103,11 +104,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP + " (default: auto); checked before the model "
                                                                        "loads")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--quantize", default=None, choices=["none", "int8", "int4"],
+    parser.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
                         help="story-writer weights in decode steps: int4 is the packaged SmolLM2's own Q4_1 "
-                             "precision and the fastest for one story at a time; none keeps the loaded bf16/float32 "
-                             "weights, which a batch of many rows multiplies ~2x faster (default: none with "
-                             "--batching, else int4)")
+                             "precision and the fastest for one row; none keeps the loaded bf16/float32 weights, which "
+                             "a batch of many rows multiplies faster; auto (default): int4, and with --batching on a "
+                             "CPU none for requests of several rows (a story's candidates)")
     parser.add_argument("--queue-size", type=int, default=8,
                         help="stories waiting or running per API before clients are told the server is busy")
     parser.add_argument("--batching", action=argparse.BooleanOptionalAction, default=command == "serve",
@@ -138,8 +139,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         resolve_device(args.device)
     except DeviceError as err:
         parser.error(f"--device: {err}")
-    if args.quantize is None:
-        args.quantize = "none" if args.batching else "int4"
     args.command = command
     return args
 
@@ -152,15 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # batched dense weights multiply in whole blocks of the batch's most rows: a request gets the same tokens
         # whoever shares its steps (int4's kernel already gives each row the same numbers at any batch size)
-        row_block = MAX_ROWS if args.batching and args.quantize == "none" else 0
+        quantize = {"auto": "int4", "none": None}.get(args.quantize, args.quantize)
+        row_block = MAX_ROWS if args.batching and quantize is None else 0
         teller = StoryTeller.from_pretrained(args.model, dtype=args.dtype, device=args.device, row_block=row_block,
-                                             quantize=None if args.quantize == "none" else args.quantize)
+                                             quantize=quantize)
     except FileNotFoundError as err:  # no such directory, or the packaged weights are not there yet
         print(f"mmstory {args.command}: {err}", file=sys.stderr)
         return 2
     teller.warmup()  # compile the decode step before the first request, not during it
     if args.batching and teller.fast is not None:
-        teller.batcher = Batcher(teller.fast)
+        wide = None
+        if args.quantize == "auto" and teller.device.type == "cpu":  # several rows: bf16 blocks (docs/benchmarks.md)
+            wide = FastDecoder(teller.model.writer, quantize=None, row_block=MAX_ROWS)
+        teller.batcher = Batcher(teller.fast, wide=wide)
         teller.batcher.warmup()
     app = build_app(teller, model_name=str(args.model), json_api=args.command == "serve", queue_size=args.queue_size,
                     max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels, delete_cache_s=args.delete_cache)

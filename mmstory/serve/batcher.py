@@ -1,10 +1,11 @@
 """Continuous batching for the story server: one decode loop owns the story writer, and every request's rows share
 its decode steps.
 
-Several requests decoded together cost less than one after another: a step over 48 rows costs 0.6x of eight steps
-over 6 with int4 weights (whose kernel is compute-bound) and 0.4x with dense bf16 weights, which the server uses when
-it batches (`mmstory serve`), multiplied in blocks of MAX_ROWS rows (`FastDecoder`'s `row_block`) so that a row's
-numbers never depend on the rows beside it. A request's rows join the running batch between steps (its
+Several requests decoded together cost less than one after another: a step over 48 rows costs 0.7x of eight steps
+over 6 with int4 weights (whose kernel is compute-bound) and 0.4x with dense bf16 weights. `mmstory serve` therefore
+decodes a request of several rows (a story's candidates) with bf16 weights multiplied in blocks of MAX_ROWS rows
+(`FastDecoder`'s `row_block`, so that a row's numbers never depend on the rows beside it), and a one-row request (a
+stream) with int4 weights, ~3x faster at one row. A request's rows join the running batch between steps (its
 prompt prefilled, then decoded with the rest) and leave when the request is done; a stream gets its tokens as they are
 chosen. Each request keeps its own sampling state (random generator, logits processors, stopping rules), chosen
 exactly as `FastDecoder.stream` chooses, so a request decoded alone gives the same tokens as the plain decoder.
@@ -52,6 +53,7 @@ class DecodeJob:
         self.pad = pad_token_id if pad_token_id is not None else (
             fast.pad_token_id if fast.pad_token_id is not None else (self.eos[0] if self.eos else 0))
         self.max_new, self.do_sample, self.top_k = max_new_tokens, do_sample, top_k
+        self.fast = fast  # the decoder whose weights this job's rows are multiplied by, from prefill to the end
         self.processors = fast._processors(self.eos, min_new_tokens, repetition_penalty, no_repeat_ngram_size,
                                            suppress_tokens, logits_processor)
         self.warpers = LogitsProcessorList()
@@ -116,6 +118,7 @@ class SharedWindow:
 
     def __init__(self, fast: FastDecoder):
         self.fast = fast
+        self.jobs: list[DecodeJob] = []  # the jobs laid out now, in row order
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.valid = torch.zeros(0, 0, dtype=torch.bool)  # [rows, S]: which slots each row attends to
@@ -123,6 +126,7 @@ class SharedWindow:
 
     def layout(self, jobs: list[DecodeJob], prefilled: dict[DecodeJob, object]) -> None:
         """Copy each job's K/V (a new job's from its prefill) into a new window holding exactly `jobs`."""
+        self.jobs = list(jobs)
         if not jobs:
             self.keys, self.values, self.valid, self.length = [], [], torch.zeros(0, 0, dtype=torch.bool), 0
             return
@@ -169,11 +173,15 @@ class Batcher:
     """The one decode loop (a daemon thread) that owns the writer's `FastDecoder`; requests come in as `generate`
     calls from any thread and wait for their tokens."""
 
-    def __init__(self, fast: FastDecoder, max_rows: int = MAX_ROWS):
-        self.fast, self.max_rows = fast, max_rows
+    def __init__(self, fast: FastDecoder, max_rows: int = MAX_ROWS, wide: FastDecoder | None = None):
+        """`wide`: the decoder (of the same model) for requests of several rows, a story's candidates: dense bf16
+        weights in row blocks multiply many rows ~6x faster than int4 and one row ~3x slower, so one-row requests
+        (streams) stay with `fast`. Each request keeps one decoder from start to end, chosen by its own rows, so its
+        tokens never depend on the others; a step runs each decoder's rows through its own window."""
+        self.fast, self.wide, self.max_rows = fast, wide or fast, max_rows
         self._waiting: deque[DecodeJob] = deque()
         self._running: list[DecodeJob] = []
-        self._window = SharedWindow(fast)
+        self._windows = {decoder: SharedWindow(decoder) for decoder in (self.fast, self.wide)}
         self._cond = threading.Condition()
         self._closed = False
         self.steps = 0  # decode steps run (each over every running row)
@@ -189,7 +197,8 @@ class Batcher:
         if generator is None:
             generator = torch.Generator()
             generator.set_state(torch.get_rng_state())
-        job = DecodeJob(self.fast, inputs_embeds, attention_mask, generator=generator, streamer=streamer, **kwargs)
+        job = DecodeJob(self.decoder_for(inputs_embeds.shape[0]), inputs_embeds, attention_mask, generator=generator,
+                        streamer=streamer, **kwargs)
         if streamer is not None:
             streamer.put(torch.empty(job.rows, 0, dtype=torch.long))  # the (empty) prompt, as generate does
         with self._cond:
@@ -205,16 +214,21 @@ class Batcher:
 
     @torch.no_grad()
     def warmup(self) -> None:
-        """Decode a few short requests of different prompt lengths together (so padded steps of two batch sizes run
-        and are compiled now, before the first requests come in)."""
+        """Decode a few short requests of different prompt lengths together (so that each decoder's padded steps of
+        two batch sizes or more run and are compiled now, before the first requests come in)."""
         embeds = self.fast._embed.weight[:8][None].to(self.fast.dtype)
-        jobs = [DecodeJob(self.fast, embeds[:, :length].expand(rows, -1, -1), max_new_tokens=new, min_new_tokens=new)
-                for rows, length, new in ((1, 4, 3), (2, 6, 6), (3, 8, 9))]
+        jobs = [DecodeJob(self.decoder_for(rows), embeds[:, :length].expand(rows, -1, -1), max_new_tokens=new,
+                          min_new_tokens=new)
+                for rows, length, new in ((1, 4, 3), (1, 5, 5), (1, 6, 7), (2, 6, 6), (3, 8, 9))]
         with self._cond:
             self._waiting.extend(jobs)
             self._cond.notify()
         for job in jobs:
             job.result()
+
+    def decoder_for(self, rows: int) -> FastDecoder:
+        """The decoder a request of this many rows is decoded with."""
+        return self.wide if rows > 1 else self.fast
 
     def decoder(self, fallback: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """A `generate`-like callable for one request, carrying a copy of torch's RNG as it is now (call it right after
@@ -266,7 +280,7 @@ class Batcher:
             prefilled = {}
             for job in joining:
                 try:
-                    job.logits, prefilled[job] = self.fast.prefill(job.embeds, job.mask)
+                    job.logits, prefilled[job] = job.fast.prefill(job.embeds, job.mask)
                 except Exception as err:  # noqa: BLE001 - this request fails; the batch goes on
                     job.finish(err)
             tokens, positions, kept, ended = [], [], [], []
@@ -282,23 +296,30 @@ class Batcher:
                     tokens.append(chosen)
                     positions.append(job.positions)
             try:
-                if kept != self._running or prefilled:
-                    self._window.layout(kept, prefilled)
+                for decoder, window in self._windows.items():
+                    group = [job for job in kept if job.fast is decoder]
+                    if group != window.jobs or any(job in prefilled for job in group):
+                        window.layout(group, prefilled)
                 with self._cond:
                     self._running = kept
                 for job in ended:  # woken once their rows are out of the batch
                     job.finish(job.error)
-                if kept:
-                    logits = self._window.step(torch.cat(tokens), torch.cat(positions))
-                    self.steps += 1
-                    for job, part in zip(kept, logits.split([job.rows for job in kept])):
-                        job.logits, job.positions = part, job.positions + 1
+                for decoder, window in self._windows.items():
+                    group = [k for k, job in enumerate(kept) if job.fast is decoder]
+                    if not group:
+                        continue
+                    logits = window.step(torch.cat([tokens[k] for k in group]),
+                                         torch.cat([positions[k] for k in group]))
+                    for k, part in zip(group, logits.split([kept[k].rows for k in group])):
+                        kept[k].logits, kept[k].positions = part, kept[k].positions + 1
+                self.steps += bool(kept)
             except Exception as err:  # noqa: BLE001 - the whole batch fails, the loop goes on
                 for job in kept + ended:
                     job.finish(job.error or err)
                 with self._cond:
                     self._running = []
-                self._window.layout([], {})
+                for window in self._windows.values():
+                    window.layout([], {})
         with self._cond:
             stranded, self._running = [*self._running, *self._waiting], []
             self._waiting.clear()
