@@ -93,6 +93,8 @@ def test_health(http):
     body = http.get("/health").json()
     assert body["status"] == "ok" and body["json_api"] is True
     assert body["queue_size"] == QUEUE_SIZE and body["busy"] == 0 and body["dtype"] == "float32"
+    # --quantize none with batching: every request in 64-row blocks of the loaded weights
+    assert body["batch_weights"] == {"one_row": "none", "several_rows": "none", "row_block": 64}
 
 
 def test_api_story_multipart(http):

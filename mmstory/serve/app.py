@@ -75,6 +75,9 @@ def build_app(teller: StoryTeller, *, model_name: str, json_api: bool = True, qu
                 "quantize": teller.quantize,
                 "json_api": json_api, "busy": admission.active if admission else 0, "queue_size": queue_size,
                 "batching": teller.batcher.load() if teller.batcher is not None else None,
+                "batch_weights": None if teller.batcher is None else {  # which weights decode which requests
+                    "one_row": teller.batcher.fast.quantize or "none",
+                    "several_rows": teller.batcher.wide.quantize or "none", "row_block": teller.batcher.wide.row_block},
                 "uptime_s": round(time.time() - started, 1)}
 
     delete_cache = (int(delete_cache_s), int(delete_cache_s)) if delete_cache_s else None
