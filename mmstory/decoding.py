@@ -107,7 +107,8 @@ def pack_projections(linears: Sequence[torch.nn.Module], quantize: str | None, d
     if merge_lora:
         if quantize is not None:
             raise ValueError("merge_lora is for dense weights: an int4 or int8 step would round the adapter away")
-        return pack_linear(torch.cat([effective_weight(linear).float() for linear in linears]), None, dtype)
+        weights = [effective_weight(linear) for linear in linears]  # a layer without adapters: its own tensor
+        return pack_linear(weights[0] if len(weights) == 1 else torch.cat([w.float() for w in weights]), None, dtype)
     bases = [linear.get_base_layer() if hasattr(linear, "base_layer") else linear for linear in linears]
     packed = pack_linear(torch.cat([base.weight.detach() for base in bases]), quantize, dtype)
     a_factors, b_blocks = [], []
