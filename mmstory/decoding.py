@@ -217,6 +217,40 @@ def decode_head(x: torch.Tensor, norm: torch.Tensor, weight: Packed, exact: torc
     return logits.scatter(1, top, rescored).float()
 
 
+# --- token choice (the story server's decode loop chooses the same way) --------------------------------------------
+def token_processors(eos: list[int], min_new_tokens: int, repetition_penalty: float, no_repeat_ngram_size: int,
+                     suppress_tokens: Sequence[int] | None = None,
+                     extra: Sequence | None = None) -> LogitsProcessorList:
+    """transformers' processors, in generate's order; they see only the new tokens, as with inputs_embeds."""
+    processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if no_repeat_ngram_size > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
+    if min_new_tokens > 0 and eos:
+        processors.append(MinNewTokensLengthLogitsProcessor(0, min_new_tokens, eos))
+    if suppress_tokens:
+        processors.append(SuppressTokensLogitsProcessor(list(suppress_tokens)))
+    processors.extend(extra or ())  # a caller's own, last, as generate appends a custom logits_processor
+    return processors
+
+
+def choose_tokens(generated: torch.Tensor, scores: torch.Tensor, do_sample: bool, top_k: int,
+                  warpers: LogitsProcessorList, generator: torch.Generator | None) -> torch.Tensor:
+    """Each row's next token: the argmax, or a draw from the processed scores."""
+    if not do_sample:
+        return scores.argmax(dim=-1)
+    # Top-k first (temperature keeps the order), then temperature and top-p on the k survivors: the same
+    # distribution as generate's temperature -> top-k -> top-p over the whole vocabulary, without sorting it.
+    if 0 < top_k < scores.shape[-1]:
+        scores, index = scores.topk(top_k, dim=-1)
+    else:
+        index = None
+    probs = warpers(generated, scores).softmax(dim=-1)
+    choice = torch.multinomial(probs, num_samples=1, generator=generator)
+    return (index.gather(1, choice) if index is not None else choice).squeeze(1)
+
+
 # --- the decoder ---------------------------------------------------------------------------------------------------
 @dataclass
 class _Layer:
@@ -375,7 +409,7 @@ class FastDecoder:
         if attention_mask is None:
             attention_mask = torch.ones(batch, prompt_len, dtype=torch.long)
         attention_mask = attention_mask.to(torch.long)
-        processors = self._processors(eos, min_new_tokens, repetition_penalty, no_repeat_ngram_size, suppress_tokens,
+        processors = token_processors(eos, min_new_tokens, repetition_penalty, no_repeat_ngram_size, suppress_tokens,
                                       logits_processor)
         warpers = LogitsProcessorList()
         if do_sample and temperature != 1.0:
@@ -397,7 +431,7 @@ class FastDecoder:
         unfinished = torch.ones(batch, dtype=torch.bool)
         for step in range(max_new_tokens):
             scores = processors(generated, logits)
-            tokens = self._choose(generated, scores, do_sample, top_k, warpers, generator)
+            tokens = choose_tokens(generated, scores, do_sample, top_k, warpers, generator)
             tokens = torch.where(unfinished, tokens, pad)
             generated = torch.cat([generated, tokens[:, None]], dim=1)
             if eos:
@@ -427,37 +461,6 @@ class FastDecoder:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # --- internals -----------------------------------------------------------------------------------------------
-    def _processors(self, eos: list[int], min_new_tokens: int, repetition_penalty: float,
-                    no_repeat_ngram_size: int, suppress_tokens: Sequence[int] | None = None,
-                    extra: Sequence | None = None) -> LogitsProcessorList:
-        """transformers' processors, in generate's order; they see only the new tokens, as with inputs_embeds."""
-        processors = LogitsProcessorList()
-        if repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-        if no_repeat_ngram_size > 0:
-            processors.append(NoRepeatNGramLogitsProcessor(no_repeat_ngram_size))
-        if min_new_tokens > 0 and eos:
-            processors.append(MinNewTokensLengthLogitsProcessor(0, min_new_tokens, eos))
-        if suppress_tokens:
-            processors.append(SuppressTokensLogitsProcessor(list(suppress_tokens)))
-        processors.extend(extra or ())  # a caller's own, last, as generate appends a custom logits_processor
-        return processors
-
-    @staticmethod
-    def _choose(generated: torch.Tensor, scores: torch.Tensor, do_sample: bool, top_k: int,
-                warpers: LogitsProcessorList, generator: torch.Generator | None) -> torch.Tensor:
-        if not do_sample:
-            return scores.argmax(dim=-1)
-        # Top-k first (temperature keeps the order), then temperature and top-p on the k survivors: the same
-        # distribution as generate's temperature -> top-k -> top-p over the whole vocabulary, without sorting it.
-        if 0 < top_k < scores.shape[-1]:
-            scores, index = scores.topk(top_k, dim=-1)
-        else:
-            index = None
-        probs = warpers(generated, scores).softmax(dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=generator)
-        return (index.gather(1, choice) if index is not None else choice).squeeze(1)
-
     def prefill(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
         """Run the prompt through the transformers model (rows that repeat row 0 once): the first logits [B, V]
         (float) and the prompt's K/V (one row, or B). The story server's decode loop joins new rows with this."""

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from mmstory.decoding import FastDecoder, _as_list
+from mmstory.decoding import FastDecoder, _as_list, choose_tokens, token_processors
 
 MAX_ROWS = 64  # rows decoded together; a request that does not fit waits for the next free rows (alone, it runs)
 MIN_WINDOW = 1024  # K/V slots allocated at least (then powers of two), as FastDecoder does: few sizes, few recompiles
@@ -54,7 +54,7 @@ class DecodeJob:
             fast.pad_token_id if fast.pad_token_id is not None else (self.eos[0] if self.eos else 0))
         self.max_new, self.do_sample, self.top_k = max_new_tokens, do_sample, top_k
         self.fast = fast  # the decoder whose weights this job's rows are multiplied by, from prefill to the end
-        self.processors = fast._processors(self.eos, min_new_tokens, repetition_penalty, no_repeat_ngram_size,
+        self.processors = token_processors(self.eos, min_new_tokens, repetition_penalty, no_repeat_ngram_size,
                                            suppress_tokens, logits_processor)
         self.warpers = LogitsProcessorList()
         if do_sample and temperature != 1.0:
@@ -79,7 +79,7 @@ class DecodeJob:
         """Choose every row's next token from `logits`, as `FastDecoder.stream` does; None once the job is over (the
         loop then calls `finish`, after its rows have left)."""
         scores = self.processors(self.generated, self.logits)
-        tokens = FastDecoder._choose(self.generated, scores, self.do_sample, self.top_k, self.warpers, self.generator)
+        tokens = choose_tokens(self.generated, scores, self.do_sample, self.top_k, self.warpers, self.generator)
         tokens = torch.where(self.unfinished, tokens, self.pad)
         self.generated = torch.cat([self.generated, tokens[:, None]], dim=1)
         if self.eos:
