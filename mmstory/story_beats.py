@@ -39,6 +39,9 @@ TURN = {"default": ("But", "Then, all of a sudden,", "But then"), "adventure": (
         "mystery": ("Then something strange happened:", "But"), "negative": ("But", "Then, sadly,")}
 ENDING = {"default": ("In the end,", "At last,"), "bedtime": ("When night came,", "At last, sleepy and happy,"),
           "negative": ("In the end, sadly,", "But in the end,")}
+PREPOSITIONS = frozenset({"of", "in", "on", "with", "at", "by", "near", "from", "under", "behind"})
+GROUP_NOUNS = frozenset({"group", "crowd", "herd", "flock", "pack", "team", "family", "pair", "couple", "bunch",
+                         "litter", "line", "lot"})  # "a group of people" are people
 SHARES = (0.1, 0.4, 0.7)  # where the want, the turn and the ending may start, as shares of the word budget
 NO_BEATS = ("poem",)  # forms whose shape is not a plot: a poem gets lines (PoemLines) instead
 LINE_WORDS = 4  # a poem's line breaks after a comma or a sentence end once it has this many words
@@ -48,11 +51,15 @@ PERIOD_BONUS = 4.0  # added to the period's logit then: a push, not a cut
 
 def subject_words(caption: str) -> list[str] | None:
     """The caption's words up to its subject, a person or an animal ("A black and white dog is ..." -> "A black and
-    white dog"); None when its subject is neither (a plate of food wants nothing)."""
+    white dog"); None when its subject is neither (a plate of food wants nothing, nor does "a plate of a black and
+    white dog": a thing, whatever follows its "of"; "a group of people" are people)."""
     tokens = caption.strip().rstrip(".").split()
     for i, token in enumerate(tokens[:8]):
         found = words(token)
         if found and OBJECT_FORMS.get(found[0]) in CREATURE_GROUPS:
+            before = [t.lower().strip(",") for t in tokens[1:i]]
+            if any(t in PREPOSITIONS and (j == 0 or before[j - 1] not in GROUP_NOUNS) for j, t in enumerate(before)):
+                return None
             return [tokens[0].lower(), *tokens[1: i + 1]]
     return None
 

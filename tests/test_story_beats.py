@@ -27,6 +27,9 @@ def test_the_plan_names_the_captions_subject_and_keeps_the_order():
     assert subject_words("A black and white dog is running on the grass.") == ["a", "black", "and", "white", "dog"]
     assert subject_words("Two dogs play in the snow.") == ["two", "dogs"]
     assert subject_words("A plate of food on a table.") is None
+    # the caption decoder's "a <thing> of a <creature>" names a thing: "the plate of a dog wanted to eat" reads badly
+    assert subject_words("A plate of a black and white dog is sitting on the lap.") is None
+    assert subject_words("A group of people are standing in the snow.") == ["a", "group", "of", "people"]
     want, turn, ending = plan_beats("A black dog is swimming.", seed=3)
     assert want.words in [w.format(who="the black dog") for w in WANT]
     assert turn.words in TURN["default"] and ending.words in ENDING["default"]
