@@ -90,6 +90,39 @@ def test_device_option_is_checked_before_the_model_loads(monkeypatch, tmp_path, 
     assert loads[-1]["device"] == "cpu"
 
 
+@pytest.mark.parametrize("quantize, wide", [("auto", True), ("none", False), ("int4", False)])
+def test_serve_builds_the_decoders_its_quantize_asks_for(monkeypatch, tiny_model, quantize, wide):
+    """auto: the loaded teller's int4 decoder for one row, plus bf16 in 64-row blocks for several (the tiny model is
+    too small for int4: what matters here is which decoders `main` builds and hands the batcher)."""
+    import functools
+
+    from mmstory.decoding import FastDecoder
+    from mmstory.generation import StoryTeller
+    from mmstory.serve import app as serving
+
+    loaded = {}
+
+    def from_pretrained(name, **kwargs):
+        loaded.update(kwargs, teller=StoryTeller(tiny_model, dtype="float32", compile=False,
+                                                 row_block=kwargs["row_block"]))
+        return loaded["teller"]
+
+    monkeypatch.setattr(serving.StoryTeller, "from_pretrained", staticmethod(from_pretrained))
+    monkeypatch.setattr(serving, "FastDecoder", functools.partial(FastDecoder, compile=False))
+    monkeypatch.setattr(serving.uvicorn, "run", lambda app, **kwargs: None)
+    assert serving.main(["serve", "--quantize", quantize, "--delete-cache", "0"]) == 0
+    batcher = loaded["teller"].batcher
+    try:
+        assert loaded["quantize"] == {"auto": "int4", "none": None}.get(quantize, quantize)
+        assert loaded["row_block"] == (64 if quantize == "none" else 0)
+        assert batcher.fast is loaded["teller"].fast
+        assert (batcher.wide is not batcher.fast) == wide
+        if wide:
+            assert batcher.wide.row_block == 64 and batcher.wide.quantize is None
+    finally:
+        batcher.close()
+
+
 def test_delete_cache_option(monkeypatch):
     from mmstory.serve.app import DELETE_CACHE_S, parse_args
 
