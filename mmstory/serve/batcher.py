@@ -1,8 +1,8 @@
 """Continuous batching for the story server: one decode loop owns the story writer, and every request's rows share
 its decode steps.
 
-Several requests decoded together cost less than one after another: a step over 48 rows costs 0.7x of eight steps
-over 6 with int4 weights (whose kernel is compute-bound) and 0.4x with dense bf16 weights. `mmstory serve` therefore
+Several requests decoded together cost less than one after another: a step over 48 rows costs 0.65x of eight steps
+over 6 with int4 weights (whose kernel is compute-bound) and 0.34x with dense bf16 weights. `mmstory serve` therefore
 decodes a request of several rows (a story's candidates) with bf16 weights multiplied in blocks of MAX_ROWS rows
 (`FastDecoder`'s `row_block`, so that a row's numbers never depend on the rows beside it), and a one-row request (a
 stream) with int4 weights, ~3x faster at one row. A request's rows join the running batch between steps (its
