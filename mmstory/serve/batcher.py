@@ -283,7 +283,8 @@ class Batcher:
                     job.logits, prefilled[job] = job.fast.prefill(job.embeds, job.mask)
                 except Exception as err:  # noqa: BLE001 - this request fails; the batch goes on
                     job.finish(err)
-            tokens, positions, kept, ended = [], [], [], []
+            chosen_by: dict[DecodeJob, torch.Tensor] = {}  # each running job's tokens for the next step
+            kept, ended = [], []
             for job in self._running + [job for job in joining if job in prefilled]:
                 try:
                     chosen = job.advance()
@@ -293,25 +294,24 @@ class Batcher:
                     ended.append(job)
                 else:
                     kept.append(job)
-                    tokens.append(chosen)
-                    positions.append(job.positions)
+                    chosen_by[job] = chosen
             try:
+                groups = {decoder: [job for job in kept if job.fast is decoder] for decoder in self._windows}
                 for decoder, window in self._windows.items():
-                    group = [job for job in kept if job.fast is decoder]
-                    if group != window.jobs or any(job in prefilled for job in group):
-                        window.layout(group, prefilled)
+                    if groups[decoder] != window.jobs or any(job in prefilled for job in groups[decoder]):
+                        window.layout(groups[decoder], prefilled)
                 with self._cond:
                     self._running = kept
                 for job in ended:  # woken once their rows are out of the batch
                     job.finish(job.error)
                 for decoder, window in self._windows.items():
-                    group = [k for k, job in enumerate(kept) if job.fast is decoder]
+                    group = groups[decoder]
                     if not group:
                         continue
-                    logits = window.step(torch.cat([tokens[k] for k in group]),
-                                         torch.cat([positions[k] for k in group]))
-                    for k, part in zip(group, logits.split([kept[k].rows for k in group])):
-                        kept[k].logits, kept[k].positions = part, kept[k].positions + 1
+                    logits = window.step(torch.cat([chosen_by[job] for job in group]),
+                                         torch.cat([job.positions for job in group]))
+                    for job, part in zip(group, logits.split([job.rows for job in group])):
+                        job.logits, job.positions = part, job.positions + 1
                 self.steps += bool(kept)
             except Exception as err:  # noqa: BLE001 - the whole batch fails, the loop goes on
                 for job in kept + ended:
