@@ -22,10 +22,13 @@ class CaptionBatchesMixin:
     def tokenize_captions(self, captions: list[str]) -> list[list[int]]:
         return self.tokenizer([normalize_caption(c) for c in captions], add_special_tokens=False).input_ids
 
-    def fit_caption_vocabulary(self, captions: list[str]) -> None:
-        """Give the caption decoder its compact vocabulary from the training captions (once, before training)."""
+    def fit_caption_vocabulary(self, captions: list[str], required: list[str] = ()) -> None:
+        """Give the caption decoder its compact vocabulary from the training captions (once, before training), with
+        room for every token of the `required` words."""
         if self.caption_decoder is not None:
-            self.caption_decoder.fit_vocabulary(self.tokenize_captions(captions))
+            pieces = self.tokenizer([" " + w for w in required], add_special_tokens=False).input_ids if required else []
+            self.caption_decoder.fit_vocabulary(self.tokenize_captions(captions),
+                                                required=sorted({t for ids in pieces for t in ids}))
 
     def _caption_batch(self, prefix: torch.Tensor, captions: list[str]):
         """[prefix inside the chat prompt][caption][EOS][pad]; only caption and EOS are labelled."""

@@ -21,7 +21,7 @@ class CaptionDecoder(nn.Module):
     SPECIALS = 4
 
     def __init__(self, tokenizer_size: int, vocab_size: int | None, token_dim: int, width: int, depth: int,
-                 heads: int, max_length: int, dropout: float, tag_slots: int = 0):
+                 heads: int, max_length: int, dropout: float, tag_slots: int = 0, copy_tags: bool = False):
         super().__init__()
         self.max_length = max_length
         size = self.SPECIALS + (vocab_size or tokenizer_size)
@@ -37,6 +37,13 @@ class CaptionDecoder(nn.Module):
         # embedding as the output head, so a tag word is easy to copy into the caption; slots carry rank position
         self.tag_slots = tag_slots
         self.tag_position = nn.Parameter(torch.zeros(1, tag_slots, width)) if tag_slots else None
+        # the copy path (CopyNet, Gu et al., 2016): a pointer score per tag slot joins the generated score of the
+        # slot's token, so a word only ever seen as a tag can be written; tied embeddings alone did not learn to copy
+        # (docs/captions.md)
+        if copy_tags and not tag_slots:
+            raise ValueError("copy_tags needs tag slots (image_tags > 0)")
+        self.copy_query = nn.Linear(width, width) if copy_tags else None
+        self.copy_key = nn.Linear(width, width) if copy_tags else None
         layer = nn.TransformerDecoderLayer(width, heads, 4 * width, dropout, activation="gelu", batch_first=True,
                                            norm_first=True)
         self.layers = nn.TransformerDecoder(layer, depth)
@@ -83,13 +90,23 @@ class CaptionDecoder(nn.Module):
     def needs_vocabulary(self) -> bool:
         return bool((self.token_ids[self.SPECIALS:] < 0).all())
 
-    def fit_vocabulary(self, token_id_lists: list[list[int]]) -> None:
-        """Keep the most frequent tokenizer ids of the training captions (ties broken by id, so it is deterministic)."""
+    def fit_vocabulary(self, token_id_lists: list[list[int]], required: list[int] = ()) -> None:
+        """Keep the most frequent tokenizer ids of the training captions (ties broken by id, so it is deterministic),
+        and every `required` id (training writes them too: novel-object swaps). A required id the captions use less
+        often than the median kept id counts as that often, so it ranks among the words training writes as often."""
         counts = torch.bincount(torch.tensor([t for ids in token_id_lists for t in ids] or [0], dtype=torch.long),
                                 minlength=self.tokenizer_size)
         room = self.token_ids.numel() - self.SPECIALS
+        if len(required) > room:
+            raise ValueError(f"{len(required)} required tokens do not fit a vocabulary of {room}")
+        if len(required):
+            used = counts[counts > 0]
+            typical = int(used.median()) if used.numel() else 1
+            counts[list(required)] = counts[list(required)].clamp(min=typical)
         order = sorted(range(counts.numel()), key=lambda i: (-int(counts[i]), i))
-        chosen = [i for i in order[:room] if counts[i] > 0]
+        needed = set(required)
+        kept = needed | set([i for i in order if counts[i] > 0 and i not in needed][: room - len(needed)])
+        chosen = [i for i in order if i in kept]
         self.token_ids[self.SPECIALS:] = -1
         self.token_ids[self.SPECIALS: self.SPECIALS + len(chosen)] = torch.tensor(chosen, dtype=torch.long)
 
@@ -136,7 +153,22 @@ class CaptionDecoder(nn.Module):
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
         x = self.layers(x, memory, tgt_mask=causal, tgt_is_causal=True, tgt_key_padding_mask=padding_mask,
                         memory_key_padding_mask=memory_mask)
-        return F.linear(self.norm(x), self.embed.weight)  # output head tied to the input embedding
+        hidden = self.norm(x)
+        logits = F.linear(hidden, self.embed.weight)  # output head tied to the input embedding
+        return logits if self.copy_query is None else self._with_copies(logits, hidden, *self._copy_keys(tag_ids))
+
+    def _copy_keys(self, tag_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tag slots' pointer keys [B, S, W] and their compact ids [B, S]."""
+        return self.copy_key(self._embed(tag_ids) + self.tag_position), tag_ids
+
+    def _with_copies(self, logits: torch.Tensor, hidden: torch.Tensor, keys: torch.Tensor, tag_ids: torch.Tensor
+                     ) -> torch.Tensor:
+        """`logits` [B, T, V] with each tag slot's pointer score joined (log-sum-exp) to its token's score."""
+        scores = self.copy_query(hidden) @ keys.transpose(1, 2) / keys.shape[-1] ** 0.5  # [B, T, S]
+        scores = scores.masked_fill((tag_ids == self.PAD)[:, None, :], float("-inf")).to(logits.dtype)
+        copies = torch.full_like(logits, float("-inf")).scatter_reduce(
+            2, tag_ids[:, None, :].expand(-1, logits.shape[1], -1), scores, reduce="amax")
+        return torch.logaddexp(logits, copies)
 
     def _memory(self, image_tokens: torch.Tensor, tag_ids: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -162,7 +194,8 @@ class CaptionDecoder(nn.Module):
             cross.append((self._heads(F.linear(memory, k_weight, k_bias), attn.num_heads),
                           self._heads(F.linear(memory, v_weight, v_bias), attn.num_heads)))
         visible = None if memory_mask is None else ~memory_mask[:, None, None, :]
-        return DecodeState(cross, visible, [None] * len(cross))
+        copy = None if self.copy_query is None else self._copy_keys(tag_ids)
+        return DecodeState(cross, visible, [None] * len(cross), copy)
 
     def step(self, state: DecodeState, token_ids: torch.Tensor, logit_bias: torch.Tensor | None = None
              ) -> torch.Tensor:
@@ -189,7 +222,11 @@ class CaptionDecoder(nn.Module):
             x = x + cross.out_proj(self._merge(out))
             x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))
         state.length += 1
-        logits = F.linear(self.norm(x[:, 0]), self.embed.weight).float().masked_fill(self._unusable, float("-inf"))
+        hidden = self.norm(x)
+        logits = F.linear(hidden, self.embed.weight)
+        if state.copy is not None:
+            logits = self._with_copies(logits, hidden, *state.copy)
+        logits = logits[:, 0].float().masked_fill(self._unusable, float("-inf"))
         if self.added_pieces:
             added = logits[:, self.added_donors]
             logits = torch.cat([logits, added if logit_bias is not None else torch.full_like(added, float("-inf"))], 1)
@@ -216,8 +253,10 @@ class DecodeState:
     self-attention keys/values of the tokens fed so far, for each row of the batch."""
 
     def __init__(self, memory: list[tuple[torch.Tensor, torch.Tensor]], memory_visible: torch.Tensor | None,
-                 keys: list[tuple[torch.Tensor, torch.Tensor] | None]):
+                 keys: list[tuple[torch.Tensor, torch.Tensor] | None],
+                 copy: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.memory, self.memory_visible, self.keys, self.length = memory, memory_visible, keys, 0
+        self.copy = copy  # the copy path's tag keys and ids, when the decoder has one
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep (and reorder, or repeat) these rows: finished rows leave, beams follow their parents."""
@@ -225,3 +264,5 @@ class DecodeState:
         if self.memory_visible is not None:
             self.memory_visible = self.memory_visible[rows]
         self.keys = [None if kv is None else (kv[0][rows], kv[1][rows]) for kv in self.keys]
+        if self.copy is not None:
+            self.copy = (self.copy[0][rows], self.copy[1][rows])

@@ -26,19 +26,26 @@ class ImageWordsMixin:
     """The vision backbone's ImageNet classes as words: the caption decoder's tags, the caption policy's word table,
     and the class names the story writer may use beside a caption."""
 
-    def image_tags(self, image_pooled: torch.Tensor | None) -> torch.Tensor | None:
-        """The caption decoder's tag words for each image: the names of the vision backbone's top ImageNet classes,
-        in its compact vocabulary ([B, image_tags x tag_tokens], PAD where a name is shorter or out of vocabulary)."""
+    def top_classes(self, image_pooled: torch.Tensor) -> torch.Tensor:
+        """[B, image_tags]: the vision backbone's most probable ImageNet classes, most probable first."""
+        with torch.no_grad():
+            logits = self.vision.class_logits(image_pooled.float())
+        return logits.topk(self.config.caption_decoder.image_tags, dim=-1).indices
+
+    def image_tags(self, image_pooled: torch.Tensor | None, classes: torch.Tensor | None = None
+                   ) -> torch.Tensor | None:
+        """The caption decoder's tag words for each image: the names of the vision backbone's top ImageNet classes
+        (or of `classes`, [B, image_tags], as training's novel-object swaps give them), in its compact vocabulary
+        ([B, image_tags x tag_tokens], PAD where a name is shorter or out of vocabulary)."""
         c = self.config.caption_decoder
         if self.caption_decoder is None or not c.image_tags:
             return None
-        if image_pooled is None:
+        if classes is None and image_pooled is None:
             raise ValueError("this model's caption decoder reads image tags: pass image_pooled with image_tokens")
-        with torch.no_grad():
-            top = self.vision.class_logits(image_pooled.float()).topk(c.image_tags, dim=-1).indices  # [B, k]
+        top = self.top_classes(image_pooled) if classes is None else classes
         decoder = self.caption_decoder
         tags = decoder.compact_table()[self._class_tokens[top.cpu()]].flatten(1)  # -1 padding -> PAD
-        return tags.masked_fill(tags == decoder.UNK, decoder.PAD).to(image_pooled.device)  # unknown words: empty
+        return tags.masked_fill(tags == decoder.UNK, decoder.PAD).to(top.device)  # unknown words: empty
 
     def sure_classes(self, image_pooled: torch.Tensor, threshold: float) -> list[list[str]]:
         """Per image, the names of the ImageNet classes the backbone gives at least `threshold` (none at 0, or when

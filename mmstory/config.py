@@ -69,6 +69,9 @@ class CaptionDecoderConfig:
     dropout: float = 0.1
     image_tags: int = 0  # the vision backbone's top-k ImageNet classes, as words, join its memory (OSCAR-style tags)
     tag_tokens: int = 4  # tokens kept of each class name
+    # a copy path from the tags into the output (CopyNet's scores beside the generated ones), the tags then being
+    # each class's caption word ("Egyptian cat" -> cat, "airliner" -> airplane): a tag word is written by pointing at it
+    copy_tags: bool = False
 
 
 @dataclass

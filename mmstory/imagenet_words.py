@@ -104,6 +104,11 @@ def plural(word: str) -> str:
     return f"{head} {last}".strip()
 
 
+def setting_classes() -> set[int]:
+    """Places, buildings and landscapes: never a caption's subject."""
+    return set(_ranges(_SETTING_TEXT))
+
+
 def _ranges(text: str) -> list[int]:
     out: list[int] = []
     for part in text.split():
@@ -155,7 +160,7 @@ class ImageNetWords:
         self.membership = membership  # [words, classes]
         self.sizes = membership.sum(1)
         self.person_classes = _ranges(_PERSON_TEXT)
-        setting = set(_ranges(_SETTING_TEXT))
+        setting = setting_classes()
         self.settings = tuple(w.text for w in self.words if set(w.classes) <= setting)
         self.animal = self.words[self.index["animal"]]
 

@@ -19,6 +19,7 @@ from mmstory.caption_decoder import CaptionDecoder
 from mmstory.captioning import CaptioningMixin, ImageWordsMixin, tidy_caption  # noqa: F401
 from mmstory.components import MLPBridge, ProjectionHead, ResamplerBridge, TextEncoder, VisionEncoder
 from mmstory.config import GenerationConfig, ModelConfig, PartConfig
+from mmstory.imagenet_words import imagenet_words
 from mmstory.losses import IGNORE_INDEX, StoryLoss, StoryModelOutput
 from mmstory.prompts import IMAGE_PLACEHOLDER
 from mmstory.registry import get_generation_config
@@ -75,9 +76,10 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, CaptionBatchesMixin, Pretrain
             c = config.caption_decoder
             self.caption_decoder = CaptionDecoder(len(self.tokenizer), c.vocab_size, self.vision.token_dim, c.width,
                                                   c.depth, c.heads, c.max_length, c.dropout,
-                                                  tag_slots=c.image_tags * c.tag_tokens)
-            if c.image_tags:  # tokenizer ids of each class name, -1 padded: [classes, tag_tokens]
-                names = self.tokenizer([" " + n for n in self.vision.class_names()], add_special_tokens=False)
+                                                  tag_slots=c.image_tags * c.tag_tokens, copy_tags=c.copy_tags)
+            if c.image_tags:  # tokenizer ids of each class's name (or caption word), -1 padded: [classes, tag_tokens]
+                words = imagenet_words().class_word if c.copy_tags else self.vision.class_names()
+                names = self.tokenizer([" " + n for n in words], add_special_tokens=False)
                 self._class_tokens = torch.tensor([(ids + [-1] * c.tag_tokens)[: c.tag_tokens]
                                                    for ids in names.input_ids], dtype=torch.long)
         for part in ("vision", "text", "writer"):
@@ -184,7 +186,9 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, CaptionBatchesMixin, Pretrain
     def forward(self, pixel_values: torch.Tensor | None = None, captions: list[str] | None = None, *,
                 image_tokens: torch.Tensor | None = None, image_pooled: torch.Tensor | None = None,
                 text_pooled: torch.Tensor | None = None, caption_samples: list[list[int]] | None = None,
-                sample_advantages: torch.Tensor | None = None, loss: StoryLoss | None = None) -> StoryModelOutput:
+                sample_advantages: torch.Tensor | None = None, loss: StoryLoss | None = None,
+                tag_classes: torch.Tensor | None = None, decoder_captions: list[str] | None = None
+                ) -> StoryModelOutput:
         """Each head's features and logits for a batch of (image, caption) pairs, and the losses `loss` (default:
         `self.loss_fn`) makes of them; pass pixels or cached encoder features (image and text). Heads that `loss`
         weighs 0 are not run.
@@ -192,6 +196,8 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, CaptionBatchesMixin, Pretrain
         Self-critical training passes the caption decoder's own `caption_samples` (compact ids, one per image row)
         with their `sample_advantages` instead of captions: the caption decoder's loss is then the policy gradient
         (`mmstory.losses.self_critical_loss`) and the other heads, which need reference captions, must be off.
+        Training's novel-object swaps give the caption decoder alone its own `decoder_captions` and `tag_classes`
+        ([B, image_tags], in place of the backbone's top classes as its tags).
         """
         loss = self.loss_fn if loss is None else loss
         if caption_samples is not None:
@@ -204,10 +210,13 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, CaptionBatchesMixin, Pretrain
             image_tokens, image_pooled = self.encode_image(pixel_values)
         if caption_samples is not None:
             return loss(self.sample_outputs(caption_samples, sample_advantages, image_tokens, image_pooled))
-        return loss(self.outputs(captions, image_tokens, image_pooled, text_pooled, heads=loss))
+        return loss(self.outputs(captions, image_tokens, image_pooled, text_pooled, heads=loss,
+                                 tag_classes=tag_classes, decoder_captions=decoder_captions))
 
     def outputs(self, captions: list[str], image_tokens: torch.Tensor, image_pooled: torch.Tensor,
-                text_pooled: torch.Tensor | None = None, heads: StoryLoss | None = None) -> StoryModelOutput:
+                text_pooled: torch.Tensor | None = None, heads: StoryLoss | None = None,
+                tag_classes: torch.Tensor | None = None, decoder_captions: list[str] | None = None
+                ) -> StoryModelOutput:
         """Each head's features and logits for (image, caption) pairs, for the heads `heads` (default: `loss_fn`)
         weighs above 0 (the others are not run): all a loss reads."""
         heads = self.loss_fn if heads is None else heads
@@ -221,9 +230,9 @@ class StoryModel(ImageWordsMixin, CaptioningMixin, CaptionBatchesMixin, Pretrain
             out.caption_logits = self.writer(inputs_embeds=embeds, attention_mask=mask).logits
             out.caption_labels = labels
         if self.caption_decoder is not None and heads.caption_decoder_weight > 0:
-            ids, padding = self._caption_decoder_batch(captions, image_tokens.device)
+            ids, padding = self._caption_decoder_batch(decoder_captions or captions, image_tokens.device)
             out.caption_decoder_logits = self.caption_decoder(ids, image_tokens.float(), padding,
-                                                              self.image_tags(image_pooled))
+                                                              self.image_tags(image_pooled, tag_classes))
             labels = ids.masked_fill(padding, IGNORE_INDEX)
             labels[:, 0] = IGNORE_INDEX  # BOS is given, never predicted
             out.caption_decoder_labels = labels

@@ -5,6 +5,7 @@ it."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,10 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from mmstory.data import records_fingerprint
+from mmstory.imagenet_words import imagenet_words
 from mmstory.model import WEIGHTS_NAME, StoryModel
 from mmstory.train.config import LOSSES, OptimConfig, TrainConfig, build_configs
 from mmstory.train.dev_eval import CaptionDevEval
 from mmstory.train.inputs import CaptionData, _model_inputs
+from mmstory.train.novel_objects import NovelObjectSwap
 from mmstory.train.optimizer import param_groups
 from mmstory.train.scst import scst_reward, self_critical_forward
 
@@ -55,8 +58,16 @@ class CaptioningTask:
         self.data = CaptionData(config, accelerator, self.model)
         decoder = self.model.caption_decoder
         records = self.data.train.records
+        self.swap = None
+        if config.novel_object_swap > 0 and config.caption_objective == "xe":
+            if decoder is None or not self.model.config.caption_decoder.image_tags:
+                raise ValueError("novel_object_swap needs a caption decoder that reads image tags (image_tags > 0)")
+            self.swap = NovelObjectSwap(imagenet_words(), config.novel_object_swap)
         if decoder is not None and decoder.needs_vocabulary:  # its compact vocabulary comes from the training captions
-            self.model.fit_caption_vocabulary([c for r in records for c in r.captions])
+            # (and, with swaps, the words they write and the class names the tags read)
+            required = [] if self.swap is None else (self.swap.target_words() + self.model.vision.class_names()
+                                                     + imagenet_words().class_word)
+            self.model.fit_caption_vocabulary([c for r in records for c in r.captions], required=required)
         if self.model.config.caption_distractors:  # frozen-encoder features of training images, for caption reranking
             self.model.set_distractors(self.data.distractor_features(self.model.config.caption_distractors))
         self.reward = scst_reward(config, self.model, records)
@@ -86,12 +97,25 @@ class CaptioningTask:
         if self.reward is not None:
             out, logged = self_critical_forward(module, self.model, batch, self.config, self.reward, device)
         else:
-            out, logged = module(captions=batch["captions"], **_model_inputs(batch, device)), {}
+            inputs = _model_inputs(batch, device)
+            if self.swap is not None:
+                inputs = self._swapped_inputs(batch["captions"], inputs)
+            out, logged = module(captions=batch["captions"], **inputs), {}
         for name in LOSSES:
             value = getattr(out, name)
             if value is not None:
                 logged[name] = value.detach().float()
         return out.loss, logged
+
+    def _swapped_inputs(self, captions: list[str], inputs: dict) -> dict:
+        """The model's inputs plus the caption decoder's own captions and tags, some novel objects swapped in. The
+        swaps are drawn from the batch's captions and the run's seed, so a resumed run draws the same ones."""
+        if "pixel_values" in inputs:
+            with torch.no_grad():
+                inputs = dict(zip(("image_tokens", "image_pooled"), self.model.encode_image(inputs["pixel_values"])))
+        self.swap.rng.seed(zlib.crc32("\n".join(captions).encode()) + self.config.seed)
+        swapped, classes = self.swap(captions, self.model.top_classes(inputs["image_pooled"]))
+        return {**inputs, "decoder_captions": swapped, "tag_classes": classes}
 
     def evaluate(self) -> dict[str, float]:
         return self.dev_eval.evaluate(self.model)

@@ -137,6 +137,10 @@ class TrainConfig:
     # + this x log p(own image | sample) among the batch's images under the contrastive head: a discriminability
     # reward (Luo et al. 2018) against the generic captions that CIDEr alone drifts towards
     scst_discriminability: float = 0.0
+    # the share of captions whose noun agrees with one of the image's ImageNet tags that has noun and tag swapped for
+    # another ImageNet class (mmstory.train.novel_objects): how the caption decoder learns to name what no training
+    # caption names. Cross-entropy only; 0 turns it off
+    novel_object_swap: float = 0.0
     num_sample_captions: int = 4
     writer: WriterSection = field(default_factory=WriterSection)  # the writer task's settings
     progress: bool = True
