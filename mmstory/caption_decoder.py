@@ -166,9 +166,10 @@ class CaptionDecoder(nn.Module):
         """`logits` [B, T, V] with each tag slot's pointer score joined (log-sum-exp) to its token's score."""
         scores = self.copy_query(hidden) @ keys.transpose(1, 2) / keys.shape[-1] ** 0.5  # [B, T, S]
         scores = scores.masked_fill((tag_ids == self.PAD)[:, None, :], float("-inf")).to(logits.dtype)
-        copies = torch.full_like(logits, float("-inf")).scatter_reduce(
-            2, tag_ids[:, None, :].expand(-1, logits.shape[1], -1), scores, reduce="amax")
-        return torch.logaddexp(logits, copies)
+        same = tag_ids[:, :, None] == tag_ids[:, None, :]  # [B, S, S]: slots holding the same token share its best
+        scores = scores[:, :, None, :].masked_fill(~same[:, None], float("-inf")).amax(-1)
+        columns = tag_ids[:, None, :].expand(-1, logits.shape[1], -1)  # only the tags' columns change
+        return logits.scatter(2, columns, torch.logaddexp(logits.gather(2, columns), scores))
 
     def _memory(self, image_tokens: torch.Tensor, tag_ids: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
