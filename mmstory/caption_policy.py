@@ -254,17 +254,20 @@ class CaptionPolicy:
 
 
 def tidy(caption: str, singular: dict[str, str]) -> str:
-    """"A woman is sitting on a buses." -> "... on a bus."; "A baseball baseball player" -> "A baseball player":
-    an added word may be written in either number, and a caption made to start with a word may say it again."""
+    """"A woman is sitting on a buses." -> "... on a bus."; "A baseball baseball player" -> "A baseball player";
+    "A elephant" -> "An elephant": an added or copied word may be written in either number or after the wrong
+    article, and a caption made to start with a word may say it again."""
     out: list[str] = []
     for token in caption.split(" "):
         if out and token.lower() == out[-1].lower() and token.isalpha():
             continue
         bare = token.rstrip(".,!?;:")
         if out and out[-1].lower() in ("a", "an") and bare.lower() in singular:
-            one = singular[bare.lower()]
-            article = "an" if one[0] in "aeiou" else "a"
+            token = singular[bare.lower()] + token[len(bare):]
+        if out and out[-1].lower() in ("a", "an") and token[:1].isalpha():
+            # a copied word takes its article ("A elephant"); "u" and "h" words are left as written ("a uniform")
+            first = token[0].lower()
+            article = "an" if first in "aeio" else "a" if first not in "uh" else out[-1].lower()
             out[-1] = article.capitalize() if out[-1][0].isupper() else article
-            token = one + token[len(bare):]
         out.append(token)
     return " ".join(out)

@@ -43,3 +43,12 @@ def resolve_device(device: DeviceLike = None) -> torch.device:
         raise DeviceError(f"device {str(resolved)!r} does not exist: this machine has {count} CUDA device(s) "
                           f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
     return resolved
+
+
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AMX or AVX512-BF16). Without them PyTorch's bf16 products fall
+    back to a generic loop: on an AVX2-only CPU a 64-row bf16 product took 2.4x the int4 one (docs/benchmarks.md),
+    and bf16-autocast training ran 15x slower than float32 (docs/captions.md)."""
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return any(check is not None and check() for check in checks)
+

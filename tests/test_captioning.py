@@ -147,6 +147,8 @@ def test_choose_says_whether_the_picture_shows_a_person():
     ("A baseball baseball player is running.", "A baseball player is running."),
     ("Two dogs are playing with buses.", "Two dogs are playing with buses."),  # a plural where a plural belongs
     ("A sheep is eating.", "A sheep is eating."),
+    ("A elephant stands near an bus.", "An elephant stands near a bus."),
+    ("A man in a uniform and an hat.", "A man in a uniform and an hat."),  # "u" and "h": left as written
 ])
 def test_a_forced_word_reads_as_english(caption, expected):
     from mmstory.caption_policy import tidy

@@ -90,10 +90,12 @@ def test_device_option_is_checked_before_the_model_loads(monkeypatch, tmp_path, 
     assert loads[-1]["device"] == "cpu"
 
 
-@pytest.mark.parametrize("quantize, wide", [("auto", True), ("none", False), ("int4", False)])
-def test_serve_builds_the_decoders_its_quantize_asks_for(monkeypatch, tiny_model, quantize, wide):
-    """auto: the loaded teller's int4 decoder for one row, plus bf16 in 64-row blocks for several (the tiny model is
-    too small for int4: what matters here is which decoders `main` builds and hands the batcher)."""
+@pytest.mark.parametrize("quantize, bf16_cpu, wide", [("auto", True, True), ("auto", False, False),
+                                                      ("none", True, False), ("int4", True, False)])
+def test_serve_builds_the_decoders_its_quantize_asks_for(monkeypatch, tiny_model, quantize, bf16_cpu, wide):
+    """auto: the loaded teller's int4 decoder for one row, plus bf16 in 64-row blocks for several where the CPU
+    multiplies bf16 (the tiny model is too small for int4: what matters here is which decoders `main` builds and
+    hands the batcher)."""
     import functools
 
     from mmstory.decoding import FastDecoder
@@ -110,6 +112,7 @@ def test_serve_builds_the_decoders_its_quantize_asks_for(monkeypatch, tiny_model
     monkeypatch.setattr(serving.StoryTeller, "from_pretrained", staticmethod(from_pretrained))
     monkeypatch.setattr(serving, "FastDecoder", functools.partial(FastDecoder, compile=False))
     monkeypatch.setattr(serving.uvicorn, "run", lambda app, **kwargs: None)
+    monkeypatch.setattr(serving, "cpu_multiplies_bf16", lambda: bf16_cpu)
     assert serving.main(["serve", "--quantize", quantize, "--delete-cache", "0"]) == 0
     batcher = loaded["teller"].batcher
     try:

@@ -27,7 +27,7 @@ except ImportError as err:
     raise ImportError(f"the demo and the JSON API need the serve extra: pip install 'mmstory[serve]' ({err})") from err
 
 from mmstory.decoding import FastDecoder
-from mmstory.devices import DEVICE_HELP, DeviceError, resolve_device
+from mmstory.devices import DEVICE_HELP, DeviceError, cpu_multiplies_bf16, resolve_device
 from mmstory.generation import StoryTeller
 from mmstory.images import MAX_PIXELS
 from mmstory.serve.api import add_json_api
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     teller.warmup()  # compile the decode step before the first request, not during it
     if args.batching and teller.fast is not None:
         wide = None
-        if args.quantize == "auto" and teller.device.type == "cpu":  # several rows: bf16 blocks (docs/benchmarks.md)
+        # several rows: bf16 blocks, where the CPU multiplies bf16 (docs/benchmarks.md); int4 for all elsewhere
+        if args.quantize == "auto" and teller.device.type == "cpu" and cpu_multiplies_bf16():
             wide = FastDecoder(teller.model.writer, quantize=None, row_block=MAX_ROWS)
         teller.batcher = Batcher(teller.fast, wide=wide)
         teller.batcher.warmup()
