@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from mmstory.config import to_yaml
+from mmstory.devices import cpu_multiplies_bf16
 from mmstory.model import StoryModel
 from mmstory.train.captioning_task import CaptioningTask, freeze_unused_heads
 from mmstory.train.checkpoints import (
@@ -86,6 +87,9 @@ class Trainer:
         cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = acc = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision,
                                              log_with="tensorboard", project_dir=str(self.out))
+        if config.mixed_precision == "bf16" and acc.device.type == "cpu" and not cpu_multiplies_bf16():
+            acc.print("mmstory train: this CPU has no bf16 matrix instructions (AMX, AVX512-BF16); bf16 autocast "
+                      "runs many times slower than float32 here (mixed_precision: \"no\")")
         checkpoint = latest_checkpoint(self.out) if resume else None
         if resume and checkpoint is None:
             acc.print(f"mmstory train: no checkpoint in {self.out}; starting from scratch")
