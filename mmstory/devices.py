@@ -51,4 +51,3 @@ def cpu_multiplies_bf16() -> bool:
     and bf16-autocast training ran 15x slower than float32 (docs/captions.md)."""
     checks = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
     return any(check is not None and check() for check in checks)
-

@@ -113,8 +113,8 @@ class CaptioningTask:
         if "pixel_values" in inputs:
             with torch.no_grad():
                 inputs = dict(zip(("image_tokens", "image_pooled"), self.model.encode_image(inputs["pixel_values"])))
-        self.swap.rng.seed(zlib.crc32("\n".join(captions).encode()) + self.config.seed)
-        swapped, classes = self.swap(captions, self.model.top_classes(inputs["image_pooled"]))
+        seed = zlib.crc32("\n".join(captions).encode()) + self.config.seed
+        swapped, classes = self.swap(captions, self.model.top_classes(inputs["image_pooled"]), seed=seed)
         return {**inputs, "decoder_captions": swapped, "tag_classes": classes}
 
     def evaluate(self) -> dict[str, float]:

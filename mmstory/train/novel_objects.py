@@ -23,11 +23,10 @@ class NovelObjectSwap:
     """Swaps a caption's noun and its agreeing tag for another ImageNet class, with probability `probability` per
     caption that has such a noun (captions with none are left alone)."""
 
-    def __init__(self, table: ImageNetWords, probability: float, seed: int = 0):
+    def __init__(self, table: ImageNetWords, probability: float):
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"novel_object_swap must be in [0, 1], got {probability}")
-        self.table, self.probability = table, probability
-        self.rng = random.Random(seed)
+        self.probability = probability
         # places (never a subject) and what a person wears or holds ("A man in a red sea lion") are left out on
         # both sides
         left_out = setting_classes() | set(table.person_classes)
@@ -38,6 +37,9 @@ class NovelObjectSwap:
                 continue
             for c in set(word.classes) - left_out:
                 self.words_of_class[c].add(word.text)
+        # per class, its words (longest first: "polar bear" before "bear") with a pattern for either number, built once
+        self.patterns = [[(w, re.compile(rf"\b(?:{re.escape(w)}|{re.escape(plural(w))})\b"))
+                          for w in sorted(words, key=len, reverse=True)] for words in self.words_of_class]
         # what a noun may become: every other class word but dogs (the word replaced most); each word once, whatever
         # its number of classes
         targets: dict[str, list[int]] = {}
@@ -50,36 +52,37 @@ class NovelObjectSwap:
         """Every form a swap may write, so the caption vocabulary has room for them before training."""
         return [form for word, _ in self.targets for form in dict.fromkeys((word, plural(word)))]
 
-    def __call__(self, captions: list[str], top_classes: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-        """Captions and [B, k] top classes, some of them swapped (new objects; the inputs are not changed)."""
+    def __call__(self, captions: list[str], top_classes: torch.Tensor, seed: int = 0
+                 ) -> tuple[list[str], torch.Tensor]:
+        """Captions and [B, k] top classes, some of them swapped (new objects; the inputs are not changed); the same
+        seed draws the same swaps."""
+        rng = random.Random(seed)
         out_captions, out_classes = list(captions), top_classes.clone()
         for row, caption in enumerate(captions):
             classes = top_classes[row].tolist()
             agreeing = self._agreeing_word(caption, classes)
-            if agreeing is None or self.rng.random() >= self.probability:
+            if agreeing is None or rng.random() >= self.probability:
                 continue
-            word, target_word, target_classes = agreeing, *self.rng.choice(self.targets)
+            word, target_word, target_classes = agreeing, *rng.choice(self.targets)
             if target_word in self.words_of_class[classes[0]] or target_word == word:
                 continue
-            out_captions[row] = replace_word(caption, word, plural(word), target_word,
-                                             plural(target_word))
+            out_captions[row] = replace_word(caption, word, plural(word), target_word, plural(target_word))
             # the first tag that named the noun names the new class; the others that did name its neighbours in
             # ImageNet's order (WordNet's, so near kinds: a zebra's are horses and hartebeests), as a real photo's
             # tags would, not the same class again
-            new_class = self.rng.choice(target_classes)
+            new_class = rng.choice(target_classes)
             slots = [slot for slot, c in enumerate(classes) if word in self.words_of_class[c]]
             neighbours = [n for n in range(new_class - 3, new_class + 4) if 0 <= n < 1000 and n != new_class]
             for slot in slots:
-                out_classes[row, slot] = new_class if slot == slots[0] else self.rng.choice(neighbours)
+                out_classes[row, slot] = new_class if slot == slots[0] else rng.choice(neighbours)
         return out_captions, out_classes
 
     def _agreeing_word(self, caption: str, classes: list[int]) -> str | None:
         """The first (by class rank) caption word that one of the image's top classes is called by, or None."""
-        lowered = f" {caption.lower()} "
+        lowered = caption.lower()
         for c in classes:
-            for word in sorted(self.words_of_class[c], key=len, reverse=True):
-                forms = (word, plural(word))
-                if any(re.search(rf"\b{re.escape(form)}\b", lowered) for form in forms):
+            for word, pattern in self.patterns[c]:
+                if pattern.search(lowered):
                     return word
         return None
 
@@ -95,5 +98,5 @@ def replace_word(caption: str, word: str, word_plural: str, new: str, new_plural
             article = (a.capitalize() if article[0].isupper() else a) + article[len(article.rstrip()):]
         return (article or "") + replacement
     forms = sorted({word, word_plural}, key=len, reverse=True)
-    pattern = rf"\b((?:an?|An?|AN?)\s+)?({'|'.join(re.escape(f) for f in forms)})\b"
+    pattern = rf"\b(an?\s+)?({'|'.join(re.escape(f) for f in forms)})\b"
     return re.sub(pattern, swap, caption, flags=re.IGNORECASE)
