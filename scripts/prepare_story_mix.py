@@ -11,10 +11,17 @@ Sources (Project Gutenberg texts of authors dead for more than 70 years, as repu
     lpodol/books                     aesop.txt                  Aesop's Fables (tr. G. F. Townsend)           fable
     luolin19850304/StoryGenerator    data/bryant-stories.txt    S. C. Bryant, Stories to Tell to Children     bedtime
     VIST (scripts/prepare_stories.py --source ...)              album stories, rewritten into the third person everyday
+    Niklas6/Mini_GPT                 tinystories.txt            TinyStories (Eldan and Li 2023), ~190 stories  children
+
+TinyStories (huggingface.co/datasets/roneneldan/TinyStories) is published under CDLA-Sharing-1.0, which places no
+terms on results such as trained weights; the repository above holds the first stories of its V2 training file as
+plain paragraphs (`tiny_stories` finds where each story starts). They are what the tales are not: simple words, a
+small cast, a want, a turn and a gentle end within 100-250 words.
 
 Left out: Burgess's Buster Bear (1920; Burgess died in 1965, so public domain in the US but not where copyright runs
 for 70 years after death), Peter Pan (a novel, its chapters have no ending of their own; and the UK's royalty right),
-and ROCStories / Story Cloze (given out on request, no terms for shipped weights).
+and ROCStories / Story Cloze (given out on request, no terms for shipped weights). `--whole-tales-only` leaves out
+tales cut to their opening paragraphs (they teach a story without an end).
 
     python scripts/prepare_story_mix.py --mirrors /path/to/checkouts --vist /path/to/vist/checkout \\
         --vocab ../shared/data/flickr8k/captions.csv --out ~/.cache/mmstory/stories/mix
@@ -48,6 +55,7 @@ BOOKS = [  # (name, repository, path, kind)
     ("aesop", "lpodol/books", "aesop.txt", "fable"),
     ("bryant", "luolin19850304/StoryGenerator", "data/bryant-stories.txt", "bedtime"),
 ]
+TINY_STORIES = ("Niklas6/Mini_GPT", "tinystories.txt")
 SAD = re.compile(r"\b(died|dead|death|killed|drowned|perished|wept|devoured|ate (him|her|them) up|grief|sorrow)\b",
                  re.I)
 GLAD = re.compile(r"\b(happily|happy|joy|glad|merry|laughed|rejoiced|married)\b", re.I)
@@ -219,6 +227,60 @@ def book_records(name: str, text: str, kind: str, max_words: int, min_words: int
     return out
 
 
+# --- TinyStories ------------------------------------------------------------------------------------------------------
+TINY_START = re.compile(r"(Once upon a time|Once,? there|There (was|were|lived|once)|Long ago"
+                        r"|In a (small|big|little|far))")
+TINY_DAY = re.compile(r"One (\w+ )?(day|night|morning|evening),? (a|an|two|the) (?:\w+ ){0,3}named (\w+)")
+MOJIBAKE = {"\u00e2\u20ac\u0153": '"', "\u00e2\u20ac\u009d": '"', "\u00e2\u20ac\u2122": "'", "\u00e2\u20ac\u02dc": "'",
+            "\u00e2\u20ac\u00a6": "...", "\u00e2\u20ac\u201d": " - ", "\u00e2\u20ac\u201c": " - ",
+            "\u201c": '"', "\u201d": '"', "\u2019": "'"}
+
+
+def tiny_stories(text: str) -> list[str]:
+    """Whole stories from paragraphs that carry no story boundary: a story starts at an opening ("Once upon a time",
+    "There was") or at "One day, a ... named X" where X is new; a few neighbours stay joined (filtered by length)."""
+    for bad, good in MOJIBAKE.items():
+        text = text.replace(bad, good)
+    stories: list[list[str]] = [[]]
+    for paragraph in (re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text)):
+        if not paragraph:
+            continue
+        day = TINY_DAY.match(paragraph)
+        if stories[-1] and (TINY_START.match(paragraph) or day and day.group(4) not in " ".join(stories[-1])):
+            stories.append([])
+        stories[-1].append(paragraph)
+    return [" ".join(s) for s in stories if s and "\u00e2" not in " ".join(s)]
+
+
+def tiny_scene(story: str) -> str:
+    """The story's first sentence as a caption of its first picture, without the opening formula or the name the
+    picture could not know: "One day, a little girl named Lily found a needle in her room." -> "A little girl found
+    a needle in her room."."""
+    first = re.split(r"(?<=[.!?])\s", story, maxsplit=1)[0].rstrip(".!?")
+    first = re.sub(r"^(once upon a time|once|one (\w+ )?(day|night|morning|evening)|long ago|in a [^,]+),?\s*", "",
+                   first, flags=re.I)
+    first = re.sub(r"^there (was|were|lived|once was) ", "", first, flags=re.I)
+    first = re.sub(r",? (named|called) [A-Z]\w*", "", first)
+    first = " ".join(first.split()[:16]) or story.split(".")[0]
+    return first[0].upper() + first[1:] + "."
+
+
+def tiny_records(text: str, min_words: int, max_words: int, vocab: set[str] | None, rng: random.Random) -> list[dict]:
+    out = []
+    for story in tiny_stories(text):
+        if not min_words <= len(story.split()) <= max_words:
+            continue
+        scene = tiny_scene(story)
+        style = rng.choice([None, None, "bedtime", "slice of life"] + (["fairy tale"] * 2 if FAIRY_OPENING.match(story)
+                                                                        else []))
+        ending = " ".join(re.split(r"(?<=[.!?])\s", story)[-3:])
+        tone = "positive" if GLAD.search(ending) and not SAD.search(ending) and rng.random() < 0.3 else None
+        out.append({"source": "tinystories", "title": scene, "complete": True, "scene_from": "first sentence",
+                    "scenes": [scene], "words": hint_words(story, scene, vocab), "story": story, "style": style,
+                    "tone": tone, "audience": "children" if rng.random() < 0.5 else None})
+    return out
+
+
 # --- VIST in the third person -----------------------------------------------------------------------------------------
 FIRST_PERSON = [(r"\bI am\b|\bI'm\b", "{n} is"), (r"\bI have\b|\bI've\b", "{n} has"), (r"\bI'd\b", "{n} would"),
                 (r"\bI'll\b", "{n} will"), (r"\bI was\b", "{n} was"), (r"\bwe're\b", "they're"),
@@ -284,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-words", type=int, default=300)
     parser.add_argument("--min-words", type=int, default=40)
     parser.add_argument("--dev", type=int, default=64, help="held-out examples")
+    parser.add_argument("--whole-tales-only", action="store_true", help="leave out tales cut to their opening")
+    parser.add_argument("--tinystories", action="store_true", help="add TinyStories (see TINY_STORIES)")
+    parser.add_argument("--tiny-repeat", type=int, default=1, help="how often each TinyStories example is seen")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -294,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         found = book_records(name, read_text(_repo_dir(repo, args.mirrors, named), path), kind, args.max_words,
                              args.min_words, vocab, rng)
         found = [r for r in found if r["title"].lower() not in seen]  # the two Andersen books share tales
+        found = [r for r in found if r["complete"] or not args.whole_tales_only]
         seen.update(r["title"].lower() for r in found)
         print(f"{name}: {len(found)} ({sum(r['complete'] for r in found)} whole tales)")
         rows += found
@@ -301,8 +367,17 @@ def main(argv: list[str] | None = None) -> int:
         vist = vist_mix(args.vist, args.vist_count, rng)
         print(f"vist: {len(vist)} third-person stories")
         rows += vist
+    tiny: list[dict] = []
+    if args.tinystories:
+        repo, path = TINY_STORIES
+        tiny = tiny_records(read_text(_repo_dir(repo, args.mirrors, named), path), 60, args.max_words, vocab, rng)
+        print(f"tinystories: {len(tiny)} stories")
     rng.shuffle(rows)
-    splits = {"dev": rows[: args.dev], "train": rows[args.dev:]}
+    rng.shuffle(tiny)
+    dev_tiny = args.dev * len(tiny) // max(len(rows) + len(tiny), 1)  # the dev set holds each source in its share
+    splits = {"dev": rows[: args.dev - dev_tiny] + tiny[:dev_tiny],
+              "train": rows[args.dev - dev_tiny:] + tiny[dev_tiny:] * args.tiny_repeat}
+    rng.shuffle(splits["train"])
     args.out.mkdir(parents=True, exist_ok=True)
     for split, items in splits.items():
         (args.out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))

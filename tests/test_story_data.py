@@ -1,0 +1,47 @@
+"""scripts/prepare_story_mix.py's TinyStories reader: where a story starts in paragraphs that carry no boundary, and
+the caption-like line a story is told from. The text here is written for the test."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from prepare_story_mix import tiny_records, tiny_scene, tiny_stories  # noqa: E402
+
+TEXT = """Once upon a time, there was a small red boat named Pip. Pip liked the calm lake.
+
+One day, a storm came. Pip was scared, but he sailed home.
+
+One day, a little goat named Bea found a hat. She put it on her horn.
+
+Bea showed the hat to Pip. \u00e2\u20ac\u0153Look!\u00e2\u20ac\u009d she said.
+
+One day, Bea and the boat went to the shore. They sat in the sun.
+
+There was a tall tree by the road. Birds sang in it every morning.
+"""
+
+
+def test_stories_start_at_an_opening_or_a_new_named_character():
+    stories = tiny_stories(TEXT)
+    assert [s.split(".")[0] for s in stories] == ["Once upon a time, there was a small red boat named Pip",
+                                                  "One day, a little goat named Bea found a hat",
+                                                  "There was a tall tree by the road"]
+    assert "One day, a storm came." in stories[0]  # "One day" without a new name goes on the same story
+    assert "One day, Bea and the boat went" in stories[1]
+    assert '"Look!" she said.' in stories[1]  # mis-decoded quotes mended
+
+
+def test_the_scene_is_the_first_sentence_without_the_formula_or_the_name():
+    assert tiny_scene("Once upon a time, there was a small red boat named Pip. Pip liked it.") == "A small red boat."
+    assert tiny_scene("One day, a little goat named Bea found a hat. It was red.") == "A little goat found a hat."
+    assert tiny_scene("There was a tall tree by the road.") == "A tall tree by the road."
+
+
+def test_records_keep_the_length_asked_and_the_writers_form():
+    rows = tiny_records(TEXT, min_words=14, max_words=30, vocab=None, rng=random.Random(0))
+    assert [r["scenes"] for r in rows] == [["A small red boat."], ["A tall tree by the road."]]  # 29 and 14 words
+    assert all(r["source"] == "tinystories" and r["story"] and r["audience"] in (None, "children") for r in rows)
