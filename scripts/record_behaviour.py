@@ -10,7 +10,7 @@ float32, eager). Not recorded: sampled stories and the greedy answer (its second
 CPUs broke differently). Sampling over float logits depends on the CPU's kernels and the thread count, so a sampled
 story recorded on one machine is not reproduced on another; `--out` adds them under "sampled" for
 tests/test_behaviour.py to check by property (the same seed twice in one process gives the same story, its length,
-its opening, no avoided words; the answer opens with the caption and names the cat).
+its opening, no avoided words; the answer opens with the caption and goes on about the cat or its class).
 """
 
 from __future__ import annotations

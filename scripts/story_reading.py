@@ -81,8 +81,8 @@ def report(args: argparse.Namespace) -> None:
     from mmstory.eval.story_checks import album_narrator, invented_people, people_in, repetition, style_check
 
     by_name = {Path(str(r.image)).name: r for r in photos(args.data)}
-    print("| writer | stories | album narrator | invented people (coco, no people in refs) | repetition (3-gram) |"
-          " ... not in the caption either | gap | CHAIR_i | last third | judge ppl | s/story |")
+    print("| writer | stories | album narrator | invented people (coco, no people in refs) |"
+          " ... not in the caption either | repetition (3-gram) | gap | CHAIR_i | last third | judge ppl | s/story |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     style_rows = []
     for path in args.files:
