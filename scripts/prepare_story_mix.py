@@ -195,13 +195,16 @@ def request_for(kind: str, story: str, complete: bool, rng: random.Random) -> di
         style, audience = rng.choice([("bedtime", "children"), ("bedtime", None), (None, "children")])
     elif kind == "fable" and rng.random() < 0.25:
         audience = "children"
-    ending = " ".join(re.split(r"(?<=[.!?])\s", story)[-3:])
     if complete and rng.random() < 0.5:
-        if SAD.search(ending) and not GLAD.search(ending):
-            tone = "negative"
-        elif GLAD.search(ending) and not SAD.search(ending):
-            tone = "positive"
+        tone = ending_mood(story)
     return {"style": style, "tone": tone, "audience": audience}
+
+
+def ending_mood(story: str) -> str | None:
+    """"negative" or "positive" where the last three sentences are only sad or only glad, else None."""
+    ending = " ".join(re.split(r"(?<=[.!?])\s", story)[-3:])
+    sad, glad = bool(SAD.search(ending)), bool(GLAD.search(ending))
+    return None if sad == glad else "negative" if sad else "positive"
 
 
 def book_records(name: str, text: str, kind: str, max_words: int, min_words: int, vocab: set[str] | None,
@@ -273,8 +276,7 @@ def tiny_records(text: str, min_words: int, max_words: int, vocab: set[str] | No
         scene = tiny_scene(story)
         style = rng.choice([None, None, "bedtime", "slice of life"] + (["fairy tale"] * 2 if FAIRY_OPENING.match(story)
                                                                         else []))
-        ending = " ".join(re.split(r"(?<=[.!?])\s", story)[-3:])
-        tone = "positive" if GLAD.search(ending) and not SAD.search(ending) and rng.random() < 0.3 else None
+        tone = "positive" if ending_mood(story) == "positive" and rng.random() < 0.3 else None
         out.append({"source": "tinystories", "title": scene, "complete": True, "scene_from": "first sentence",
                     "scenes": [scene], "words": hint_words(story, scene, vocab), "story": story, "style": style,
                     "tone": tone, "audience": "children" if rng.random() < 0.5 else None})
