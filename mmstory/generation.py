@@ -19,10 +19,10 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from mmstory.answering import AnswerResult, answer_question, check_answer_request
+from mmstory.avoided_words import avoided_words
 from mmstory.caption_policy import CaptionChoice
 from mmstory.captioning import CAPTION_REPETITION_PENALTY
 from mmstory.components import similarity
-from mmstory.config import GenerationConfig
 from mmstory.decoding import QUANTIZE, FastDecoder
 from mmstory.devices import DeviceLike, resolve_device
 from mmstory.images import ImageInput, ImageProcessor, load_image
@@ -48,10 +48,8 @@ from mmstory.safety import ContentFilter
 from mmstory.seeing import Seen, see, writer_prompt
 from mmstory.story_beats import story_shape
 from mmstory.text import (
-    PERSON_WORDS,
     content_word_recall,
     hallucinated_mentions,
-    names_person,
     object_mentions,
     split_sentences,
 )
@@ -341,15 +339,17 @@ class StoryTeller:
                 stopping_criteria=StoppingCriteriaList([stopper, Cancelled(cancel)]),
             )
             kind = (style or "").strip().lower()
-            avoided = avoided_tokens(self.model.tokenizer, self.model.generation_config, seen.choices, prompt, previous,
-                                     dark=tone_text == TONES["negative"] or kind in DARK_STYLES)
-            if avoided:
-                gen_kwargs["suppress_tokens"] = avoided
+            avoided = avoided_words(self.model.tokenizer, self.model.generation_config, seen.choices, prompt, previous,
+                                    dark=tone_text == TONES["negative"] or kind in DARK_STYLES)
+            if avoided.tokens:
+                gen_kwargs["suppress_tokens"] = avoided.tokens
             shaped = self.model.generation_config.story_beats and not previous and (not kind or kind in STYLES)
             lines = shaped and kind == "poem"
             weight = self.model.generation_config.story_pick_likelihood
             likelihood = WriterLikelihood(self.model.tokenizer.eos_token_id) if weight > 0 and rows > 1 else None
-            processors = [likelihood] if likelihood else []  # first: it scores the writer's choices, not the beats'
+            banned = avoided.processor(self.model.tokenizer.eos_token_id)  # with suppress_tokens, before the rest
+            # then the likelihood: it scores the writer's choices, not the beats'
+            processors = [p for p in (banned, likelihood) if p is not None]
             if shaped:
                 processors += story_shape(self.model.tokenizer, captions[0], style, tone, audience, budget, opening,
                                           rows, settings.seed or 0)
@@ -485,53 +485,6 @@ def _streamed(decode, gen_kwargs: dict, tokenizer, budget: int, cancel: threadin
     if errors:
         raise errors[0]
     return ["".join(pieces)], emitted
-
-
-def word_token_ids(tokenizer, words: Sequence[str], spaced_only: bool = False) -> list[int]:
-    """The tokenizer's single-token spellings of each word (with and without a leading space, lower and sentence
-    case): what `suppress_tokens` needs to keep a word out of a story. `spaced_only`: only the spellings that start
-    a word after a space, so that a short word's piece inside longer words ("son" in "season") stays writable."""
-    ids = set()
-    for word in words:
-        for form in {word, word.lower(), word[:1].upper() + word[1:]}:
-            for text in (" " + form,) if spaced_only else (form, " " + form):
-                encoded = tokenizer(text, add_special_tokens=False).input_ids
-                if len(encoded) == 1:
-                    ids.add(encoded[0])
-    return sorted(ids)
-
-
-def avoided_tokens(tokenizer, config: GenerationConfig, choices: Sequence[CaptionChoice], prompt: str | None,
-                   previous: str | None, dark: bool = False) -> list[int]:
-    """The writer's `suppress_tokens` for one story: the config's avoided words, grim words unless the request is
-    `dark`, person words where nothing shows a person, first-person words where the story is to stay in the third
-    person."""
-    avoided = set(word_token_ids(tokenizer, config.story_avoid_words))
-    if not dark:
-        avoided.update(word_token_ids(tokenizer, config.story_grim_words, spaced_only=True))
-    if not people_shown(choices, prompt, previous, config):
-        avoided.update(word_token_ids(tokenizer, PERSON_WORDS, spaced_only=True))
-    if config.story_third_person and not first_person(prompt) and not first_person(previous):
-        avoided.update(word_token_ids(tokenizer, FIRST_PERSON, spaced_only=True))
-    return sorted(avoided)
-
-
-def people_shown(choices: Sequence[CaptionChoice], prompt: str | None, previous: str | None,
-                 config: GenerationConfig) -> bool:
-    """A story may name people: a picture shows one (its caption policy says so), the request speaks of one, or the
-    model's generation config lets the writer bring them in (`story_people_from_pictures` off)."""
-    if not config.story_people_from_pictures:
-        return True
-    return any(choice.people for choice in choices) or names_person(prompt or "") or names_person(previous or "")
-
-
-FIRST_PERSON = ("I", "I'm", "I've", "I'd", "I'll", "me", "my", "mine", "myself", "we", "we're", "us", "our", "ours",
-                "ourselves")
-
-
-def first_person(text: str | None) -> bool:
-    """The text speaks in the first person (then a story continuing it or asked for with it may too)."""
-    return bool(text) and any(w.lower() in {f.lower() for f in FIRST_PERSON} for w in re.findall(r"[A-Za-z']+", text))
 
 
 def caption_coverage(story: str, captions: Sequence[str]) -> float:

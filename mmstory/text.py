@@ -166,11 +166,17 @@ OBJECT_GROUPS: frozenset[str] = frozenset(OBJECT_FORMS.values())
 CREATURE_GROUPS: frozenset[str] = frozenset(_parse_objects(_OBJECT_TEXT.split("# vehicles")[0]).values())
 
 
-# the person words a story may not write where no picture shows a person: the person group, and group nouns that a
-# writer uses to bring people into a picture of things ("One day, a young couple came in.") but a caption never
-# opens with (so the caption policy's subject check does not read them)
+# the person words a story may not write where no picture shows a person: the person group, and the group nouns,
+# trades and pronouns that a writer uses to bring people into a picture of things ("One day, a young couple came in.",
+# "The cook added some bread.", "the policeman got back") but a caption never opens with (so the caption policy's
+# subject check does not read them). "cook" is a verb too: a story of a stove then says "make" instead.
 PERSON_WORDS: tuple[str, ...] = tuple(sorted({form for form, group in OBJECT_FORMS.items() if group == "person"} | {
-    "couple", "couples", "teacher", "teachers", "student", "students", "Mr", "Mrs"}))
+    "couple", "couples", "teacher", "teachers", "student", "students", "Mr", "Mrs", "cook", "cooks", "waiter",
+    "waiters", "waitress", "watchman", "guard", "guards", "attendant", "attendants", "doctor", "doctors", "nurse",
+    "nurses", "postman", "mailman", "shopkeeper", "merchant", "merchants", "sailor", "sailors", "captain", "hunter",
+    "hunters", "gardener", "butcher", "cashier", "clerk", "boss", "police", "policemen", "policewoman", "fireman",
+    "firemen", "firefighter", "firefighters", "mayor", "servant", "servants", "villager", "villagers", "townspeople",
+    "everyone", "everybody", "human", "humans"}))
 
 
 def names_person(text: str) -> bool:

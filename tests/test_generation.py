@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from mmstory.avoided_words import first_person, people_shown
 from mmstory.caption_policy import CaptionChoice
 from mmstory.config import GenerationConfig
 from mmstory.decoding import decode_layer
@@ -17,8 +18,6 @@ from mmstory.generation import (
     build_instruction,
     caption_coverage,
     finish_story,
-    first_person,
-    people_shown,
     pick_candidate,
     split_sentences,
     word_budget,
@@ -377,7 +376,7 @@ def test_a_story_opens_with_the_first_caption_when_the_config_says_so(tiny_telle
 
 
 def test_avoided_words_stay_out_of_every_candidate(tiny_teller):
-    from mmstory.generation import word_token_ids
+    from mmstory.avoided_words import word_token_ids
 
     tokenizer = tiny_teller.model.tokenizer  # the tiny model's byte-level vocabulary: its words are letters
     settings = dict(seed=5, length=30, max_new_tokens=30, num_candidates=3)

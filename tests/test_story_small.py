@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import torch
 
 from mmstory.eval.metrics import shared_content_words
 from mmstory.examples import example_image
@@ -112,21 +113,28 @@ def test_same_seed_same_story(teller):
 
 
 def test_a_picture_without_people_keeps_person_words_and_the_narrator_out_of_the_story(teller):
-    from mmstory.generation import avoided_tokens
+    from mmstory.avoided_words import avoided_words
 
     coffee = teller.caption_choices([example_image("coffee")])[0]
     assert not coffee.people, coffee  # an espresso: no person in the caption or the classes
     tokenizer, config = teller.model.tokenizer, teller.model.generation_config
-    avoided = set(avoided_tokens(tokenizer, config, [coffee], None, None))
+    avoided = set(avoided_words(tokenizer, config, [coffee], None, None).tokens)
     for word in (" man", " woman", " family", " I", " my", " we"):
         assert tokenizer(word, add_special_tokens=False).input_ids[0] in avoided, word
     for word in (" coffee", " cup", " season", " Ice"):  # the picture's words, and words that only start alike
         assert not set(tokenizer(word, add_special_tokens=False).input_ids) & avoided, word
-    asked = set(avoided_tokens(tokenizer, config, [coffee], "A story about my grandfather's coffee.", None))
+    asked = set(avoided_words(tokenizer, config, [coffee], "A story about my grandfather's coffee.", None).tokens)
     assert tokenizer(" man", add_special_tokens=False).input_ids[0] not in asked  # the request brings a person
     assert tokenizer(" my", add_special_tokens=False).input_ids[0] not in asked  # and speaks as "I"
     story = teller.generate_story(example_image("coffee"), seed=0, length=40, num_candidates=2).story
     assert not re.search(r"(?<= )(I|my|we|our|man|woman)\b", story, re.IGNORECASE), story  # no word-initial form
+    banned = avoided_words(tokenizer, config, [coffee], None, None)
+    police, man = tokenizer(" policeman", add_special_tokens=False).input_ids  # two tokens: no single one to suppress
+    assert [police, man] in banned.sequences
+    assert police not in banned.tokens and man not in banned.tokens  # " police station", "woman" stay writable
+    processor = banned.processor(tokenizer.eos_token_id)
+    scores = processor(torch.tensor([[police], [man]]), torch.zeros(2, len(tokenizer)))
+    assert scores[0, man] == float("-inf") and scores[1, man] == 0  # "man" is refused only after " police"
     grim = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in (" blood", " killed", " dead")]
     assert set(grim) <= avoided  # no blood in a story about a cup of coffee ...
-    assert not set(grim) & set(avoided_tokens(tokenizer, config, [coffee], None, None, dark=True))  # unless asked
+    assert not set(grim) & set(avoided_words(tokenizer, config, [coffee], None, None, dark=True).tokens)  # unless asked
