@@ -62,6 +62,7 @@ class CaptionPlan:
     probs: torch.Tensor  # [1000]
     prefix: tuple[int, ...] = ()  # compact ids every caption starts with
     required: tuple[int, ...] | None = None  # compact ids of which every caption writes one
+    banned: tuple[int, ...] = ()  # compact ids no caption may write: the words of a subject the classifier ruled out
     trace: list[str] = field(default_factory=list)
 
 
@@ -92,8 +93,9 @@ class CaptionPolicy:
     MASS = frozenset({"food", "fruit", "bread", "coffee", "wine", "corn", "broccoli", "toilet paper", "hay"})
 
     def __init__(self, config: GenerationConfig, table: ImageNetWords, forms: dict[str, tuple[int, ...]] | None,
-                 opening=None):
+                 opening=None, creatures: dict[str, tuple[int, ...]] | None = None):
         self.config, self.table, self.forms, self.opening = config, table, forms or {}, opening
+        self.creatures = creatures or {}  # per person or animal group, the compact ids of its words
 
     # --- 1. vocabulary ---------------------------------------------------------------------------------------------
     def plan(self, probs: torch.Tensor) -> list[CaptionPlan]:
@@ -141,11 +143,12 @@ class CaptionPolicy:
             keep_subject = group is None or (group == "person" and (pet or self._supported(plan, group))) or (
                 not animal and group != "person" and self._supported(plan, group, p))
             if not keep_subject and self._start_with(plan, word, f"check: '{word.text}' ({p:.2f}), not the "
-                                                                 f"caption's {group}"):
+                                                                 f"caption's {group}", rejected=group):
                 return True
         rival = self._animal_rival(plan, caption, group)
         if rival is not None and self._start_with(plan, rival[0], f"rival: '{rival[0].text}' ({rival[1]:.2f}) "
-                                                                  f"over the caption's {group} ({rival[2]:.2f})"):
+                                                                  f"over the caption's {group} ({rival[2]:.2f})",
+                                                  rejected=group):
             return True
         concept = self._sure(plan, self.config.caption_concepts)
         if concept is not None:
@@ -163,7 +166,8 @@ class CaptionPolicy:
         if found is None or found[0].text in self._kind_of_group(group):
             return False
         return self._start_with(plan, found[0], f"hedge: nothing vouches for the caption's {group} (agreement "
-                                                f"{agreement:.2f}); '{found[0].text}' is {found[1]:.2f} sure")
+                                                f"{agreement:.2f}); '{found[0].text}' is {found[1]:.2f} sure",
+                                rejected=group)
 
     def _animal_rival(self, plan: CaptionPlan, caption: str, group: str | None) -> tuple[Word, float, float] | None:
         """The animal the classifier is surer of than of the caption's own animal subject: (word, its confidence,
@@ -181,13 +185,28 @@ class CaptionPolicy:
         exclude = ("animal", *self.table.settings) if subject else ("animal",)
         return self.table.sure_word(plan.pooled, threshold, exclude=exclude) if threshold > 0 else None
 
-    def _start_with(self, plan: CaptionPlan, word: Word, why: str) -> bool:
+    def _start_with(self, plan: CaptionPlan, word: Word, why: str, rejected: str | None = None) -> bool:
+        """Write the caption again from "A <word>"; with `caption_ban_rejected`, without the `rejected` subject's
+        words, so that the decoder's habit does not bring the dog back after the toilet ("A toilet of a small white
+        and brown dog ...")."""
         if word.text not in self.forms or self.opening is None:
             return False
         opening = "Some" if word.text in self.MASS else article(word.text)
         plan.prefix = (*self.opening(opening), self.forms[word.text][0])
         plan.trace.append(f"{why}: the caption starts '{opening} {word.text}'")
+        if self.config.caption_ban_rejected and rejected in self.creatures:
+            plan.banned = tuple(i for i in self.creatures[rejected] if i not in plan.prefix)
+            plan.trace.append(f"ban: no {rejected} words after it")
         return True
+
+    def ban_rejected(self, plans: list[CaptionPlan], bias: torch.Tensor | None, size: int) -> torch.Tensor | None:
+        """The logit bias [images, size] with each plan's banned words at -inf (None when nothing is banned)."""
+        if not any(plan.banned for plan in plans):
+            return bias
+        bias = torch.zeros(len(plans), size) if bias is None else bias.clone()
+        for row, plan in enumerate(plans):
+            bias[row, list(plan.banned)] = float("-inf")
+        return bias
 
     def choose(self, plan: CaptionPlan | None, beams: list[tuple[float, str]], agreement: list[float],
                first_choice: str | None = None) -> CaptionChoice:

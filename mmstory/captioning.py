@@ -15,7 +15,7 @@ from mmstory import caption_search
 from mmstory.caption_policy import CaptionChoice, CaptionPolicy
 from mmstory.components import similarity
 from mmstory.imagenet_words import imagenet_words
-from mmstory.open_vocabulary import word_forms
+from mmstory.open_vocabulary import creature_forms, word_forms
 
 # the one repetition penalty every captioning call site uses (the CLI, the API, the story, the answer, evaluation):
 # beam search without it repeats a phrase ("a dog and a dog")
@@ -69,11 +69,13 @@ class ImageWordsMixin:
         decoder, table = self.caption_decoder, imagenet_words()
         key = (None if decoder is None else decoder.compact_table(), config.caption_open_vocabulary)
         if getattr(self, "_caption_forms_key", None) != key:
-            forms = {}
+            forms, creatures = {}, {}
             if decoder is not None and self._has_imagenet_classifier():
                 forms = word_forms(decoder, self.tokenizer, table, open_vocabulary=config.caption_open_vocabulary)
-            self._caption_forms, self._caption_forms_key = forms, key
-        return CaptionPolicy(config, table, self._caption_forms, opening=self._caption_opening)
+                creatures = creature_forms(decoder, self.tokenizer)
+            self._caption_forms, self._creature_forms, self._caption_forms_key = forms, creatures, key
+        return CaptionPolicy(config, table, self._caption_forms, opening=self._caption_opening,
+                             creatures=self._creature_forms)
 
     def _caption_opening(self, word: str) -> tuple[int, ...]:
         """The compact ids of a caption's first word, as the training captions tokenize it ("A", "An", "Some")."""
@@ -176,6 +178,8 @@ class CaptioningMixin:
         if plans is not None:
             again = [i for i in everyone if policy.revise(plans[i], first[i], max(scores[i], default=0.0))]
             if again:
+                bias = policy.ban_rejected(plans, bias, decoder.size)
+                bias = None if bias is None else bias.to(image_tokens.device)
                 redone = search(again)
                 for i, b, a in zip(again, redone, agreements(again, redone)):
                     beams[i], scores[i] = b, a

@@ -149,6 +149,9 @@ class GenerationConfig:
     # the classifier's mass on classes that show a person (clothes, sports kit) at which a captioned person is
     # supported; below it, a person the caption data's habit put there gives way to what the classifier sees
     caption_person_evidence: float = 0.02
+    # a caption written again because the classifier ruled its person or animal subject out (check, rival, hedge)
+    # may not write that subject's words: else the decoder's habit brings the dog back ("A toilet of a small dog")
+    caption_ban_rejected: bool = False
     story_prefix: bool = True  # the story writer reads the images' visual prefixes (False: captions only)
     # the story's first sentence is the first picture's caption and the writer goes on from it: the story starts on
     # what the picture shows instead of on whatever the writer's habits suggest

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mmstory.imagenet_words import ImageNetWords, plural
+from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS
 
 DONORS_FILE = Path(__file__).parent / "resources" / "word_donors.json"
 DONOR_RANK = 2000  # a donor must be among the fitted vocabulary's this many most frequent ids: a word it writes well
@@ -39,6 +40,18 @@ def _compact_word(decoder, tokenizer, word: str, max_rank: int | None = None) ->
     rank = int(decoder.compact_table()[ids[0]])
     limit = decoder.SPECIALS + (max_rank if max_rank is not None else decoder.base_size)
     return rank if decoder.SPECIALS <= rank < limit else None
+
+
+def creature_forms(decoder, tokenizer) -> dict[str, tuple[int, ...]]:
+    """Per person or animal group ('dog', 'person', ...), the compact ids of its words that are one token of the
+    fitted vocabulary ("dog", "dogs", "puppy", ...): what a caption may not write once the classifier has ruled that
+    subject out."""
+    ids: dict[str, set[int]] = {}
+    for form, group in OBJECT_FORMS.items():
+        found = _compact_word(decoder, tokenizer, form) if group in CREATURE_GROUPS else None
+        if found is not None:
+            ids.setdefault(group, set()).add(found)
+    return {group: tuple(sorted(found)) for group, found in ids.items()}
 
 
 def word_forms(decoder, tokenizer, table: ImageNetWords, open_vocabulary: bool) -> dict[str, tuple[int, ...]]:

@@ -64,6 +64,26 @@ def test_a_subject_the_classifier_contradicts_gives_way(caption, probs, expected
     assert "check" in plan.trace[0]
 
 
+def test_a_rewritten_caption_may_not_bring_back_the_subject_the_classifier_ruled_out():
+    dog_ids, person_ids = (5, 6), (7, 8)
+    table, creatures = imagenet_words(), {"dog": dog_ids, "person": person_ids}
+    forms = policy().forms
+    rules = CaptionPolicy(GenerationConfig(caption_class_check=0.5, caption_ban_rejected=True), table, forms,
+                          opening=lambda word: (len(word),), creatures=creatures)
+    plans = rules.plan(torch.stack([probs_of(espresso=0.9), probs_of(golden_retriever=0.9)]))
+    assert rules.revise(plans[0], "A brown dog is sitting on the floor.", agreement=0.0)
+    assert plans[0].banned == dog_ids and plans[0].trace[-1] == "ban: no dog words after it"
+    assert not rules.revise(plans[1], "A dog is running on the grass.", agreement=0.0) and plans[1].banned == ()
+    bias = rules.ban_rejected(plans, None, size=20)
+    assert bias[0, list(dog_ids)].eq(float("-inf")).all() and bias[0, list(person_ids)].eq(0).all()
+    assert bias[1].eq(0).all()  # a caption that stands bans nothing
+    off = CaptionPolicy(GenerationConfig(caption_class_check=0.5), table, forms, opening=lambda word: (len(word),),
+                        creatures=creatures)
+    plan = off.plan(probs_of(espresso=0.9)[None])[0]
+    assert off.revise(plan, "A brown dog is sitting on the floor.", agreement=0.0) and plan.banned == ()
+    assert off.ban_rejected([plan], None, size=20) is None
+
+
 @pytest.mark.parametrize("caption, probs", [
     ("A dog is running on the grass.", dict(golden_retriever=0.9)),  # names the kind
     ("A man in a red shirt is throwing a ball.", dict(golden_retriever=0.7)),  # a person beside a dog
