@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mmstory.text import OBJECT_FORMS, object_mentions
+
 IMAGE_PLACEHOLDER = "<image>"  # where a picture's visual prefix goes in a prompt
 STYLES = {
     "adventure": "an adventure story, with a journey, a challenge and a brave choice",
@@ -66,7 +68,7 @@ def build_instruction(captions: list[str], prompt: str | None, style: str | None
     lines = [IMAGE_PLACEHOLDER * len(captions)] if with_images else []
     lines.append(request)
     for i, caption in enumerate(captions):
-        seen = [w for w in (hints[i] if hints and i < len(hints) else []) if w]
+        seen = [w for w in (hints[i] if hints and i < len(hints) else []) if w and not _named_by(caption, w)]
         lines.append(f"Photo {i + 1}: {_sentence(caption)}" + (f" Also seen: {', '.join(seen)}." if seen else ""))
     if prompt:
         lines.append(f"The story should be about: {prompt}")
@@ -87,6 +89,13 @@ def story_opening(caption: str, style: str | None, previous: str | None) -> str:
         return ""
     sentence = _sentence(caption)
     return sentence[:1].upper() + sentence[1:]
+
+
+def _named_by(caption: str, hint: str) -> bool:
+    """The caption already names the kind of thing the class is ("egyptian cat" beside "A black and white cat ..."):
+    then the hint would only give the writer a second cat to write about."""
+    head = hint.lower().split()[-1]
+    return head in OBJECT_FORMS and OBJECT_FORMS[head] in object_mentions(caption)
 
 
 def _sentence(caption: str) -> str:

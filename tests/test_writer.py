@@ -73,9 +73,13 @@ def test_a_training_example_labels_the_story_only(tiny_model):
 
 def test_the_request_is_the_one_the_teller_builds():
     text = build_instruction(["A cat on a sofa"], None, None, None, None, 80, None, with_images=False,
-                             hints=[["tabby cat"]])
+                             hints=[["espresso"]])
     assert text.startswith("Write a short story (about 80 words) about this photo.")
-    assert text.endswith("Photo 1: a cat on a sofa. Also seen: tabby cat.")
+    assert text.endswith("Photo 1: a cat on a sofa. Also seen: espresso.")
+    # a class of the kind the caption already names is no news, and would give the writer a second cat
+    same = build_instruction(["A cat on a sofa"], None, None, None, None, 80, None, with_images=False,
+                             hints=[["tabby cat", "espresso"]])
+    assert same == text
 
 
 def test_writer_training_learns_and_resumes_exactly(tiny_dir, story_files, tmp_path):
