@@ -58,8 +58,6 @@ def mmstory_small_generation() -> GenerationConfig:
         caption_hedge_agreement=0.0,
         # a captioned person needs 5% of the classifier's mass on clothes or sports kit when it sees something else
         caption_person_evidence=0.05,
-        # a caption written again from the classifier's word does not bring back the subject it ruled out
-        caption_ban_rejected=True,
         # the writer reads the captions only: the VIST LoRA writer was trained without visual prefixes
         story_prefix=False,
         # the story starts with the first caption, so it starts on the picture (docs/stories.md)
