@@ -150,7 +150,8 @@ class GenerationConfig:
     # supported; below it, a person the caption data's habit put there gives way to what the classifier sees
     caption_person_evidence: float = 0.02
     # a caption written again because the classifier ruled its person or animal subject out (check, rival, hedge)
-    # may not write that subject's words: else the decoder's habit brings the dog back ("A toilet of a small dog")
+    # may not write that subject's words (off in mmstory-small: the decoder writes another creature in its place,
+    # docs/captions.md)
     caption_ban_rejected: bool = False
     story_prefix: bool = True  # the story writer reads the images' visual prefixes (False: captions only)
     # the story's first sentence is the first picture's caption and the writer goes on from it: the story starts on
