@@ -12,11 +12,14 @@ Sources (Project Gutenberg texts of authors dead for more than 70 years, as repu
     luolin19850304/StoryGenerator    data/bryant-stories.txt    S. C. Bryant, Stories to Tell to Children     bedtime
     VIST (scripts/prepare_stories.py --source ...)              album stories, rewritten into the third person everyday
     Niklas6/Mini_GPT                 tinystories.txt            TinyStories (Eldan and Li 2023), ~190 stories  children
+    Arnoochka/Transformer-Parallelism  tinystories.txt (911b9e7)  the same file's first ~5,500 stories, lower-cased
 
 TinyStories (huggingface.co/datasets/roneneldan/TinyStories) is published under CDLA-Sharing-1.0, which places no
 terms on results such as trained weights; the repository above holds the first stories of its V2 training file as
-plain paragraphs (`tiny_stories` finds where each story starts). They are what the tales are not: simple words, a
-small cast, a want, a turn and a gentle end within 100-250 words.
+plain paragraphs (`tiny_stories` finds where each story starts); the second holds more of them, one per line and
+lower-cased (`recase` gives back the capitals: sentence starts, "I", and the names the stories bring in with
+"named"). They are what the tales are not: simple words, a small cast, a want, a turn and a gentle end within 100-250
+words.
 
 Left out: Burgess's Buster Bear (1920; Burgess died in 1965, so public domain in the US but not where copyright runs
 for 70 years after death), Peter Pan (a novel, its chapters have no ending of their own; and the UK's royalty right),
@@ -56,6 +59,8 @@ BOOKS = [  # (name, repository, path, kind)
     ("bryant", "luolin19850304/StoryGenerator", "data/bryant-stories.txt", "bedtime"),
 ]
 TINY_STORIES = ("Niklas6/Mini_GPT", "tinystories.txt")
+TINY_STORIES_LOWER = ("Arnoochka/Transformer-Parallelism", "tinystories.txt",
+                      "911b9e732fbe6d228ba0feacbd6735395f0d279e")  # the only commit that holds the file
 SAD = re.compile(r"\b(died|dead|death|killed|drowned|perished|wept|devoured|ate (him|her|them) up|grief|sorrow)\b",
                  re.I)
 GLAD = re.compile(r"\b(happily|happy|joy|glad|merry|laughed|rejoiced|married)\b", re.I)
@@ -67,13 +72,13 @@ FAIRY_OPENING = re.compile(r"^(once upon a time|there (was|were|lived) once|once
 
 
 # --- reading --------------------------------------------------------------------------------------------------------
-def read_text(repo_dir: Path, path: str) -> str:
-    """A file from a checkout or a bare git directory."""
-    if (repo_dir / path).is_file():
+def read_text(repo_dir: Path, path: str, commit: str = "HEAD") -> str:
+    """A file from a checkout or a bare git directory (at `commit`: a file a later commit deleted)."""
+    if commit == "HEAD" and (repo_dir / path).is_file():
         raw = (repo_dir / path).read_bytes()
     else:
         git = repo_dir / ".git" if (repo_dir / ".git").is_dir() else repo_dir
-        raw = subprocess.run(["git", "--git-dir", str(git), "show", f"HEAD:{path}"], check=True,
+        raw = subprocess.run(["git", "--git-dir", str(git), "show", f"{commit}:{path}"], check=True,
                              capture_output=True).stdout
     return raw.decode("utf-8", errors="replace").lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
@@ -268,9 +273,52 @@ def tiny_scene(story: str) -> str:
     return first[0].upper() + first[1:] + "."
 
 
-def tiny_records(text: str, min_words: int, max_words: int, vocab: set[str] | None, rng: random.Random) -> list[dict]:
+def lowercased_tiny_stories(text: str, known: list[str]) -> list[str]:
+    """The lower-cased copy's stories (one per line, paragraphs split by blank lines), capitals given back, without
+    those already in `known` (the cased copy holds the file's first ones)."""
+    def key(story: str) -> str:
+        return re.sub(r"[^a-z]", "", story.lower())[:80]
+
+    for bad, good in MOJIBAKE.items():
+        text = text.replace(bad, good)
+    stories = [" ".join(p.split()) for p in re.split(r"(?<!\n)\n(?!\n)", text.replace("\n\n", "\u2029"))]
+    stories = [s.replace("\u2029", " ").strip() for s in stories]
+    seen = {key(s) for s in known}
+    names = Counter(re.findall(r"\b(?:named|called) ([a-z]+)\b", text))
+    common = {w.lower() for s in known for w in re.findall(r"(?<=[a-z,] )[a-z]+", s)}
+    sure = {n for n, count in names.items() if count >= 2 and n not in common}
+    return [recase(s, sure) for s in stories if s and key(s) not in seen and "\u00e2" not in s]
+
+
+FAMILY_NAMES = re.compile(r"\b(mom|dad|mommy|daddy|mama|papa|grandma|grandpa)\b")
+NOT_A_NAME_AFTER = frozenset(["his", "her", "my", "your", "their", "our", "the", "a", "its", "and", "to"])
+
+
+def recase(story: str, names: set[str]) -> str:
+    """A lower-cased TinyStories story with its capitals back: "one day, lily said, "i found it."" -> "One day, Lily
+    said, "I found it."". `names` are capitalised everywhere, any word after "named"/"called", "Mom" and "Dad" where
+    they are used as names ("mom said", not "her mom")."""
+    story = re.sub(r"\b[a-z]+\b", lambda m: m.group(0).capitalize() if m.group(0) in names else m.group(0), story)
+    story = re.sub(r"\b(named|called) ([a-z])", lambda m: f"{m.group(1)} {m.group(2).upper()}", story)
+    story = re.sub(r"\b(mr|mrs|ms|dr)\. ([a-z])", lambda m: f"{m.group(1).capitalize()}. {m.group(2).upper()}",
+                   story)
+    story = re.sub(r"\bi\b", "I", story)
+
+    def family(m: re.Match) -> str:
+        before = story[: m.start()].split()
+        return m.group(0) if before and before[-1].lower().strip("\"'") in NOT_A_NAME_AFTER else m.group(0).capitalize()
+
+    story = FAMILY_NAMES.sub(family, story)
+    # sentence starts: the story's, after . ! ? and a space, after a quotation ending in a full stop, and a
+    # quotation's first word (after ?" and !" a small letter is kept: '"Why?" the bird asked')
+    return re.sub(r'(^"?|[.!?] +"?|\." +"?|[.!?]" +"|[,:] +")([a-z])', lambda m: m.group(1) + m.group(2).upper(),
+                  story)
+
+
+def tiny_records(stories: list[str], min_words: int, max_words: int, vocab: set[str] | None,
+                 rng: random.Random) -> list[dict]:
     out = []
-    for story in tiny_stories(text):
+    for story in stories:
         if not min_words <= len(story.split()) <= max_words:
             continue
         scene = tiny_scene(story)
@@ -351,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--whole-tales-only", action="store_true", help="leave out tales cut to their opening")
     parser.add_argument("--tinystories", action="store_true", help="add TinyStories (see TINY_STORIES)")
     parser.add_argument("--tiny-repeat", type=int, default=1, help="how often each TinyStories example is seen")
+    parser.add_argument("--tiny-more", type=int, default=0, help="add this many stories of the lower-cased copy "
+                        "(TINY_STORIES_LOWER), 1 in 50 held out; the split above stays as it is")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -370,9 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vist: {len(vist)} third-person stories")
         rows += vist
     tiny: list[dict] = []
+    cased: list[str] = []
     if args.tinystories:
         repo, path = TINY_STORIES
-        tiny = tiny_records(read_text(_repo_dir(repo, args.mirrors, named), path), 60, args.max_words, vocab, rng)
+        cased = tiny_stories(read_text(_repo_dir(repo, args.mirrors, named), path))
+        tiny = tiny_records(cased, 60, args.max_words, vocab, rng)
         print(f"tinystories: {len(tiny)} stories")
     rng.shuffle(rows)
     rng.shuffle(tiny)
@@ -380,6 +432,16 @@ def main(argv: list[str] | None = None) -> int:
     splits = {"dev": rows[: args.dev - dev_tiny] + tiny[:dev_tiny],
               "train": rows[args.dev - dev_tiny:] + tiny[dev_tiny:] * args.tiny_repeat}
     rng.shuffle(splits["train"])
+    if args.tiny_more:
+        repo, path, commit = TINY_STORIES_LOWER
+        text = read_text(_repo_dir(repo, args.mirrors, named), path, commit)
+        more = tiny_records(lowercased_tiny_stories(text, cased), 60, args.max_words, vocab, random.Random(args.seed))
+        more = more[: args.tiny_more]
+        held = len(more) // 50
+        print(f"tinystories, lower-cased copy: {len(more)} stories, {held} held out")
+        splits["dev"] += more[:held]
+        splits["train"] += more[held:]
+        rng.shuffle(splits["train"])
     args.out.mkdir(parents=True, exist_ok=True)
     for split, items in splits.items():
         (args.out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))

@@ -1,5 +1,6 @@
-"""scripts/prepare_story_mix.py's TinyStories reader: where a story starts in paragraphs that carry no boundary, and
-the caption-like line a story is told from. The text here is written for the test."""
+"""scripts/prepare_story_mix.py's TinyStories reader: where a story starts in paragraphs that carry no boundary, the
+capitals of the lower-cased copy, and the caption-like line a story is told from. The text here is written for the
+test."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from prepare_story_mix import tiny_records, tiny_scene, tiny_stories  # noqa: E402
+from prepare_story_mix import lowercased_tiny_stories, recase, tiny_records, tiny_scene, tiny_stories  # noqa: E402
 
 TEXT = """Once upon a time, there was a small red boat named Pip. Pip liked the calm lake.
 
@@ -42,6 +43,23 @@ def test_the_scene_is_the_first_sentence_without_the_formula_or_the_name():
 
 
 def test_records_keep_the_length_asked_and_the_writers_form():
-    rows = tiny_records(TEXT, min_words=14, max_words=30, vocab=None, rng=random.Random(0))
+    rows = tiny_records(tiny_stories(TEXT), min_words=14, max_words=30, vocab=None, rng=random.Random(0))
     assert [r["scenes"] for r in rows] == [["A small red boat."], ["A tall tree by the road."]]  # 29 and 14 words
     assert all(r["source"] == "tinystories" and r["story"] and r["audience"] in (None, "children") for r in rows)
+
+
+def test_the_lower_cased_copy_gets_its_capitals_back():
+    story = ('one day, a girl named lily saw her mom. "mom, can i play?" she asked. mom said, "yes." '
+             '"why?" the bird asked. lily smiled.')
+    assert recase(story, {"lily"}) == ('One day, a girl named Lily saw her mom. "Mom, can I play?" she asked. Mom '
+                                       'said, "Yes." "Why?" the bird asked. Lily smiled.')
+
+
+def test_the_lower_cased_copy_leaves_out_the_stories_the_cased_copy_has():
+    known = tiny_stories(TEXT)
+    text = ("once upon a time, there was a small red boat named pip. pip liked the calm lake.\n\none day, a storm "
+            "came. pip was scared, but he sailed home.\n"
+            "a cat named tom sat on a mat. tom was happy.\n\ntom slept.\n"
+            "a dog named tom ran. tom ran fast.\n")
+    assert lowercased_tiny_stories(text, known) == ["A cat named Tom sat on a mat. Tom was happy. Tom slept.",
+                                                    "A dog named Tom ran. Tom ran fast."]

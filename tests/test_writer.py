@@ -98,6 +98,22 @@ def test_writer_training_learns_and_resumes_exactly(tiny_dir, story_files, tmp_p
         Trainer(_config(tiny_dir, story_files, tmp_path / "part"))
 
 
+def test_writer_training_can_start_from_saved_adapters(tiny_dir, story_files, tmp_path):
+    """`init_adapters` teaches a shipped writer more (its LoRA tensors, not fresh ones); other shapes are refused."""
+    train(_config(tiny_dir, story_files, tmp_path / "first", max_steps=2))
+    saved = load_writer_adapters(tmp_path / "first" / "checkpoint-2")
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # a fresh B is zero: these are not
+    writer = {"pretrained": str(tiny_dir), "lora_r": 4, "lora_targets": ["q_proj", "v_proj"],
+              "init_adapters": str(tmp_path / "first" / "checkpoint-2")}
+    task = Trainer(_config(tiny_dir, story_files, tmp_path / "more", writer=writer)).task
+    own = {name: p for name, p in task.model.named_parameters() if "lora_" in name}
+    assert own.keys() == saved.keys() and all(torch.equal(p, saved[k]) for k, p in own.items())
+    fresh = Trainer(_config(tiny_dir, story_files, tmp_path / "fresh")).task
+    assert not all(torch.equal(p, saved[k]) for k, p in fresh.model.named_parameters() if "lora_" in k)
+    with pytest.raises(ValueError, match="lora_r and lora_targets"):
+        Trainer(_config(tiny_dir, story_files, tmp_path / "wide", writer={**writer, "lora_r": 8}))
+
+
 def test_an_old_writer_checkpoint_resumes(tiny_dir, story_files, tmp_path):
     """The old writer loop's layout (adapters.safetensors; optimizer.pt = {optimizer, torch RNG}; state.json =
     {step, best, config}; no schedule) resumes as this layout's checkpoint of the same step would."""
@@ -138,6 +154,8 @@ def test_the_old_flat_writer_config_reads_into_sections(tmp_path):
     assert again == config
     mix = TrainConfig.load(CONFIG_DIR / "writer_mix.yaml")
     assert (mix.max_steps, mix.epochs, mix.writer.max_tokens) == (200, 2, 448)
+    more = TrainConfig.load(CONFIG_DIR / "writer_more.yaml")
+    assert more.writer.init_adapters == "mmstory-small" and more.writer.lora_r == 16
     with pytest.raises(ValueError, match="writer.train"):
         WriterSection(train="frozen")
     with pytest.raises(ValueError, match="task must be"):

@@ -100,6 +100,9 @@ class WriterSection:
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     max_tokens: int = 320  # longer examples are cut (prompt first, so the story's start is kept)
+    # a directory with adapter_model.safetensors (a packaged name or a save_pretrained directory) whose LoRA tensors
+    # the new adapters start from: a shipped writer taught on more stories; None: fresh adapters
+    init_adapters: str | None = None
 
     def __post_init__(self) -> None:
         if self.train not in ("lora", "full"):
@@ -212,7 +215,7 @@ def move_loss_weights(data: dict[str, Any]) -> dict[str, Any]:
 
 # the story writer's old flat config (`task: writer` with `model: <name>`, `train: <file>`, `lr: ...` at the top) and
 # its defaults there, where they differ from this config's
-WRITER_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "max_tokens")
+WRITER_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "max_tokens", "init_adapters")
 OLD_WRITER_DEFAULTS = {"train": "~/.cache/mmstory/stories/vist/train.jsonl",
                        "dev": "~/.cache/mmstory/stories/vist/dev.jsonl", "output_dir": "runs/writer",
                        "batch_size": 8, "mixed_precision": "bf16", "eval_every": 50, "save_every": 25, "log_every": 5}

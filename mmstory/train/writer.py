@@ -93,6 +93,21 @@ def add_writer_adapters(model: StoryModel, section: WriterSection) -> None:
         param.requires_grad_(name.startswith("writer.") and (section.train == "full" or "lora_" in name))
 
 
+def start_from_adapters(model: StoryModel, source: str) -> None:
+    """Copy a saved writer's LoRA tensors into the fresh adapters (same rank and targets, or a clear error)."""
+    from mmstory.registry import resolve_pretrained
+    from mmstory.saving import load_writer_adapters
+
+    saved = load_writer_adapters(resolve_pretrained(source))
+    own = {name: param for name, param in model.named_parameters() if "lora_" in name}
+    if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
+        raise ValueError(f"{source}: its adapters do not match the writer's (lora_r and lora_targets must be the "
+                         f"ones it was trained with)")
+    with torch.no_grad():
+        for name, param in own.items():
+            param.copy_(saved[name])
+
+
 class WriterLoss(torch.nn.Module):
     """The writer's token cross-entropy as a module's forward, so data-parallel wrapping sees the forward pass."""
 
@@ -117,6 +132,8 @@ class WriterTask:
         self.has_dev, self.bad_items = bool(self.dev_rows), {}
         self.model = StoryModel.from_pretrained(self.section.pretrained)
         add_writer_adapters(self.model, self.section)
+        if self.section.init_adapters:
+            start_from_adapters(self.model, self.section.init_adapters)
         self.model.writer.float()
         self.module = WriterLoss(self.model)
         self.global_batch = config.batch_size * accelerator.num_processes
