@@ -67,11 +67,12 @@ def avoided_words(tokenizer, config: GenerationConfig, choices: Sequence[Caption
     spelling) where nothing shows a person, first-person words where the story is to stay in the third person."""
     avoided = AvoidedWords(word_token_ids(tokenizer, config.story_avoid_words))
     tokens = set(avoided.tokens)
-    if not dark:
+    if not dark:  # " devoured" is " dev" + "oured": grim words need their sequences too
         tokens.update(word_token_ids(tokenizer, config.story_grim_words, spaced_only=True))
+        avoided.sequences += word_token_sequences(tokenizer, config.story_grim_words)
     if not people_shown(choices, prompt, previous, config):
         tokens.update(word_token_ids(tokenizer, PERSON_WORDS, spaced_only=True))
-        avoided.sequences = word_token_sequences(tokenizer, PERSON_WORDS)
+        avoided.sequences += word_token_sequences(tokenizer, PERSON_WORDS)
     if config.story_third_person and not first_person(prompt) and not first_person(previous):
         tokens.update(word_token_ids(tokenizer, FIRST_PERSON, spaced_only=True))
     avoided.tokens = sorted(tokens)

@@ -30,7 +30,8 @@ AVOIDED_PHOTO_WORDS = ("photo", "photos", "picture", "pictures", "pic", "pics", 
                        "photographs", "snapshot")
 GRIM_WORDS = ("blood", "bled", "bleed", "bleeding", "bloody", "kill", "killed", "kills", "killing", "die", "died",
               "dies", "dying", "dead", "death", "murder", "murdered", "corpse", "knife", "spear", "gun", "stab",
-              "stabbed", "drown", "drowned", "torture", "tortured", "hang", "hanged", "devour", "devoured")
+              "stabbed", "drown", "drowned", "drowning", "drowns", "torture", "tortured", "hang", "hanged", "devour",
+              "devoured", "corpses", "coffin", "funeral", "cancer", "injured", "wounded")
 
 
 def mmstory_small_generation() -> GenerationConfig:

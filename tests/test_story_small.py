@@ -138,3 +138,6 @@ def test_a_picture_without_people_keeps_person_words_and_the_narrator_out_of_the
     grim = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in (" blood", " killed", " dead")]
     assert set(grim) <= avoided  # no blood in a story about a cup of coffee ...
     assert not set(grim) & set(avoided_words(tokenizer, config, [coffee], None, None, dark=True).tokens)  # unless asked
+    devoured = tokenizer(" devoured", add_special_tokens=False).input_ids  # two tokens, banned as a sequence
+    assert len(devoured) == 2 and devoured in banned.sequences
+    assert devoured not in avoided_words(tokenizer, config, [coffee], None, None, dark=True).sequences
