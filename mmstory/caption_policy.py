@@ -30,8 +30,6 @@ from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, names_person, words
 
 # ImageNet-1k's order: the animals come first; dogs and house cats are the ones people are photographed with
 ANIMAL_CLASSES, DOG_CLASSES, HOUSE_CAT_CLASSES = range(0, 398), range(151, 269), range(281, 286)
-# the classifier's whole mass on animals below which a captioned animal is taken to be the caption data's habit
-UNSUPPORTED_ANIMAL = 0.05
 # a captioned animal needs at least this share of the sure word's confidence behind its own word
 ANIMAL_SHARE = 0.25
 
@@ -163,7 +161,7 @@ class CaptionPolicy:
         if self._supported(plan, group):
             return False
         found = self.table.sure_word(plan.pooled, self.config.caption_hedge, exclude=self.table.settings)
-        if found is None or found[0].text in self._kind_of_group(group):
+        if found is None or found[0].text == group:
             return False
         return self._start_with(plan, found[0], f"hedge: nothing vouches for the caption's {group} (agreement "
                                                 f"{agreement:.2f}); '{found[0].text}' is {found[1]:.2f} sure",
@@ -258,18 +256,15 @@ class CaptionPolicy:
             kind.add("cat")
         return kind | {OBJECT_FORMS[w] for w in kind if w in OBJECT_FORMS}
 
-    def _kind_of_group(self, group: str) -> set[str]:
-        return {group, "animal"} if group != "person" else {"person"}
-
     def _supported(self, plan: CaptionPlan, group: str, rival: float = 0.0) -> bool:
         """The classifier gives a captioned person or animal some support: clothes or sports kit for a person
         (`caption_person_evidence`); for an animal its own word ("dog": the 118 breeds pooled), or any animal where
-        ImageNet has no word for it, at UNSUPPORTED_ANIMAL and at ANIMAL_SHARE of a `rival` word's confidence."""
+        ImageNet has no word for it, at `caption_animal_support` and at ANIMAL_SHARE of a `rival` word's confidence."""
         if group == "person":
             return self.table.person_evidence(plan.probs) >= self.config.caption_person_evidence
         support = (self.table.confidence(plan.pooled, group) if group in self.table.index
                    else self.table.animal_mass(plan.probs))
-        return support >= max(UNSUPPORTED_ANIMAL, ANIMAL_SHARE * rival)
+        return support >= max(self.config.caption_animal_support, ANIMAL_SHARE * rival)
 
 
 def tidy(caption: str, singular: dict[str, str]) -> str:

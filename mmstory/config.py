@@ -149,6 +149,9 @@ class GenerationConfig:
     # the classifier's mass on classes that show a person (clothes, sports kit) at which a captioned person is
     # supported; below it, a person the caption data's habit put there gives way to what the classifier sees
     caption_person_evidence: float = 0.02
+    # the classifier's pooled confidence in a captioned animal's own word ("dog": its 118 breeds) at which the animal
+    # is supported; below it, the hedge may say only "an animal" (Flickr8k's dog turns up where no dog is)
+    caption_animal_support: float = 0.05
     # a caption written again because the classifier ruled its person or animal subject out (check, rival, hedge)
     # may not write that subject's words (off in mmstory-small: the decoder writes another creature in its place,
     # docs/captions.md)
@@ -185,7 +188,7 @@ class GenerationConfig:
         if self.captioner not in CAPTIONERS:
             raise ValueError(f"captioner must be one of {CAPTIONERS}, got {self.captioner!r}")
         for name in ("caption_concepts", "caption_class_check", "caption_animal_rival", "caption_hedge",
-                     "caption_person_evidence"):
+                     "caption_person_evidence", "caption_animal_support"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a classifier confidence in [0, 1], got {getattr(self, name)}")
 

@@ -138,6 +138,19 @@ def test_the_hedge_names_only_what_is_sure():
     assert not off.revise(off.plan(probs[None])[0], "A man is sitting on the ground.", agreement=-0.3)
 
 
+def test_a_dog_the_breeds_barely_support_is_hedged_to_an_animal():
+    probs = probs_of(golden_retriever=0.08, zebra=0.12, cheetah=0.12)  # an animal, no kind of it sure
+    rules = policy(caption_hedge=0.2, caption_hedge_agreement=0.0, caption_animal_support=0.15)
+    plan = rules.plan(probs[None])[0]
+    assert rules.revise(plan, "A black and white dog is jumping over a fence.", agreement=-0.2)
+    assert plan.prefix == (2, rules.forms["animal"][0]) and plan.trace[0].startswith("hedge")  # "An animal"
+    assert not rules.revise(rules.plan(probs[None])[0], "A dog is running.", agreement=0.1)  # the image agrees
+    lenient = policy(caption_hedge=0.2, caption_hedge_agreement=0.0)  # dog at 0.08 passes the default 0.05
+    assert not lenient.revise(lenient.plan(probs[None])[0], "A dog is running.", agreement=-0.2)
+    with pytest.raises(ValueError, match="caption_animal_support"):
+        GenerationConfig(caption_animal_support=1.5)
+
+
 def test_choose_reports_confidence_and_trace():
     rules = policy(caption_rerank=1.0)
     plan = rules.plan(probs_of(zebra=0.8)[None])[0]
