@@ -16,7 +16,7 @@ from transformers import NoBadWordsLogitsProcessor
 
 from mmstory.caption_policy import CaptionChoice
 from mmstory.config import GenerationConfig
-from mmstory.text import PERSON_WORDS, names_person
+from mmstory.text import FEMALE_WORDS, MALE_WORDS, PERSON_WORDS, names_person, sexes_named
 
 FIRST_PERSON = ("I", "I'm", "I've", "I'd", "I'll", "me", "my", "mine", "myself", "we", "we're", "us", "our", "ours",
                 "ourselves")
@@ -64,7 +64,8 @@ def word_token_sequences(tokenizer, words: Sequence[str]) -> list[list[int]]:
 def avoided_words(tokenizer, config: GenerationConfig, choices: Sequence[CaptionChoice], prompt: str | None,
                   previous: str | None, dark: bool = False) -> AvoidedWords:
     """One story's bans: the config's avoided words, grim words unless the request is `dark`, person words (in every
-    spelling) where nothing shows a person, first-person words where the story is to stay in the third person."""
+    spelling) where nothing shows a person, the other sex's words where the pictures show one, first-person words
+    where the story is to stay in the third person."""
     avoided = AvoidedWords(word_token_ids(tokenizer, config.story_avoid_words))
     tokens = set(avoided.tokens)
     if not dark:  # " devoured" is " dev" + "oured": grim words need their sequences too
@@ -73,6 +74,10 @@ def avoided_words(tokenizer, config: GenerationConfig, choices: Sequence[Caption
     if not people_shown(choices, prompt, previous, config):
         tokens.update(word_token_ids(tokenizer, PERSON_WORDS, spaced_only=True))
         avoided.sequences += word_token_sequences(tokenizer, PERSON_WORDS)
+    other = other_sex_words(choices, prompt, previous) if config.story_cast_from_pictures else ()
+    if other:
+        tokens.update(word_token_ids(tokenizer, other, spaced_only=True))
+        avoided.sequences += word_token_sequences(tokenizer, other)
     if config.story_third_person and not first_person(prompt) and not first_person(previous):
         tokens.update(word_token_ids(tokenizer, FIRST_PERSON, spaced_only=True))
     avoided.tokens = sorted(tokens)
@@ -86,6 +91,16 @@ def people_shown(choices: Sequence[CaptionChoice], prompt: str | None, previous:
     if not config.story_people_from_pictures:
         return True
     return any(choice.people for choice in choices) or names_person(prompt or "") or names_person(previous or "")
+
+
+def other_sex_words(choices: Sequence[CaptionChoice], prompt: str | None, previous: str | None) -> tuple[str, ...]:
+    """The words of the sex no picture shows, where the captions name people of one sex only and the request names
+    no other (else none)."""
+    shown = set().union(*(sexes_named(choice.caption) for choice in choices))
+    asked = sexes_named(prompt or "") | sexes_named(previous or "")
+    if len(shown) != 1 or asked - shown:
+        return ()
+    return FEMALE_WORDS if shown == {"male"} else MALE_WORDS
 
 
 def first_person(text: str | None) -> bool:

@@ -167,6 +167,10 @@ class GenerationConfig:
     # evidence reaches caption_person_evidence) or the request does: else the writer may not write a person word,
     # since a writer trained on photo albums brings a man or a family into a photo of a zebra
     story_people_from_pictures: bool = False
+    # where the pictures' captions name people of one sex only ("A man ...", "Two girls ..."), the story may not write
+    # the other's words (she, her, mother, lady, ...; mmstory.text.FEMALE_WORDS / MALE_WORDS) unless the request does:
+    # a small writer brings "his mother" or "an old man" into every scene and swaps "the young girl ... He"
+    story_cast_from_pictures: bool = False
     # the story is told in the third person unless the request speaks in the first ("my dog", "we went"): the
     # writer may not start a word "I", "my", "we", ... after a space (a quoted "I" in dialogue stays), since a
     # writer trained on photo albums narrates as the photographer ("I took a good shot of the sand")

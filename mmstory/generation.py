@@ -46,7 +46,7 @@ from mmstory.prompts import (  # noqa: F401 - re-exported: the prompt and its ch
 )
 from mmstory.safety import ContentFilter
 from mmstory.seeing import Seen, see, writer_prompt
-from mmstory.story_beats import story_shape
+from mmstory.story_beats import reaches_ending, story_shape
 from mmstory.text import (
     content_word_recall,
     hallucinated_mentions,
@@ -506,10 +506,11 @@ def pick_candidate(candidates: Sequence[str], captions: Sequence[str], hints: Se
     """The index of the story to keep.
 
     Among the candidates the content filter passes (all of them, when none does), those that meet the length request,
-    then those that speak of the most pictures (a content word of each picture's caption), then the best balance of
-    image agreement, things the pictures show (half the share of the captions' content words the story uses) and
-    things they do not (objects neither a caption nor the classifier named, counted again in the last third, where
-    a small writer drifts), plus `likelihood_weight` x the candidate's mean token log-probability under the writer
+    then those that reach an ending beat (a story cut off after its turn has no end), then those that speak of the
+    most pictures (a content word of each picture's caption), then the best balance of image agreement, things the
+    pictures show (half the share of the captions' content words the story uses) and things they do not (objects
+    neither a caption nor the classifier named, counted again in the last third, where a small writer drifts), plus
+    `likelihood_weight` x the candidate's mean token log-probability under the writer
     where given. In an album the mean agreement alone lets a story about one picture win.
     """
     seen = list(captions) + [word for words in hints for word in words]
@@ -523,7 +524,8 @@ def pick_candidate(candidates: Sequence[str], captions: Sequence[str], hints: Se
                    - unseen_object_share(last_third, seen))
         if likelihood:
             balance += likelihood_weight * likelihood[i]
-        return not blocked[i], meets_budget(story, budget), caption_coverage(story, captions), balance
+        return (not blocked[i], meets_budget(story, budget), reaches_ending(story), caption_coverage(story, captions),
+                balance)
 
     return max(range(len(candidates)), key=key)
 

@@ -70,6 +70,8 @@ def mmstory_small_generation() -> GenerationConfig:
         story_avoid_words=list(AVOIDED_PHOTO_WORDS),
         # no person in the story unless a picture or the request shows one
         story_people_from_pictures=True,
+        # and where the pictures show one sex only, no "his mother" or "an old man" for the girl on the swing
+        story_cast_from_pictures=True,
         # a narrator, not the photographer: no "I" or "we" unless the request speaks so
         story_third_person=True,
         # a want, a turn and an ending, each opened by forced words: a plot, not a description (docs/stories.md)

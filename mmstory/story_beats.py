@@ -49,6 +49,12 @@ SHORT_SENTENCE = 10  # words after which a story for children is pushed to end i
 PERIOD_BONUS = 4.0  # added to the period's logit then: a push, not a cut
 
 
+def reaches_ending(story: str) -> bool:
+    """The story got as far as an ending beat ("In the end,", "When night came,", ...): the word budget cuts some
+    candidates off after the turn, and a story that stops at "Then, all of a sudden, ..." has no end."""
+    return any(opening in story for openings in ENDING.values() for opening in openings)
+
+
 def subject_words(caption: str) -> list[str] | None:
     """The caption's words up to its subject, a person or an animal ("A black and white dog is ..." -> "A black and
     white dog"); None when its subject is neither (a plate of food wants nothing, nor does "a plate of a black and

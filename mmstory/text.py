@@ -192,6 +192,27 @@ PERSON_WORDS: tuple[str, ...] = tuple(sorted({form for form, group in OBJECT_FOR
     "peasant", "peasants", "beggar"}))
 
 
+# a person's words by sex, pronouns first: a story whose pictures show only one sex keeps to it (GenerationConfig's
+# story_cast_from_pictures), since the writer brings in "his mother", "an old man" or swaps "the young girl ... He"
+MALE_WORDS: tuple[str, ...] = (
+    "he", "him", "his", "himself", "man", "men", "boy", "boys", "father", "fathers", "dad", "daddy", "brother",
+    "brothers", "son", "sons", "husband", "boyfriend", "guy", "guys", "gentleman", "gentlemen", "grandfather",
+    "grandpa", "king", "prince", "uncle", "nephew", "grandson", "sir", "Mr", "lad", "fellow", "policeman", "fireman",
+    "waiter", "actor", "duke", "emperor", "monk", "priest")
+FEMALE_WORDS: tuple[str, ...] = (
+    "she", "her", "hers", "herself", "woman", "women", "girl", "girls", "mother", "mothers", "mom", "mommy", "mum",
+    "sister", "sisters", "daughter", "daughters", "wife", "girlfriend", "lady", "ladies", "grandmother", "grandma",
+    "queen", "princess", "aunt", "niece", "granddaughter", "madam", "Mrs", "Miss", "lass", "maid", "policewoman",
+    "waitress", "actress", "duchess", "empress", "nun", "bride", "widow", "witch", "heroine", "hostess")
+
+
+def sexes_named(text: str) -> set[str]:
+    """Which of "male" and "female" a text's person words speak of ("A man and his dog" -> {"male"})."""
+    said = {w.lower() for w in re.findall(r"[A-Za-z']+", text)}
+    return {sex for sex, forms in (("male", MALE_WORDS), ("female", FEMALE_WORDS))
+            if said & {form.lower() for form in forms}}
+
+
 def names_person(text: str) -> bool:
     """The text speaks of a person ("a man", "the farmer", "her family")."""
     return "person" in object_mentions(text)

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from mmstory.avoided_words import first_person, people_shown
+from mmstory.avoided_words import first_person, other_sex_words, people_shown
 from mmstory.caption_policy import CaptionChoice
 from mmstory.config import GenerationConfig
 from mmstory.decoding import decode_layer
@@ -23,7 +23,8 @@ from mmstory.generation import (
     word_budget,
 )
 from mmstory.safety import ContentFilter
-from mmstory.text import names_person
+from mmstory.story_beats import reaches_ending
+from mmstory.text import FEMALE_WORDS, MALE_WORDS, names_person, sexes_named
 from tests.conftest import make_photo
 
 FAST = dict(length=20, max_new_tokens=24, num_candidates=2)
@@ -321,6 +322,15 @@ def test_the_likelier_candidate_wins_a_tie_when_likelihood_is_weighed():
     assert pick_candidate(stories, **tie, likelihood=[-2.5, -1.9], likelihood_weight=0.0) == 0  # off: the first
 
 
+def test_a_story_that_reaches_its_ending_is_kept_over_one_cut_off_after_the_turn():
+    caption = ["A brown dog runs through the grass."]
+    cut = "The brown dog ran through the grass. It wanted the ball. Then, all of a sudden, it began to rain hard."
+    ends = "The brown dog ran through the grass. It wanted the ball. But it rained. In the end, it found the ball."
+    tie = dict(captions=caption, hints=[[]], agreement=[0.3, 0.3], blocked=[False, False], budget=20)
+    assert pick_candidate([cut, ends], **tie, likelihood=[-1.0, -3.0], likelihood_weight=1.0) == 1
+    assert reaches_ending("At last, sleepy and happy, the cat slept.") and not reaches_ending(cut)
+
+
 def test_likelihood_weighed_picking_runs_through_the_teller(tiny_teller, monkeypatch):
     seen = {}
 
@@ -415,6 +425,18 @@ def test_people_enter_a_story_only_where_a_picture_or_the_request_has_them():
     assert people_shown([fruit], None, "The baker took the fruit home.", strict)
     assert people_shown([fruit], None, None, GenerationConfig())  # off: the writer may bring people in
     assert names_person("Two zookeepers") and not names_person("The zebra and the season")
+
+
+def test_a_story_keeps_to_the_sex_its_pictures_show():
+    man = CaptionChoice("A man in a red shirt is sitting on a bench.", 0.5, True, 0.1, [], [], people=True)
+    girls = CaptionChoice("Two girls are swinging on a tire swing.", 0.5, True, 0.1, [], [], people=True)
+    dog = CaptionChoice("A dog runs on the grass.", 0.5, True, 0.1, [], [], people=False)
+    assert other_sex_words([man], None, None) == FEMALE_WORDS and "mother" in FEMALE_WORDS
+    assert other_sex_words([girls, dog], None, None) == MALE_WORDS
+    assert other_sex_words([man, girls], None, None) == ()  # both shown
+    assert other_sex_words([dog], None, None) == ()  # nobody shown: the person rule's business
+    assert other_sex_words([man], "A story about him and his grandmother.", None) == ()  # the request names her
+    assert sexes_named("A man with his daughter") == {"male", "female"} and sexes_named("Shell, hero") == set()
 
 
 def test_first_person_is_recognised_as_a_word_not_a_letter():

@@ -4,6 +4,7 @@ test."""
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -63,3 +64,27 @@ def test_the_lower_cased_copy_leaves_out_the_stories_the_cased_copy_has():
             "a dog named tom ran. tom ran fast.\n")
     assert lowercased_tiny_stories(text, known) == ["A cat named Tom sat on a mat. Tom was happy. Tom slept.",
                                                     "A dog named Tom ran. Tom ran fast."]
+
+
+def test_own_stories_kept_by_a_reader_become_writer_records(tmp_path):
+    import argparse
+
+    from own_stories import keep, sheet
+
+    from mmstory.train.writer import read_stories
+
+    rows = [{"image": f"{i}.jpg", "request": {"style": "bedtime"} if i == 2 else {}, "caption": f"A dog number {i}.",
+             "sure": True, "trace": [], "story": f"A dog number {i}. It wanted a bone. In the end, it found one."}
+            for i in range(1, 13)]
+    written = tmp_path / "shard0.jsonl"
+    written.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sheet(argparse.Namespace(files=[written], out=tmp_path / "sheet.md"))
+    text = (tmp_path / "sheet.md").read_text()
+    assert "2. [style: bedtime] A dog number 2." in text and "dog number 12" in text and ".jpg" not in text
+    (tmp_path / "kept.txt").write_text("2\n5\n7\n8\n9\n10\n11\n12\n3\n4\n99\n")  # 99: not on the sheet
+    keep(argparse.Namespace(files=[written], kept=tmp_path / "kept.txt", out=tmp_path / "own"))
+    train, dev = read_stories(tmp_path / "own" / "train.jsonl"), read_stories(tmp_path / "own" / "dev.jsonl")
+    assert (len(train), len(dev)) == (9, 1)
+    kept = {r["scenes"][0]: r for r in train + dev}
+    assert "A dog number 1." not in kept and "A dog number 6." not in kept
+    assert kept["A dog number 2."]["style"] == "bedtime" and kept["A dog number 5."]["style"] is None

@@ -141,3 +141,18 @@ def test_a_picture_without_people_keeps_person_words_and_the_narrator_out_of_the
     devoured = tokenizer(" devoured", add_special_tokens=False).input_ids  # two tokens, banned as a sequence
     assert len(devoured) == 2 and devoured in banned.sequences
     assert devoured not in avoided_words(tokenizer, config, [coffee], None, None, dark=True).sequences
+
+
+def test_a_story_of_a_boy_may_not_bring_in_a_mother_unless_asked(teller):
+    from mmstory.avoided_words import avoided_words
+    from mmstory.caption_policy import CaptionChoice
+
+    boy = CaptionChoice("A young boy in a red shirt is jumping on the street.", 0.5, True, 0.1, [], [], people=True)
+    tokenizer, config = teller.model.tokenizer, teller.model.generation_config
+    assert config.story_cast_from_pictures  # shipped on
+    banned = avoided_words(tokenizer, config, [boy], None, None)
+    ids = {word: tokenizer(word, add_special_tokens=False).input_ids for word in (" she", " She", " mother", " he")}
+    assert ids[" she"][0] in banned.tokens and ids[" She"][0] in banned.tokens and ids[" he"][0] not in banned.tokens
+    assert ids[" mother"][0] in banned.tokens or ids[" mother"] in banned.sequences
+    asked = avoided_words(tokenizer, config, [boy], "A story about the boy and his mother.", None)
+    assert ids[" she"][0] not in asked.tokens  # the request brings her in
