@@ -13,7 +13,9 @@ The steps, each recorded in the trace it returns:
    its place the same way;
 4. hedge: with no sure word, an unsupported subject and agreement under `caption_hedge_agreement`, the caption
    starts from the most specific word at least `caption_hedge` sure ("An animal"), or stays, marked unsure;
-5. tidy: the forms a forced word leaves behind ("on a buses", "A baseball baseball player") are mended.
+5. tidy: the forms a forced word leaves behind ("on a buses", "A baseball baseball player") are mended;
+6. trim: after a forced word, the phrases that name a thing under `caption_trim` (or an animal without support)
+   are dropped (`mmstory.caption_text`): "A hot dog in front of a white boat." -> "A hot dog.".
 The model decodes, the policy decides (`revise` after the first beams, `choose` at the end); every switch lives
 in `GenerationConfig` (generation_config.json beside the weights).
 """
@@ -24,12 +26,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mmstory.caption_text import tidy, trim
 from mmstory.config import GenerationConfig
 from mmstory.imagenet_words import ImageNetWords, Word
-from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, names_person, words
+from mmstory.text import CLOTHING_GROUPS, CREATURE_GROUPS, OBJECT_FORMS, THING_GROUPS, names_person, words
 
 # ImageNet-1k's order: the animals come first; dogs and house cats are the ones people are photographed with
 ANIMAL_CLASSES, DOG_CLASSES, HOUSE_CAT_CLASSES = range(0, 398), range(151, 269), range(281, 286)
+# what a thing stands, lies or sits on or in: ImageNet's "dining table" or "stone wall" is the whole object, never
+# the surface a photo shows under a laptop or behind a sink, and its only bed is the four-poster, so the classifier
+# does not vouch for these and trimming does not ask it
+SURFACES = frozenset({"table", "wall", "door", "window", "stairs", "fence", "roof", "bed"})
 # a captioned animal needs at least this share of the sure word's confidence behind its own word
 ANIMAL_SHARE = 0.25
 
@@ -61,6 +68,7 @@ class CaptionPlan:
     prefix: tuple[int, ...] = ()  # compact ids every caption starts with
     required: tuple[int, ...] | None = None  # compact ids of which every caption writes one
     banned: tuple[int, ...] = ()  # compact ids no caption may write: the words of a subject the classifier ruled out
+    opening: str = ""  # the words every caption starts with ("A hot dog"), where `prefix` is set
     trace: list[str] = field(default_factory=list)
 
 
@@ -191,6 +199,7 @@ class CaptionPolicy:
             return False
         opening = "Some" if word.text in self.MASS else article(word.text)
         plan.prefix = (*self.opening(opening), self.forms[word.text][0])
+        plan.opening = f"{opening} {word.text}"
         plan.trace.append(f"{why}: the caption starts '{opening} {word.text}'")
         if self.config.caption_ban_rejected and rejected in self.creatures:
             plan.banned = tuple(i for i in self.creatures[rejected] if i not in plan.prefix)
@@ -216,6 +225,7 @@ class CaptionPolicy:
         trace = list(plan.trace)
         if first_choice is not None and first_choice != caption:
             trace.append(f"'{first_choice}' -> '{caption}'")
+        caption = self._trim(plan, caption, trace)
         top = plan.pooled.topk(5)
         named = [(self.table.words[i].text, float(p)) for p, i in zip(top.values, top.indices)]
         said = words(caption)  # tokenized once for the ~750 words of the table
@@ -226,6 +236,35 @@ class CaptionPolicy:
                 self.config.caption_hedge_agreement or (group is not None and self._supported(plan, group)))
         people = names_person(caption) or self._supported(plan, "person")
         return CaptionChoice(caption, confidence, bool(sure), agreement[best], named, trace, people)
+
+    def _trim(self, plan: CaptionPlan, caption: str, trace: list[str]) -> str:
+        """Step 6: the caption without the phrases that name what the classifier does not see, after a forced word."""
+        if self.config.caption_trim <= 0 or not plan.opening or not caption.lower().startswith(plan.opening.lower()):
+            return caption
+        trimmed, dropped = trim(caption, len(plan.opening.split()), lambda word: not self._seen(plan, word))
+        if dropped:
+            trace.append(f"trim: unseen {', '.join(repr(d) for d in dropped)}: '{trimmed}'")
+        return trimmed
+
+    def _seen(self, plan: CaptionPlan, word: str) -> bool:
+        """A caption word names something the picture may show: not a thing, or a thing the classifier supports;
+        people and surfaces are never judged (no ImageNet class is a person or a floor), and clothes only on a
+        thing ("An apple in a green dress": a thing wears none)."""
+        group = OBJECT_FORMS.get(word)
+        if group is None or group not in THING_GROUPS or group in SURFACES or group == "person":
+            return True
+        if group in CLOTHING_GROUPS:
+            return self._wearer(plan.opening)
+        if group in CREATURE_GROUPS:
+            return self._supported(plan, group)
+        known = [w for w in (word, self.table.singular.get(word, word), group) if w in self.table.index]
+        return not known or self.table.confidence(plan.pooled, known[0]) >= self.config.caption_trim
+
+    def _wearer(self, opening: str) -> bool:
+        """The forced opening ("A baseball player", "A zebra") names a person or an animal: it may wear clothes."""
+        text = opening.split(" ", 1)[-1]
+        word = self.table.words[self.table.index[text]] if text in self.table.index else None
+        return names_person(text) or (word is not None and set(word.classes) <= set(ANIMAL_CLASSES))
 
     def _agree_in_number(self, plan: CaptionPlan | None, caption: str) -> str:
         """"Some coffee are ..." -> "Some coffee is ...": a mass noun the caption was made to start with takes a
@@ -266,22 +305,3 @@ class CaptionPolicy:
                    else self.table.animal_mass(plan.probs))
         return support >= max(self.config.caption_animal_support, ANIMAL_SHARE * rival)
 
-
-def tidy(caption: str, singular: dict[str, str]) -> str:
-    """"A woman is sitting on a buses." -> "... on a bus."; "A baseball baseball player" -> "A baseball player";
-    "A elephant" -> "An elephant": an added or copied word may be written in either number or after the wrong
-    article, and a caption made to start with a word may say it again."""
-    out: list[str] = []
-    for token in caption.split(" "):
-        if out and token.lower() == out[-1].lower() and token.isalpha():
-            continue
-        bare = token.rstrip(".,!?;:")
-        if out and out[-1].lower() in ("a", "an") and bare.lower() in singular:
-            token = singular[bare.lower()] + token[len(bare):]
-        if out and out[-1].lower() in ("a", "an") and token[:1].isalpha():
-            # a copied word takes its article ("A elephant"); "u" and "h" words are left as written ("a uniform")
-            first = token[0].lower()
-            article = "an" if first in "aeio" else "a" if first not in "uh" else out[-1].lower()
-            out[-1] = article.capitalize() if out[-1][0].isupper() else article
-        out.append(token)
-    return " ".join(out)

@@ -156,6 +156,10 @@ class GenerationConfig:
     # may not write that subject's words (off in mmstory-small: the decoder writes another creature in its place,
     # docs/captions.md)
     caption_ban_rejected: bool = False
+    # > 0: a caption written again from the classifier's word loses the phrases that name a thing the picture does not
+    # show (a thing word under this pooled confidence; an animal without the support above; people are not judged):
+    # the decoder finishes "A hot dog" with Flickr8k's things ("... in front of a white boat"; mmstory.caption_text)
+    caption_trim: float = 0.0
     story_prefix: bool = True  # the story writer reads the images' visual prefixes (False: captions only)
     # the story's first sentence is the first picture's caption and the writer goes on from it: the story starts on
     # what the picture shows instead of on whatever the writer's habits suggest
@@ -192,7 +196,7 @@ class GenerationConfig:
         if self.captioner not in CAPTIONERS:
             raise ValueError(f"captioner must be one of {CAPTIONERS}, got {self.captioner!r}")
         for name in ("caption_concepts", "caption_class_check", "caption_animal_rival", "caption_hedge",
-                     "caption_person_evidence", "caption_animal_support"):
+                     "caption_person_evidence", "caption_animal_support", "caption_trim"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a classifier confidence in [0, 1], got {getattr(self, name)}")
 

@@ -164,6 +164,10 @@ OBJECT_FORMS: dict[str, str] = _parse_objects(_OBJECT_TEXT)  # surface form -> c
 OBJECT_GROUPS: frozenset[str] = frozenset(OBJECT_FORMS.values())
 # the people and animal groups: what a caption's subject usually is
 CREATURE_GROUPS: frozenset[str] = frozenset(_parse_objects(_OBJECT_TEXT.split("# vehicles")[0]).values())
+# everything but places and scenery: what a caption may name that a classifier could vouch for
+THING_GROUPS: frozenset[str] = frozenset(_parse_objects(_OBJECT_TEXT.split("# places")[0]).values())
+CLOTHING_GROUPS: frozenset[str] = frozenset(
+    _parse_objects(_OBJECT_TEXT.split("# clothing")[1].split("# home")[0]).values())
 
 
 # the person words a story may not write where no picture shows a person: the person group, and the group nouns,

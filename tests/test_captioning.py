@@ -7,12 +7,13 @@ import torch
 from mmstory import caption_search
 from mmstory.caption_decoder import CaptionDecoder
 from mmstory.caption_policy import CaptionPolicy, caption_subject
+from mmstory.caption_text import trim
 from mmstory.config import GenerationConfig
 from mmstory.imagenet_words import imagenet_words, plural
 
 ZEBRA, ORANGE, BANANA, LEMON, CHEETAH, GOLDEN_RETRIEVER, TABBY, ESPRESSO, JERSEY = (340, 950, 954, 951, 293, 207,
                                                                                      281, 967, 610)
-LUMBERMILL, VALLEY = 634, 979
+LUMBERMILL, VALLEY, SORREL = 634, 979, 339
 
 
 def probs_of(**classes: float) -> torch.Tensor:
@@ -184,7 +185,7 @@ def test_choose_says_whether_the_picture_shows_a_person():
     ("A man in a uniform and an hat.", "A man in a uniform and an hat."),  # "u" and "h": left as written
 ])
 def test_a_forced_word_reads_as_english(caption, expected):
-    from mmstory.caption_policy import tidy
+    from mmstory.caption_text import tidy
 
     assert tidy(caption, imagenet_words().singular) == expected
 
@@ -225,3 +226,37 @@ def test_a_mass_noun_opening_takes_a_singular_verb():
     assert rules.revise(plan, "A brown dog is sitting on the floor.", agreement=0.0)
     choice = rules.choose(plan, [(-1.0, "Some coffee are sitting on a ledge.")], [0.0])
     assert choice.caption == "Some coffee is sitting on a ledge."
+
+
+@pytest.mark.parametrize("caption, keep, expected", [
+    ("A hot dog in front of a white boat.", 3, "A hot dog."),
+    ("A zebra is riding a black horse.", 2, "A zebra."),  # a transitive verb goes with its object
+    ("A trimaran is riding a snowboard on the ocean.", 2, "A trimaran on the ocean."),
+    ("A toilet of a small white and brown dog are playing in the grass.", 2, "A toilet in the grass."),
+    ("Some food in the water with a bird in its mouth", 2, "Some food in the water."),  # "its" was the bird's
+    ("An elephant is walking with a large black and white dog.", 2, "An elephant is walking."),
+    ("A cauliflower are playing with a small black dog.", 2, "A cauliflower."),  # "are" had no subject left
+    ("A sink is standing in a kitchen.", 2, "A sink is standing in a kitchen."),  # nothing unseen: as written
+])
+def test_trim_drops_the_phrases_that_name_an_unseen_thing(caption, keep, expected):
+    unseen = {"boat", "horse", "snowboard", "dog", "bird"}.__contains__
+    assert trim(caption, keep, unseen)[0] == expected
+
+
+def test_a_forced_caption_loses_the_things_the_classifier_does_not_see():
+    probs = probs_of(zebra=0.8)
+    rules = policy(caption_trim=0.05)
+    plan = rules.plan(probs[None])[0]
+    assert rules.revise(plan, "A black and white dog is in the grass.", agreement=0.0) and plan.opening == "A zebra"
+    beams = [(-1.0, "A zebra is riding a black horse in the grass.")]
+    choice = rules.choose(plan, beams, [0.0])
+    assert choice.caption == "A zebra in the grass." and choice.trace[-1].startswith("trim")
+    off = policy()
+    plan = off.plan(probs[None])[0]
+    off.revise(plan, "A black and white dog is in the grass.", agreement=0.0)
+    assert off.choose(plan, beams, [0.0]).caption == beams[0][1]  # caption_trim 0: as the decoder wrote it
+    sure_horse = rules.plan(probs_of(zebra=0.5, sorrel=0.4)[None])[0]
+    rules.revise(sure_horse, "A black and white dog is in the grass.", agreement=0.0)
+    assert rules.choose(sure_horse, beams, [0.0]).caption == beams[0][1]  # a horse the classifier sees stays
+    unforced = rules.plan(probs[None])[0]  # a caption that was not written again is the decoder's own
+    assert rules.choose(unforced, [(-1.0, "A dog is riding a black horse.")], [0.0]).caption.startswith("A dog is")

@@ -1,0 +1,97 @@
+"""What is mended in a chosen caption's text: the forms a forced word leaves behind (`tidy`), and the phrases that
+name a thing the picture does not show (`trim`: say less).
+
+A caption written again from the classifier's word ("A hot dog ...") is finished by a decoder that learnt Flickr8k's
+captions, and it goes on with Flickr8k's things ("... in front of a white boat", "... with a small black dog"). What
+is left after the forced subject is cut into phrases (a verb, a direct object, a prepositional phrase), and a phrase
+that names an unseen thing is dropped, with the verb whose object it was and any later phrase that points back at it
+("in its mouth"). Written by hand: no parser on PyPI that this package could depend on is small enough for a
+caption (spaCy's models alone are larger than mmstory-small).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+# the words that open a prepositional phrase ("of" continues one: "in front of a boat", "on the edge of a tree")
+PREPOSITIONS = frozenset({
+    "in", "on", "at", "with", "near", "by", "under", "over", "behind", "beside", "through", "into", "onto", "across",
+    "along", "around", "from", "inside", "outside", "against", "toward", "towards", "beneath", "below", "above",
+    "among", "between", "past", "next", "while"})
+BE = frozenset({"is", "are", "sits", "stands"})
+POINTERS = frozenset({"its", "his", "her", "their", "it", "them"})  # a later phrase about a dropped thing
+
+
+def phrases(tail: list[str]) -> list[tuple[str, list[str]]]:
+    """The words after the subject as (kind, words) phrases: kind "verb" ("is riding"), "object" (the words after
+    a verb up to the next preposition: "a black horse"), or "place" (a prepositional phrase, "in front of a boat")."""
+    out: list[tuple[str, list[str]]] = []
+    for token in tail:
+        bare = token.lower().strip(".,!?;:")
+        kind = out[-1][0] if out else "place"
+        if bare in BE:
+            out.append(("verb", [token]))
+        elif bare in PREPOSITIONS and not (out and out[-1][1][-1].lower() in ("next", "front", "top")):
+            out.append(("place", [token]))
+        elif kind == "verb" and len(out[-1][1]) >= 2 and not out[-1][1][-1].lower().endswith("ing"):
+            out[-1][1].append(token)  # "is sitting" ends a verb; an adverb or particle stays with it
+        elif kind == "verb" and len(out[-1][1]) >= 2:
+            out.append(("object", [token]))
+        elif out:
+            out[-1][1].append(token)
+        else:
+            out.append(("place", [token]))
+    return out
+
+
+def trim(caption: str, keep: int, unseen: Callable[[str], bool]) -> tuple[str, list[str]]:
+    """`caption` without the phrases that name an unseen thing, and the phrases dropped. The first `keep` words (the
+    forced subject, "A hot dog") always stay; `unseen(word)` says whether a word names a thing the picture lacks."""
+    body = caption.strip().rstrip(".")
+    tokens = body.split()
+    if len(tokens) <= keep:
+        return caption, []
+    parts = phrases(tokens[keep:])
+    kept: list[int] = []
+    dropped: list[int] = []
+    for i, (kind, part) in enumerate(parts):
+        bare = {t.lower().strip(".,!?;:") for t in part}
+        names_unseen = any(unseen(w) for w in bare)
+        after = parts[i + 1] if i + 1 < len(parts) else None
+        if kind == "verb":
+            # its subject was cut off ("A toilet [of a dog] are playing"), or its object goes ("[is riding] a horse")
+            gone = names_unseen or bool(dropped) or (after is not None and after[0] == "object" and any(
+                unseen(t.lower().strip(".,!?;:")) for t in after[1]))
+        elif kind == "object":
+            gone = names_unseen or i - 1 in dropped
+        else:
+            gone = names_unseen or bool(dropped and POINTERS & bare)
+        (dropped if gone else kept).append(i)
+    if not dropped:
+        return caption, []
+    singular = tokens[0].lower() in ("a", "an")
+    if kept and parts[kept[-1]][0] == "verb" and kept[-1] + 1 in dropped and singular and (
+            parts[kept[-1]][1][0].lower() == "are"):
+        dropped.append(kept.pop())  # a plural verb left without its phrase: "A cauliflower [are playing]"
+    text = " ".join(tokens[:keep] + [t for i in kept for t in parts[i][1]]).rstrip(",;:")
+    return text + ".", [" ".join(parts[i][1]) for i in sorted(dropped)]
+
+
+def tidy(caption: str, singular: dict[str, str]) -> str:
+    """"A woman is sitting on a buses." -> "... on a bus."; "A baseball baseball player" -> "A baseball player";
+    "A elephant" -> "An elephant": an added or copied word may be written in either number or after the wrong
+    article, and a caption made to start with a word may say it again."""
+    out: list[str] = []
+    for token in caption.split(" "):
+        if out and token.lower() == out[-1].lower() and token.isalpha():
+            continue
+        bare = token.rstrip(".,!?;:")
+        if out and out[-1].lower() in ("a", "an") and bare.lower() in singular:
+            token = singular[bare.lower()] + token[len(bare):]
+        if out and out[-1].lower() in ("a", "an") and token[:1].isalpha():
+            # a copied word takes its article ("A elephant"); "u" and "h" words are left as written ("a uniform")
+            first = token[0].lower()
+            article = "an" if first in "aeio" else "a" if first not in "uh" else out[-1].lower()
+            out[-1] = article.capitalize() if out[-1][0].isupper() else article
+        out.append(token)
+    return " ".join(out)
