@@ -16,8 +16,9 @@ The steps, each recorded in the trace it returns:
 5. tidy: the forms a forced word leaves behind ("on a buses", "A baseball baseball player") are mended;
 6. trim: after a forced word, the phrases that name a thing under `caption_trim` (or an animal without support)
    are dropped (`mmstory.caption_text`): "A hot dog in front of a white boat." -> "A hot dog.".
-The model decodes, the policy decides (`revise` after the first beams, `choose` at the end); every switch lives
-in `GenerationConfig` (generation_config.json beside the weights).
+The model decodes, the policy decides (`revise` after the first beams, `choose` at the end); what the classifier
+vouches for is asked of `mmstory.caption_evidence`, and the caption's text is mended by `mmstory.caption_text`. Every
+switch lives in `GenerationConfig` (generation_config.json beside the weights).
 """
 
 from __future__ import annotations
@@ -26,19 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mmstory.caption_evidence import ANIMAL_CLASSES, DOG_CLASSES, HOUSE_CAT_CLASSES, Evidence, kind, names
 from mmstory.caption_text import tidy, trim
 from mmstory.config import GenerationConfig
 from mmstory.imagenet_words import ImageNetWords, Word
-from mmstory.text import CLOTHING_GROUPS, CREATURE_GROUPS, OBJECT_FORMS, THING_GROUPS, names_person, words
-
-# ImageNet-1k's order: the animals come first; dogs and house cats are the ones people are photographed with
-ANIMAL_CLASSES, DOG_CLASSES, HOUSE_CAT_CLASSES = range(0, 398), range(151, 269), range(281, 286)
-# what a thing stands, lies or sits on or in: ImageNet's "dining table" or "stone wall" is the whole object, never
-# the surface a photo shows under a laptop or behind a sink, and its only bed is the four-poster, so the classifier
-# does not vouch for these and trimming does not ask it
-SURFACES = frozenset({"table", "wall", "door", "window", "stairs", "fence", "roof", "bed"})
-# a captioned animal needs at least this share of the sure word's confidence behind its own word
-ANIMAL_SHARE = 0.25
+from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, names_person, words
 
 
 @dataclass
@@ -102,6 +95,7 @@ class CaptionPolicy:
                  opening=None, creatures: dict[str, tuple[int, ...]] | None = None):
         self.config, self.table, self.forms, self.opening = config, table, forms or {}, opening
         self.creatures = creatures or {}  # per person or animal group, the compact ids of its words
+        self.evidence = Evidence(config, table)
 
     # --- 1. vocabulary ---------------------------------------------------------------------------------------------
     def plan(self, probs: torch.Tensor) -> list[CaptionPlan]:
@@ -127,11 +121,11 @@ class CaptionPolicy:
         whose subject is the animal the classifier is sure of comes first ("A cat is sitting on a wall." over "A
         person is sitting on the top of a cat.")."""
         weight = self.config.caption_rerank
-        kind = None
+        sure_kind = None
         found = None if plan is None else self._sure(plan, self.config.caption_class_check)
         if found is not None and set(found[0].classes) <= set(ANIMAL_CLASSES):
-            kind = self._kind(found[0])
-        first = [kind is not None and subject_group(text) in kind for _, text in beams]
+            sure_kind = kind(found[0])
+        first = [sure_kind is not None and subject_group(text) in sure_kind for _, text in beams]
         return max(range(len(beams)), key=lambda j: (first[j], beams[j][0] + weight * agreement[j]))
 
     # --- 3-4. check and hedge: what the second beam search must do -------------------------------------------------
@@ -142,12 +136,12 @@ class CaptionPolicy:
         checked = self._sure(plan, self.config.caption_class_check, subject=True)
         if checked is not None:
             word, p = checked
-            if self._names(caption, word):
+            if names(caption, word):
                 return False
             animal = set(word.classes) <= set(ANIMAL_CLASSES)
             pet = set(word.classes) <= set(DOG_CLASSES) or set(word.classes) <= set(HOUSE_CAT_CLASSES)
-            keep_subject = group is None or (group == "person" and (pet or self._supported(plan, group))) or (
-                not animal and group != "person" and self._supported(plan, group, p))
+            keep_subject = group is None or (group == "person" and (pet or self.evidence.supported(plan, group))) or (
+                not animal and group != "person" and self.evidence.supported(plan, group, p))
             if not keep_subject and self._start_with(plan, word, f"check: '{word.text}' ({p:.2f}), not the "
                                                                  f"caption's {group}", rejected=group):
                 return True
@@ -159,14 +153,14 @@ class CaptionPolicy:
         concept = self._sure(plan, self.config.caption_concepts)
         if concept is not None:
             word, p = concept
-            if not self._names(caption, word) and word.text in self.forms:
+            if not names(caption, word) and word.text in self.forms:
                 plan.required = self.forms[word.text]
                 plan.trace.append(f"vocabulary: '{word.text}' ({p:.2f}) must be written")
                 return True
             return False
         if self.config.caption_hedge <= 0 or group is None or agreement >= self.config.caption_hedge_agreement:
             return False
-        if self._supported(plan, group):
+        if self.evidence.supported(plan, group):
             return False
         found = self.table.sure_word(plan.pooled, self.config.caption_hedge, exclude=self.table.settings)
         if found is None or found[0].text == group:
@@ -181,7 +175,7 @@ class CaptionPolicy:
         if group in (None, "person") or self.config.caption_animal_rival <= 0:
             return None
         found = self._sure(plan, self.config.caption_animal_rival, subject=True)
-        if found is None or not set(found[0].classes) <= set(ANIMAL_CLASSES) or self._names(caption, found[0]):
+        if found is None or not set(found[0].classes) <= set(ANIMAL_CLASSES) or names(caption, found[0]):
             return None
         own = self.table.confidence(plan.pooled, group) if group in self.table.index else 0.0
         return (*found, own) if found[1] > own else None
@@ -229,42 +223,22 @@ class CaptionPolicy:
         top = plan.pooled.topk(5)
         named = [(self.table.words[i].text, float(p)) for p, i in zip(top.values, top.indices)]
         said = words(caption)  # tokenized once for the ~750 words of the table
-        vouched = [float(plan.pooled[i]) for i, w in enumerate(self.table.words) if self._names(said, w)]
+        vouched = [float(plan.pooled[i]) for i, w in enumerate(self.table.words) if names(said, w)]
         confidence = max(vouched, default=0.0)
         group = subject_group(caption)
         sure = (confidence >= max(self.config.caption_hedge, 1e-9) or agreement[best] >=
-                self.config.caption_hedge_agreement or (group is not None and self._supported(plan, group)))
-        people = names_person(caption) or self._supported(plan, "person")
+                self.config.caption_hedge_agreement or (group is not None and self.evidence.supported(plan, group)))
+        people = names_person(caption) or self.evidence.supported(plan, "person")
         return CaptionChoice(caption, confidence, bool(sure), agreement[best], named, trace, people)
 
     def _trim(self, plan: CaptionPlan, caption: str, trace: list[str]) -> str:
         """Step 6: the caption without the phrases that name what the classifier does not see, after a forced word."""
         if self.config.caption_trim <= 0 or not plan.opening or not caption.lower().startswith(plan.opening.lower()):
             return caption
-        trimmed, dropped = trim(caption, len(plan.opening.split()), lambda word: not self._seen(plan, word))
+        trimmed, dropped = trim(caption, len(plan.opening.split()), lambda word: not self.evidence.seen(plan, word))
         if dropped:
             trace.append(f"trim: unseen {', '.join(repr(d) for d in dropped)}: '{trimmed}'")
         return trimmed
-
-    def _seen(self, plan: CaptionPlan, word: str) -> bool:
-        """A caption word names something the picture may show: not a thing, or a thing the classifier supports;
-        people and surfaces are never judged (no ImageNet class is a person or a floor), and clothes only on a
-        thing ("An apple in a green dress": a thing wears none)."""
-        group = OBJECT_FORMS.get(word)
-        if group is None or group not in THING_GROUPS or group in SURFACES or group == "person":
-            return True
-        if group in CLOTHING_GROUPS:
-            return self._wearer(plan.opening)
-        if group in CREATURE_GROUPS:
-            return self._supported(plan, group)
-        known = [w for w in (word, self.table.singular.get(word, word), group) if w in self.table.index]
-        return not known or self.table.confidence(plan.pooled, known[0]) >= self.config.caption_trim
-
-    def _wearer(self, opening: str) -> bool:
-        """The forced opening ("A baseball player", "A zebra") names a person or an animal: it may wear clothes."""
-        text = opening.split(" ", 1)[-1]
-        word = self.table.words[self.table.index[text]] if text in self.table.index else None
-        return names_person(text) or (word is not None and set(word.classes) <= set(ANIMAL_CLASSES))
 
     def _agree_in_number(self, plan: CaptionPlan | None, caption: str) -> str:
         """"Some coffee are ..." -> "Some coffee is ...": a mass noun the caption was made to start with takes a
@@ -276,32 +250,3 @@ class CaptionPolicy:
             if caption.startswith(start):
                 return f"Some {word} is " + caption[len(start):]
         return caption
-
-    # --- what a caption says and what supports it ------------------------------------------------------------------
-    def _names(self, caption: str | list[str], word: Word) -> bool:
-        """The caption (text, or its `words`) names the word, its kind or its object group."""
-        said = words(caption) if isinstance(caption, str) else caption
-        named = set(said) | {OBJECT_FORMS[w] for w in said if w in OBJECT_FORMS}
-        text = " ".join(said)
-        return bool(named & self._kind(word)) or f" {word.text} " in f" {text} " or f" {word.plural} " in f" {text} "
-
-    @staticmethod
-    def _kind(word: Word) -> set[str]:
-        """What a caption may call this word's creature or thing: its own words, its object group, dog or cat."""
-        kind = {word.text, word.plural} if " " in word.text else set(word.text.split()) | set(word.plural.split())
-        if set(word.classes) <= set(DOG_CLASSES):
-            kind.add("dog")
-        elif set(word.classes) <= set(HOUSE_CAT_CLASSES):
-            kind.add("cat")
-        return kind | {OBJECT_FORMS[w] for w in kind if w in OBJECT_FORMS}
-
-    def _supported(self, plan: CaptionPlan, group: str, rival: float = 0.0) -> bool:
-        """The classifier gives a captioned person or animal some support: clothes or sports kit for a person
-        (`caption_person_evidence`); for an animal its own word ("dog": the 118 breeds pooled), or any animal where
-        ImageNet has no word for it, at `caption_animal_support` and at ANIMAL_SHARE of a `rival` word's confidence."""
-        if group == "person":
-            return self.table.person_evidence(plan.probs) >= self.config.caption_person_evidence
-        support = (self.table.confidence(plan.pooled, group) if group in self.table.index
-                   else self.table.animal_mass(plan.probs))
-        return support >= max(self.config.caption_animal_support, ANIMAL_SHARE * rival)
-
