@@ -4,14 +4,21 @@ do about it)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
+
+import torch
 
 from mmstory.config import GenerationConfig
 from mmstory.imagenet_words import ImageNetWords, Word
 from mmstory.text import CLOTHING_GROUPS, CREATURE_GROUPS, OBJECT_FORMS, THING_GROUPS, names_person, words
 
-if TYPE_CHECKING:
-    from mmstory.caption_policy import CaptionPlan
+
+class CaptionPlan(Protocol):
+    """What the evidence reads of `mmstory.caption_policy.CaptionPlan` (named here, not imported: no import circle)."""
+
+    pooled: torch.Tensor
+    probs: torch.Tensor
+    opening: str
 
 # ImageNet-1k's order: the animals come first; dogs and house cats are the ones people are photographed with
 ANIMAL_CLASSES, DOG_CLASSES, HOUSE_CAT_CLASSES = range(0, 398), range(151, 269), range(281, 286)
