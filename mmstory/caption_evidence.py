@@ -12,14 +12,6 @@ from mmstory.config import GenerationConfig
 from mmstory.imagenet_words import ImageNetWords, Word
 from mmstory.text import CLOTHING_GROUPS, CREATURE_GROUPS, OBJECT_FORMS, THING_GROUPS, names_person, words
 
-
-class CaptionPlan(Protocol):
-    """What the evidence reads of `mmstory.caption_policy.CaptionPlan` (named here, not imported: no import circle)."""
-
-    pooled: torch.Tensor
-    probs: torch.Tensor
-    opening: str
-
 # ImageNet-1k's order: the animals come first; dogs and house cats are the ones people are photographed with
 ANIMAL_CLASSES, DOG_CLASSES, HOUSE_CAT_CLASSES = range(0, 398), range(151, 269), range(281, 286)
 # what a thing stands, lies or sits on or in: ImageNet's "dining table" or "stone wall" is the whole object, never
@@ -28,6 +20,14 @@ ANIMAL_CLASSES, DOG_CLASSES, HOUSE_CAT_CLASSES = range(0, 398), range(151, 269),
 SURFACES = frozenset({"table", "wall", "door", "window", "stairs", "fence", "roof", "bed"})
 # a captioned animal needs at least this share of the sure word's confidence behind its own word
 ANIMAL_SHARE = 0.25
+
+
+class CaptionPlan(Protocol):
+    """What the evidence reads of `mmstory.caption_policy.CaptionPlan` (named here, not imported: no import circle)."""
+
+    pooled: torch.Tensor
+    probs: torch.Tensor
+    opening: str
 
 
 def names(caption: str | list[str], word: Word) -> bool:

@@ -52,20 +52,19 @@ def trim(caption: str, keep: int, unseen: Callable[[str], bool]) -> tuple[str, l
     if len(tokens) <= keep:
         return caption, []
     parts = phrases(tokens[keep:])
+    said = [{t.lower().strip(".,!?;:") for t in part} for _, part in parts]
+    names_unseen = [any(unseen(w) for w in words) for words in said]
     kept: list[int] = []
     dropped: list[int] = []
-    for i, (kind, part) in enumerate(parts):
-        bare = {t.lower().strip(".,!?;:") for t in part}
-        names_unseen = any(unseen(w) for w in bare)
-        after = parts[i + 1] if i + 1 < len(parts) else None
+    for i, (kind, _) in enumerate(parts):
         if kind == "verb":
             # its subject was cut off ("A toilet [of a dog] are playing"), or its object goes ("[is riding] a horse")
-            gone = names_unseen or bool(dropped) or (after is not None and after[0] == "object" and any(
-                unseen(t.lower().strip(".,!?;:")) for t in after[1]))
+            object_unseen = i + 1 < len(parts) and parts[i + 1][0] == "object" and names_unseen[i + 1]
+            gone = names_unseen[i] or bool(dropped) or object_unseen
         elif kind == "object":
-            gone = names_unseen or i - 1 in dropped
+            gone = names_unseen[i] or i - 1 in dropped
         else:
-            gone = names_unseen or bool(dropped and POINTERS & bare)
+            gone = names_unseen[i] or bool(dropped and POINTERS & said[i])
         (dropped if gone else kept).append(i)
     if not dropped:
         return caption, []

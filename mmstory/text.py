@@ -210,11 +210,13 @@ FEMALE_WORDS: tuple[str, ...] = (
     "waitress", "actress", "duchess", "empress", "nun", "bride", "widow", "witch", "heroine", "hostess")
 
 
+_SEX_FORMS = {sex: {form.lower() for form in forms} for sex, forms in (("male", MALE_WORDS), ("female", FEMALE_WORDS))}
+
+
 def sexes_named(text: str) -> set[str]:
     """Which of "male" and "female" a text's person words speak of ("A man and his dog" -> {"male"})."""
     said = {w.lower() for w in re.findall(r"[A-Za-z']+", text)}
-    return {sex for sex, forms in (("male", MALE_WORDS), ("female", FEMALE_WORDS))
-            if said & {form.lower() for form in forms}}
+    return {sex for sex, forms in _SEX_FORMS.items() if said & forms}
 
 
 def names_person(text: str) -> bool:
