@@ -15,7 +15,9 @@ The steps, each recorded in the trace it returns:
    starts from the most specific word at least `caption_hedge` sure ("An animal"), or stays, marked unsure;
 5. tidy: the forms a forced word leaves behind ("on a buses", "A baseball baseball player") are mended;
 6. trim: after a forced word, the phrases that name a thing under `caption_trim` (or an animal without support)
-   are dropped (`mmstory.caption_text`): "A hot dog in front of a white boat." -> "A hot dog.".
+   are dropped (`mmstory.caption_text`): "A hot dog in front of a white boat." -> "A hot dog.";
+7. place: an unsure caption whose animal subject nothing supports names only its place (`caption_place_when_unsure`):
+   "A brown dog is sitting in a room." -> "A room.".
 The model decodes, the policy decides (`revise` after the first beams, `choose` at the end); what the classifier
 vouches for is asked of `mmstory.caption_evidence`, and the caption's text is mended by `mmstory.caption_text`. Every
 switch lives in `GenerationConfig` (generation_config.json beside the weights).
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmstory.caption_evidence import ANIMAL_CLASSES, DOG_CLASSES, HOUSE_CAT_CLASSES, Evidence, kind, names
-from mmstory.caption_text import tidy, trim
+from mmstory.caption_text import place, tidy, trim
 from mmstory.config import GenerationConfig
 from mmstory.imagenet_words import ImageNetWords, Word
 from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, names_person, words
@@ -220,16 +222,35 @@ class CaptionPolicy:
         if first_choice is not None and first_choice != caption:
             trace.append(f"'{first_choice}' -> '{caption}'")
         caption = self._trim(plan, caption, trace)
+        confidence, sure = self._sureness(plan, caption, agreement[best])
+        if not sure and self.config.caption_place_when_unsure:
+            caption = self._place(plan, caption, trace)
+            confidence = self._sureness(plan, caption, agreement[best])[0]
         top = plan.pooled.topk(5)
         named = [(self.table.words[i].text, float(p)) for p, i in zip(top.values, top.indices)]
+        people = names_person(caption) or self.evidence.supported(plan, "person")
+        return CaptionChoice(caption, confidence, bool(sure), agreement[best], named, trace, people)
+
+    def _sureness(self, plan: CaptionPlan, caption: str, agreement: float) -> tuple[float, bool]:
+        """The classifier's confidence in what the caption names, and whether anything vouches for its subject."""
         said = words(caption)  # tokenized once for the ~750 words of the table
         vouched = [float(plan.pooled[i]) for i, w in enumerate(self.table.words) if names(said, w)]
         confidence = max(vouched, default=0.0)
         group = subject_group(caption)
-        sure = (confidence >= max(self.config.caption_hedge, 1e-9) or agreement[best] >=
-                self.config.caption_hedge_agreement or (group is not None and self.evidence.supported(plan, group)))
-        people = names_person(caption) or self.evidence.supported(plan, "person")
-        return CaptionChoice(caption, confidence, bool(sure), agreement[best], named, trace, people)
+        sure = (confidence >= max(self.config.caption_hedge, 1e-9) or agreement >= self.config.caption_hedge_agreement
+                or (group is not None and self.evidence.supported(plan, group)))
+        return confidence, bool(sure)
+
+    def _place(self, plan: CaptionPlan, caption: str, trace: list[str]) -> str:
+        """Step 7: an unsure caption's unsupported animal subject goes, and its place is what is said."""
+        group = subject_group(caption)
+        if group in (None, "person"):
+            return caption
+        spot = place(caption, caption_subject(caption))
+        if spot is None or not all(self.evidence.seen(plan, word) for word in words(spot)):
+            return caption
+        trace.append(f"place: nothing vouches for the caption's {group}: '{spot}'")
+        return spot
 
     def _trim(self, plan: CaptionPlan, caption: str, trace: list[str]) -> str:
         """Step 6: the caption without the phrases that name what the classifier does not see, after a forced word."""

@@ -1,5 +1,5 @@
-"""What is mended in a chosen caption's text: the forms a forced word leaves behind (`tidy`), and the phrases that
-name a thing the picture does not show (`trim`: say less).
+"""What is mended in a chosen caption's text: the forms a forced word leaves behind (`tidy`), the phrases that name
+a thing the picture does not show (`trim`: say less), and a caption's place said alone (`place`: say only that).
 
 A caption written again from the classifier's word ("A hot dog ...") is finished by a decoder that learnt Flickr8k's
 captions, and it goes on with Flickr8k's things ("... in front of a white boat", "... with a small black dog"). What
@@ -74,6 +74,31 @@ def trim(caption: str, keep: int, unseen: Callable[[str], bool]) -> tuple[str, l
         dropped.append(kept.pop())  # a plural verb left without its phrase: "A cauliflower [are playing]"
     text = " ".join(tokens[:keep] + [t for i in kept for t in parts[i][1]]).rstrip(",;:")
     return text + ".", [" ".join(parts[i][1]) for i in sorted(dropped)]
+
+
+# prepositions that open no place ("with a ball", "while running"); and the words between a preposition and its
+# place ("in front of a fountain", "on the top of a wall", "next to a tree")
+NOT_PLACES = frozenset({"with", "while", "from", "past", "between", "among"})
+PLACE_LEADS = frozenset({"front", "top", "edge", "side", "middle", "the"})
+
+
+def place(caption: str, subject: int) -> str | None:
+    """The first place after the caption's subject (its word index), as a caption of its own: "A brown dog is sitting
+    in a room." -> "A room."; None when the caption names no place."""
+    tokens = caption.strip().rstrip(".").split()
+    for kind, part in phrases(tokens[subject + 1:]):
+        if kind != "place" or part[0].lower() in NOT_PLACES:
+            continue
+        rest = part[1:]
+        lowered = [t.lower() for t in rest]
+        for lead in ("of", "to"):
+            if lead in lowered[:3] and all(w in PLACE_LEADS for w in lowered[:lowered.index(lead)]):
+                rest = rest[lowered.index(lead) + 1:]
+                break
+        text = " ".join(rest).rstrip(",;:")
+        if text:
+            return text[0].upper() + text[1:] + "."
+    return None
 
 
 def tidy(caption: str, singular: dict[str, str]) -> str:

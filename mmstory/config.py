@@ -160,6 +160,10 @@ class GenerationConfig:
     # show (a thing word under this pooled confidence; an animal without the support above; people are not judged):
     # the decoder finishes "A hot dog" with Flickr8k's things ("... in front of a white boat"; mmstory.caption_text)
     caption_trim: float = 0.0
+    # an unsure caption (no sure word, agreement under caption_hedge_agreement) whose animal subject lacks the support
+    # above names only its place ("A brown dog is sitting in a room." -> "A room."): Flickr8k's dog, where nothing
+    # vouches for it, was never in the picture
+    caption_place_when_unsure: bool = False
     story_prefix: bool = True  # the story writer reads the images' visual prefixes (False: captions only)
     # the story's first sentence is the first picture's caption and the writer goes on from it: the story starts on
     # what the picture shows instead of on whatever the writer's habits suggest

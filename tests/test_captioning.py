@@ -7,7 +7,7 @@ import torch
 from mmstory import caption_search
 from mmstory.caption_decoder import CaptionDecoder
 from mmstory.caption_policy import CaptionPolicy, caption_subject
-from mmstory.caption_text import trim
+from mmstory.caption_text import place, trim
 from mmstory.config import GenerationConfig
 from mmstory.imagenet_words import imagenet_words, plural
 
@@ -260,3 +260,34 @@ def test_a_forced_caption_loses_the_things_the_classifier_does_not_see():
     assert rules.choose(sure_horse, beams, [0.0]).caption == beams[0][1]  # a horse the classifier sees stays
     unforced = rules.plan(probs[None])[0]  # a caption that was not written again is the decoder's own
     assert rules.choose(unforced, [(-1.0, "A dog is riding a black horse.")], [0.0]).caption.startswith("A dog is")
+
+
+@pytest.mark.parametrize("caption, subject, expected", [
+    ("A brown dog is sitting in a room.", 2, "A room."),
+    ("A yellow and white dog is standing in front of a graffiti.", 4, "A graffiti."),
+    ("A grey-haired dog is sitting on the top of a wall.", 2, "A wall."),
+    ("A dog is running next to a tree.", 1, "A tree."),
+    ("A dog is walking through the grass.", 1, "The grass."),
+    ("A dog is playing with a ball.", 1, None),  # "with" opens no place
+    ("A dog runs.", 1, None),
+])
+def test_place_is_the_first_place_after_the_subject(caption, subject, expected):
+    assert place(caption, subject) == expected
+
+
+def test_an_unsure_caption_with_an_animal_nothing_supports_names_only_its_place():
+    probs = probs_of(golden_retriever=0.05, zebra=0.1, cheetah=0.1)  # no word sure, the breeds barely there
+    rules = policy(caption_hedge=0.2, caption_hedge_agreement=0.0, caption_animal_support=0.15,
+                   caption_place_when_unsure=True)
+    choice = rules.choose(rules.plan(probs[None])[0], [(-1.0, "A brown dog is sitting in a room.")], [-0.2])
+    assert choice.caption == "A room." and not choice.sure and choice.trace[-1].startswith("place")
+    agrees = rules.choose(rules.plan(probs[None])[0], [(-1.0, "A brown dog is sitting in a room.")], [0.1])
+    assert agrees.caption == "A brown dog is sitting in a room." and agrees.sure  # the image agrees: kept
+    person = rules.choose(rules.plan(probs[None])[0], [(-1.0, "A man is sitting in a room.")], [-0.2])
+    assert person.caption == "A man is sitting in a room."  # people are not judged by the classifier
+    breeds = rules.choose(rules.plan(probs_of(golden_retriever=0.4)[None])[0],
+                          [(-1.0, "A brown dog is sitting in a room.")], [-0.2])
+    assert breeds.caption.startswith("A brown dog")  # the breeds vouch for the dog
+    off = policy(caption_hedge=0.2, caption_hedge_agreement=0.0, caption_animal_support=0.15)
+    assert off.choose(off.plan(probs[None])[0], [(-1.0, "A brown dog is sitting in a room.")], [-0.2]).caption == (
+        "A brown dog is sitting in a room.")
