@@ -17,7 +17,8 @@ The steps, each recorded in the trace it returns:
 6. trim: after a forced word, the phrases that name a thing under `caption_trim` (or an animal without support)
    are dropped (`mmstory.caption_text`): "A hot dog in front of a white boat." -> "A hot dog.";
 7. place: an unsure caption whose animal subject nothing supports names only its place (`caption_place_when_unsure`):
-   "A brown dog is sitting in a room." -> "A room.".
+   "A brown dog is sitting in a room." -> "A room.", with the things the classifier sees there at `PLACE_THINGS`
+   ("Also seen: chair" for the story writer) and no person unless the caption names one.
 The model decodes, the policy decides (`revise` after the first beams, `choose` at the end); what the classifier
 vouches for is asked of `mmstory.caption_evidence`, and the caption's text is mended by `mmstory.caption_text`. Every
 switch lives in `GenerationConfig` (generation_config.json beside the weights).
@@ -35,6 +36,10 @@ from mmstory.config import GenerationConfig
 from mmstory.imagenet_words import ImageNetWords, Word
 from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, names_person, words
 
+# step 7: the things at least this sure beside a place-only caption go to the story writer ("A room." + chair), so
+# that two rooms are not one story
+PLACE_THINGS = 0.1
+
 
 @dataclass
 class CaptionChoice:
@@ -47,11 +52,13 @@ class CaptionChoice:
     words: list[tuple[str, float]] = field(default_factory=list)  # the classifier's top pooled words
     trace: list[str] = field(default_factory=list)
     people: bool = True  # the picture shows a person: the caption names one or the classifier's evidence does
+    also: list[str] = field(default_factory=list)  # things the classifier sees beside a place-only caption (step 7)
 
     def to_dict(self) -> dict:
         return {"caption": self.caption, "confidence": round(self.confidence, 4), "sure": self.sure,
                 "agreement": round(self.agreement, 4),
-                "words": [(w, round(p, 4)) for w, p in self.words], "trace": self.trace, "people": self.people}
+                "words": [(w, round(p, 4)) for w, p in self.words], "trace": self.trace, "people": self.people,
+                "also": self.also}
 
 
 @dataclass
@@ -223,13 +230,20 @@ class CaptionPolicy:
             trace.append(f"'{first_choice}' -> '{caption}'")
         caption = self._trim(plan, caption, trace)
         confidence, sure = self._sureness(plan, caption, agreement[best])
-        if not sure and self.config.caption_place_when_unsure:
-            caption = self._place(plan, caption, trace)
-            confidence = self._sureness(plan, caption, agreement[best])[0]
+        people = names_person(caption) or self.evidence.supported(plan, "person")
         top = plan.pooled.topk(5)
         named = [(self.table.words[i].text, float(p)) for p, i in zip(top.values, top.indices)]
-        people = names_person(caption) or self.evidence.supported(plan, "person")
-        return CaptionChoice(caption, confidence, bool(sure), agreement[best], named, trace, people)
+        spot = self._place(plan, caption) if not sure and self.config.caption_place_when_unsure else None
+        if spot is None:
+            return CaptionChoice(caption, confidence, bool(sure), agreement[best], named, trace, people)
+        trace.append(f"place: nothing vouches for the caption's {subject_group(caption)}: '{spot}'")
+        things = [self.table.words[self.table.index[w]] for w, p in named if p >= PLACE_THINGS]
+        also = [w.text for w in things if not set(w.classes) <= set(ANIMAL_CLASSES) and w.text not in (
+            "animal", *self.table.settings) and not names(spot, w)]
+        # the caption's subject was a guess, and so is a person the clothes classes barely suggest: a story of "A
+        # railing." must not fill the place with people
+        return CaptionChoice(spot, self._sureness(plan, spot, agreement[best])[0], False, agreement[best], named,
+                             trace, names_person(spot), also)
 
     def _sureness(self, plan: CaptionPlan, caption: str, agreement: float) -> tuple[float, bool]:
         """The classifier's confidence in what the caption names, and whether anything vouches for its subject."""
@@ -241,16 +255,14 @@ class CaptionPolicy:
                 or (group is not None and self.evidence.supported(plan, group)))
         return confidence, bool(sure)
 
-    def _place(self, plan: CaptionPlan, caption: str, trace: list[str]) -> str:
-        """Step 7: an unsure caption's unsupported animal subject goes, and its place is what is said."""
+    def _place(self, plan: CaptionPlan, caption: str) -> str | None:
+        """Step 7: an unsure caption's unsupported animal subject goes, and its place is what is said (None: the
+        caption stays, its subject a person, or no place it names is one the classifier allows)."""
         group = subject_group(caption)
         if group in (None, "person"):
-            return caption
+            return None
         spot = place(caption, caption_subject(caption))
-        if spot is None or not all(self.evidence.seen(plan, word) for word in words(spot)):
-            return caption
-        trace.append(f"place: nothing vouches for the caption's {group}: '{spot}'")
-        return spot
+        return spot if spot is not None and all(self.evidence.seen(plan, word) for word in words(spot)) else None
 
     def _trim(self, plan: CaptionPlan, caption: str, trace: list[str]) -> str:
         """Step 6: the caption without the phrases that name what the classifier does not see, after a forced word."""

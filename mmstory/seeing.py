@@ -35,7 +35,8 @@ def see(model: StoryModel, pixel_values: torch.Tensor) -> Seen:
     tokens, pooled = model.encode_image(pixel_values)
     choices = model.caption_choices(image_tokens=tokens, image_pooled=pooled,
                                     repetition_penalty=CAPTION_REPETITION_PENALTY)
-    hints = model.sure_classes(pooled, model.generation_config.caption_concepts)
+    hints = [sure + [w for w in choice.also if w not in sure] for sure, choice in
+             zip(model.sure_classes(pooled, model.generation_config.caption_concepts), choices)]
     return Seen(tokens, pooled, choices, hints, time.perf_counter() - start)
 
 

@@ -13,7 +13,7 @@ from mmstory.imagenet_words import imagenet_words, plural
 
 ZEBRA, ORANGE, BANANA, LEMON, CHEETAH, GOLDEN_RETRIEVER, TABBY, ESPRESSO, JERSEY = (340, 950, 954, 951, 293, 207,
                                                                                      281, 967, 610)
-LUMBERMILL, VALLEY, SORREL = 634, 979, 339
+LUMBERMILL, VALLEY, SORREL, CHAIR = 634, 979, 339, 423
 
 
 def probs_of(**classes: float) -> torch.Tensor:
@@ -281,6 +281,11 @@ def test_an_unsure_caption_with_an_animal_nothing_supports_names_only_its_place(
                    caption_place_when_unsure=True)
     choice = rules.choose(rules.plan(probs[None])[0], [(-1.0, "A brown dog is sitting in a room.")], [-0.2])
     assert choice.caption == "A room." and not choice.sure and choice.trace[-1].startswith("place")
+    with_chair = rules.choose(rules.plan(probs_of(golden_retriever=0.05, cheetah=0.1, jersey=0.06, lumbermill=0.3,
+                                                  chair=0.2)[None])[0],
+                              [(-1.0, "A brown dog is sitting in a room.")], [-0.2])
+    assert with_chair.caption == "A room." and with_chair.also == ["chair"]  # the writer is told of the chair
+    assert not with_chair.people  # the guessed subject went; a person the jersey barely suggests does not fill it
     agrees = rules.choose(rules.plan(probs[None])[0], [(-1.0, "A brown dog is sitting in a room.")], [0.1])
     assert agrees.caption == "A brown dog is sitting in a room." and agrees.sure  # the image agrees: kept
     person = rules.choose(rules.plan(probs[None])[0], [(-1.0, "A man is sitting in a room.")], [-0.2])
