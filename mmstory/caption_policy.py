@@ -14,8 +14,9 @@ The steps, each recorded in the trace it returns:
 4. hedge: with no sure word, an unsupported subject and agreement under `caption_hedge_agreement`, the caption
    starts from the most specific word at least `caption_hedge` sure ("An animal"), or stays, marked unsure;
 5. tidy: the forms a forced word leaves behind ("on a buses", "A baseball baseball player") are mended;
-6. trim: after a forced word, the phrases that name a thing under `caption_trim` (or an animal without support)
-   are dropped (`mmstory.caption_text`): "A hot dog in front of a white boat." -> "A hot dog.";
+6. trim: after a forced word, the phrases that name a thing under `caption_trim` (or an animal without support),
+   and after a forced thing what only a creature does, are dropped (`mmstory.caption_text`): "A hot dog in front of
+   a white boat." -> "A hot dog.", "A train is walking down the street." -> "A train on the street.";
 7. place: an unsure caption whose animal subject nothing supports names only its place (`caption_place_when_unsure`):
    "A brown dog is sitting in a room." -> "A room.", with the things the classifier sees there at `PLACE_THINGS`
    ("Also seen: chair" for the story writer) and no person unless the caption names one.
@@ -268,7 +269,11 @@ class CaptionPolicy:
         """Step 6: the caption without the phrases that name what the classifier does not see, after a forced word."""
         if self.config.caption_trim <= 0 or not plan.opening or not caption.lower().startswith(plan.opening.lower()):
             return caption
-        trimmed, dropped = trim(caption, len(plan.opening.split()), lambda word: not self.evidence.seen(plan, word))
+        # a thing acts only where the decoder made a person of it ("A moped policeman is riding ...")
+        subject = caption.split(" is ")[0].split(" are ")[0]
+        thing = not self.evidence.wearer(plan.opening) and not names_person(subject)
+        trimmed, dropped = trim(caption, len(plan.opening.split()), lambda word: not self.evidence.seen(plan, word),
+                                thing=thing)
         if dropped:
             trace.append(f"trim: unseen {', '.join(repr(d) for d in dropped)}: '{trimmed}'")
         return trimmed

@@ -243,6 +243,27 @@ def test_trim_drops_the_phrases_that_name_an_unseen_thing(caption, keep, expecte
     assert trim(caption, keep, unseen)[0] == expected
 
 
+@pytest.mark.parametrize("caption, expected", [
+    ("A train is walking down the street.", "A train on the street."),
+    ("An airplane is jumping into the air while another watches.", "An airplane in the air."),
+    ("An airplane is playing with a stick.", "An airplane."),
+    ("A sink is standing in a kitchen.", "A sink is standing in a kitchen."),  # things stand and sit in captions
+])
+def test_after_a_forced_thing_what_only_a_creature_does_goes(caption, expected):
+    assert trim(caption, 2, lambda word: False, thing=True)[0] == expected
+    assert trim(caption, 2, lambda word: False)[0] == caption  # an animal or a person may walk
+
+
+def test_a_thing_the_decoder_made_a_person_keeps_its_action():
+    rules = policy(caption_trim=0.05)
+    plan = rules.plan(probs_of(espresso=0.9)[None])[0]
+    assert rules.revise(plan, "A brown dog is sitting on the floor.", agreement=0.0)
+    walking = rules.choose(plan, [(-1.0, "Some coffee is walking down the street.")], [0.0])
+    assert walking.caption == "Some coffee on the street."
+    person = rules.choose(plan, [(-1.0, "Some coffee man is walking down the street.")], [0.0])
+    assert person.caption == "Some coffee man is walking down the street."
+
+
 def test_a_forced_caption_loses_the_things_the_classifier_does_not_see():
     probs = probs_of(zebra=0.8)
     rules = policy(caption_trim=0.05)
