@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 import torch
 
 from mmstory.caption_evidence import ANIMAL_CLASSES, DOG_CLASSES, HOUSE_CAT_CLASSES, Evidence, kind, names
-from mmstory.caption_text import place, tidy, trim
+from mmstory.caption_text import agree_in_number, article, caption_subject, place, subject_group, tidy, trim
 from mmstory.config import GenerationConfig
 from mmstory.imagenet_words import ImageNetWords, Word
-from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, names_person, words
+from mmstory.text import names_person, words
 
 # step 7: the things at least this sure beside a place-only caption go to the story writer ("A room." + chair), so
 # that two rooms are not one story
@@ -73,26 +73,6 @@ class CaptionPlan:
     banned: tuple[int, ...] = ()  # compact ids no caption may write: the words of a subject the classifier ruled out
     opening: str = ""  # the words every caption starts with ("A hot dog"), where `prefix` is set
     trace: list[str] = field(default_factory=list)
-
-
-def article(word: str) -> str:
-    return "An" if word[:1].lower() in "aeiou" else "A"
-
-
-def caption_subject(caption: str) -> int | None:
-    """The index (in `caption.split()`) of the caption's subject: its first person or animal word among the first
-    eight ("A black and white dog is ..." -> 4), or None."""
-    for i, token in enumerate(caption.split()[:8]):
-        found = words(token)
-        if found and OBJECT_FORMS.get(found[0]) in CREATURE_GROUPS:
-            return i
-    return None
-
-
-def subject_group(caption: str) -> str | None:
-    """The object group of the caption's subject ('person', 'dog', ...), or None."""
-    subject = caption_subject(caption)
-    return None if subject is None else OBJECT_FORMS[words(caption.split()[subject])[0]]
 
 
 class CaptionPolicy:
@@ -223,7 +203,8 @@ class CaptionPolicy:
                first_choice: str | None = None) -> CaptionChoice:
         """The final caption among `beams` (from the second search when there was one), how sure it is, the trace."""
         best = self.rerank(beams, agreement, plan)
-        caption = tidy(self._agree_in_number(plan, beams[best][1]), self.table.singular)
+        caption = beams[best][1] if plan is None or not plan.prefix else agree_in_number(beams[best][1], self.MASS)
+        caption = tidy(caption, self.table.singular)
         if plan is None:
             return CaptionChoice(caption, 0.0, False, agreement[best])
         trace = list(plan.trace)
@@ -277,14 +258,3 @@ class CaptionPolicy:
         if dropped:
             trace.append(f"trim: unseen {', '.join(repr(d) for d in dropped)}: '{trimmed}'")
         return trimmed
-
-    def _agree_in_number(self, plan: CaptionPlan | None, caption: str) -> str:
-        """"Some coffee are ..." -> "Some coffee is ...": a mass noun the caption was made to start with takes a
-        singular verb, which a decoder that learnt "Some dogs are" does not know."""
-        if plan is None or not plan.prefix or not caption.startswith("Some "):
-            return caption
-        for word in self.MASS:
-            start = f"Some {word} are "
-            if caption.startswith(start):
-                return f"Some {word} is " + caption[len(start):]
-        return caption

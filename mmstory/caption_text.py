@@ -1,5 +1,6 @@
-"""What is mended in a chosen caption's text: the forms a forced word leaves behind (`tidy`), the phrases that name
-a thing the picture does not show (`trim`: say less), and a caption's place said alone (`place`: say only that).
+"""A chosen caption's text: where its subject is (`caption_subject`), what is mended (`tidy`, `agree_in_number`: the
+forms a forced word leaves behind), the phrases that name a thing the picture does not show (`trim`: say less), and
+its place said alone (`place`: say only that).
 
 A caption written again from the classifier's word ("A hot dog ...") is finished by a decoder that learnt Flickr8k's
 captions, and it goes on with Flickr8k's things ("... in front of a white boat", "... with a small black dog"). What
@@ -11,7 +12,9 @@ caption (spaCy's models alone are larger than mmstory-small).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, words
 
 # the words that open a prepositional phrase ("of" continues one: "in front of a boat", "on the edge of a tree")
 PREPOSITIONS = frozenset({
@@ -142,3 +145,33 @@ def tidy(caption: str, singular: dict[str, str]) -> str:
             out[-1] = article.capitalize() if out[-1][0].isupper() else article
         out.append(token)
     return " ".join(out)
+
+
+def article(word: str) -> str:
+    return "An" if word[:1].lower() in "aeiou" else "A"
+
+
+def caption_subject(caption: str) -> int | None:
+    """The index (in `caption.split()`) of the caption's subject: its first person or animal word among the first
+    eight ("A black and white dog is ..." -> 4), or None."""
+    for i, token in enumerate(caption.split()[:8]):
+        found = words(token)
+        if found and OBJECT_FORMS.get(found[0]) in CREATURE_GROUPS:
+            return i
+    return None
+
+
+def subject_group(caption: str) -> str | None:
+    """The object group of the caption's subject ('person', 'dog', ...), or None."""
+    subject = caption_subject(caption)
+    return None if subject is None else OBJECT_FORMS[words(caption.split()[subject])[0]]
+
+
+def agree_in_number(caption: str, mass: Iterable[str]) -> str:
+    """"Some coffee are ..." -> "Some coffee is ...": a mass noun a caption was made to start with takes a singular
+    verb, which a decoder that learnt "Some dogs are" does not know."""
+    for word in mass:
+        start = f"Some {word} are "
+        if caption.startswith(start):
+            return f"Some {word} is " + caption[len(start):]
+    return caption

@@ -6,8 +6,8 @@ import torch
 
 from mmstory import caption_search
 from mmstory.caption_decoder import CaptionDecoder
-from mmstory.caption_policy import CaptionPolicy, caption_subject
-from mmstory.caption_text import place, trim
+from mmstory.caption_policy import CaptionPolicy
+from mmstory.caption_text import caption_subject, place, trim
 from mmstory.config import GenerationConfig
 from mmstory.imagenet_words import imagenet_words, plural
 
