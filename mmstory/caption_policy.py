@@ -220,8 +220,8 @@ class CaptionPolicy:
             return CaptionChoice(caption, confidence, bool(sure), agreement[best], named, trace, people)
         trace.append(f"place: nothing vouches for the caption's {subject_group(caption)}: '{spot}'")
         things = [self.table.words[self.table.index[w]] for w, p in named if p >= PLACE_THINGS]
-        also = [w.text for w in things if not set(w.classes) <= set(ANIMAL_CLASSES) and w.text not in (
-            "animal", *self.table.settings) and not names(spot, w)]
+        also = [w.text for w in things if not set(w.classes) <= set(ANIMAL_CLASSES) and w.text not in
+                self.table.settings and not names(spot, w)]
         # the caption's subject was a guess, and so is a person the clothes classes barely suggest: a story of "A
         # railing." must not fill the place with people
         return CaptionChoice(spot, self._sureness(plan, spot, agreement[best])[0], False, agreement[best], named,
