@@ -212,12 +212,12 @@ class CaptionPolicy:
             trace.append(f"'{first_choice}' -> '{caption}'")
         caption = self._trim(plan, caption, trace)
         confidence, sure = self._sureness(plan, caption, agreement[best])
-        people = names_person(caption) or self.evidence.supported(plan, "person")
         top = plan.pooled.topk(5)
         named = [(self.table.words[i].text, float(p)) for p, i in zip(top.values, top.indices)]
         spot = self._place(plan, caption) if not sure and self.config.caption_place_when_unsure else None
         if spot is None:
-            return CaptionChoice(caption, confidence, bool(sure), agreement[best], named, trace, people)
+            people = names_person(caption) or self.evidence.supported(plan, "person")
+            return CaptionChoice(caption, confidence, sure, agreement[best], named, trace, people)
         trace.append(f"place: nothing vouches for the caption's {subject_group(caption)}: '{spot}'")
         things = [self.table.words[self.table.index[w]] for w, p in named if p >= PLACE_THINGS]
         also = [w.text for w in things if not set(w.classes) <= set(ANIMAL_CLASSES) and w.text not in

@@ -24,13 +24,11 @@ PREPOSITIONS = frozenset({
 BE = frozenset({"is", "are", "sits", "stands"})
 POINTERS = frozenset({"its", "his", "her", "their", "it", "them"})  # a later phrase about a dropped thing
 # what only a person or an animal does: after a forced thing, "A train is walking down the street." is the decoder's
-# Flickr8k habit, and the verb goes ("A train down the street.")
+# Flickr8k habit, and the verb goes ("A train on the street.")
 ACTIONS = frozenset({
     "walking", "running", "jumping", "playing", "climbing", "riding", "swimming", "surfing", "skiing", "smiling",
     "looking", "eating", "dancing", "posing", "kicking", "throwing", "catching", "chasing", "reading", "laughing",
     "talking", "walks", "runs", "jumps", "plays", "climbs", "rides", "swims", "surfs", "skis", "smiles", "eats"})
-
-
 # the path of a dropped action, said as a place: "[is walking] down the street" -> "on the street"
 MOTION = {"down": "on", "along": "on", "across": "on", "over": "on", "onto": "on", "through": "in", "into": "in"}
 
@@ -67,7 +65,7 @@ def trim(caption: str, keep: int, unseen: Callable[[str], bool], thing: bool = F
         return caption, []
     parts = phrases(tokens[keep:])
     said = [{t.lower().strip(".,!?;:") for t in part} for _, part in parts]
-    names_unseen = [any(unseen(w) for w in words) for words in said]
+    names_unseen = [any(unseen(w) for w in phrase) for phrase in said]
     kept: list[int] = []
     dropped: list[int] = []
     for i, (kind, _) in enumerate(parts):
@@ -86,9 +84,9 @@ def trim(caption: str, keep: int, unseen: Callable[[str], bool], thing: bool = F
         after = i + 1
         if after in kept and parts[after][0] == "place":  # the path of what went: "[is walking] down the street"
             lead = parts[after][1][0].lower()
-            if lead in ("with", "while"):
+            if lead == "with":
                 kept.remove(after)
-                dropped.append(after)  # "[is playing] with a stick", "[is jumping] while another watches"
+                dropped.append(after)  # "[is playing] with a stick"
             elif lead in MOTION:
                 parts[after] = ("place", [MOTION[lead], *parts[after][1][1:]])
         for later in [j for j in kept if j > i and parts[j][1][0].lower() == "while"]:
