@@ -173,3 +173,35 @@ def agree_in_number(caption: str, mass: Iterable[str]) -> str:
         if caption.startswith(start):
             return f"Some {word} is " + caption[len(start):]
     return caption
+
+
+# what a caption's subject does ("sits", "runs", "skis"), as the caption decoder writes it; "-ing" words are verbs
+# but for the nouns below
+_VERB_TEXT = """is are sit sits stand stands run runs jump jumps play plays pose poses look looks ride rides ski
+skis drive drives climb climbs walk walks paddle paddles swim swims lie lies lay lays hold holds wait waits fly flies
+eat eats watch watches"""
+VERBS = frozenset(_VERB_TEXT.split())
+_ING_NOUN_TEXT = """building buildings railing railings ceiling clothing painting paintings wedding evening
+morning king ring rings thing things something string swing wing wings"""
+ING_NOUNS = frozenset(_ING_NOUN_TEXT.split())
+NUMBERS = frozenset({"two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "many", "several"})
+
+
+def is_fragment(caption: str) -> bool:
+    """"A plate on the lap." has no verb: a caption, not yet a story's first sentence. A word right after an article
+    is a noun ("A ski on the beach.")."""
+    tokens = [t.strip(".,").lower() for t in caption.split()]
+    return not any((t in VERBS and i > 1 and tokens[i - 1] not in ("a", "an", "the"))
+                   or (t.endswith("ing") and len(t) > 5 and t not in ING_NOUNS) for i, t in enumerate(tokens))
+
+
+def plural_subject(caption: str) -> bool:
+    """"Two trains on the street", "Some apples": the fragment's subject is more than one."""
+    tokens = [t.strip(".,").lower() for t in caption.split()]
+    if not tokens or tokens[0] in ("a", "an", "one"):
+        return False
+    if tokens[0] in NUMBERS:
+        return True
+    head = next((t for t in tokens[1:] if t in PREPOSITIONS or t == "of"), None)
+    nouns = tokens[1: tokens.index(head)] if head else tokens[1:]
+    return bool(nouns) and nouns[-1].endswith("s") and not nouns[-1].endswith("ss")

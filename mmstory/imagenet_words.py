@@ -163,6 +163,13 @@ class ImageNetWords:
         setting = setting_classes()
         self.settings = tuple(w.text for w in self.words if set(w.classes) <= setting)
         self.animal = self.words[self.index["animal"]]
+        animals, food = set(self.animal.classes), set(self.words[self.index["food"]].classes)
+        # what a story may make a character of ("cheetah", "oystercatcher", "bird"; "stove", "airliner") and what it
+        # may not ("pizza", "banana"): a word whose classes are all animals, all food, or none of them animal, food
+        # or a setting
+        self.animal_words = frozenset(w.text for w in self.words if set(w.classes) <= animals)
+        self.food_words = frozenset(w.text for w in self.words if set(w.classes) <= food)
+        self.thing_words = frozenset(w.text for w in self.words if not set(w.classes) & (animals | food | setting))
 
     def pooled(self, probs: torch.Tensor) -> torch.Tensor:
         """[B, words]: the classifier's probability summed over each word's classes."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mmstory.caption_text import is_fragment, plural_subject
 from mmstory.text import OBJECT_FORMS, object_mentions
 
 IMAGE_PLACEHOLDER = "<image>"  # where a picture's visual prefix goes in a prompt
@@ -88,6 +89,8 @@ def story_opening(caption: str, style: str | None, previous: str | None) -> str:
     if previous or not caption.strip() or (key and (key not in STYLES or key in OWN_OPENING_STYLES)):
         return ""
     sentence = _sentence(caption)
+    if is_fragment(sentence) and not sentence.startswith("the "):  # "There was the grass."
+        sentence = f"there {'were' if plural_subject(sentence) else 'was'} {sentence}"
     return sentence[:1].upper() + sentence[1:]
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
-from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, words
+from mmstory.imagenet_words import imagenet_words
+from mmstory.text import CLOTHING_GROUPS, CREATURE_GROUPS, FOOD_GROUPS, OBJECT_FORMS, THING_GROUPS, words
 
 _ENDS_SENTENCE = re.compile(r"[.!?][\"'”’)\]]*$")
 
@@ -56,17 +57,38 @@ def reaches_ending(story: str) -> bool:
 
 
 def subject_words(caption: str) -> list[str] | None:
-    """The caption's words up to its subject, a person or an animal ("A black and white dog is ..." -> "A black and
-    white dog"); None when its subject is neither (a plate of food wants nothing, nor does "a plate of a black and
-    white dog": a thing, whatever follows its "of"; "a group of people" are people)."""
+    """The caption's words up to its subject: a person or an animal ("A black and white dog is ..." -> "a black and
+    white dog", "A tennis player" -> "a tennis player"), else the thing its first phrase names ("A plate of a black
+    and white dog" -> "a plate"); None for a place ("A room.": where a story happens, not who it is about)."""
     tokens = caption.strip().rstrip(".").split()
+    thing = None
     for i, token in enumerate(tokens[:8]):
+        if i and token.lower() in PREPOSITIONS and tokens[i - 1].lower() not in GROUP_NOUNS:
+            break
         found = words(token)
-        if found and OBJECT_FORMS.get(found[0]) in CREATURE_GROUPS:
-            before = [t.lower().strip(",") for t in tokens[1:i]]
-            if any(t in PREPOSITIONS and (j == 0 or before[j - 1] not in GROUP_NOUNS) for j, t in enumerate(before)):
-                return None
+        kind = _kind(found[0]) if found else None
+        if kind == "creature":
             return [tokens[0].lower(), *tokens[1: i + 1]]
+        if kind == "thing":
+            thing = i
+    if thing is None:
+        return None
+    return [tokens[0].lower(), *tokens[1: thing + 1]]
+
+
+def _kind(word: str) -> str | None:
+    """"creature" (a person or an animal: Flickr8k's words and every ImageNet animal's), "food", "thing" or None (a
+    place, or a word no list knows). A thing may want something, as Andersen's darning needle and fir tree do; food
+    is what someone wants ("the food wanted to be sold at a price of $1.50")."""
+    table = imagenet_words()
+    word = table.singular.get(word, word)
+    group = OBJECT_FORMS.get(word)
+    if group in CREATURE_GROUPS or word in table.animal_words:
+        return "creature"
+    if group in FOOD_GROUPS or word in table.food_words:
+        return "food"
+    if (group in THING_GROUPS and group not in CLOTHING_GROUPS) or word in table.thing_words:
+        return "thing"
     return None
 
 
@@ -89,8 +111,9 @@ def plan_beats(caption: str, style: str | None = None, tone: str | None = None, 
     turn = pick(TURN.get(key) or TURN.get(mood) or TURN["default"])
     ending = pick(ENDING.get(key) or ENDING.get(mood) or ENDING["default"])
     beats = [Beat(turn, SHARES[1]), Beat(ending, SHARES[2])]
-    if subject:  # a thing wants nothing, and "One day, ..." after one brings in a couple the picture does not show
-        beats.insert(0, Beat(pick(WANT).format(who=named_again(subject)), SHARES[0]))
+    if subject:  # a thing's want is forced to a verb: "the food wanted by everyone was ..." is no want
+        want = pick(WANT).format(who=named_again(subject))
+        beats.insert(0, Beat(want if _kind(words(subject[-1])[0]) == "creature" else want + " to", SHARES[0]))
     if key == "fairy tale":
         beats.insert(0, Beat("Once upon a time, there lived " + " ".join(subject).rstrip(",") if subject else
                              "Once upon a time,", 0.0))

@@ -166,6 +166,7 @@ OBJECT_GROUPS: frozenset[str] = frozenset(OBJECT_FORMS.values())
 CREATURE_GROUPS: frozenset[str] = frozenset(_parse_objects(_OBJECT_TEXT.split("# vehicles")[0]).values())
 # everything but places and scenery: what a caption may name that a classifier could vouch for
 THING_GROUPS: frozenset[str] = frozenset(_parse_objects(_OBJECT_TEXT.split("# places")[0]).values())
+FOOD_GROUPS: frozenset[str] = frozenset(_parse_objects(_OBJECT_TEXT.split("# food")[1].split("# places")[0]).values())
 CLOTHING_GROUPS: frozenset[str] = frozenset(
     _parse_objects(_OBJECT_TEXT.split("# clothing")[1].split("# home")[0]).values())
 

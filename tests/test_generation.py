@@ -367,6 +367,24 @@ def test_story_opening_is_the_caption_unless_the_style_or_a_continuation_sets_th
     assert story_opening("  ", None, None) == ""
 
 
+@pytest.mark.parametrize("caption, opening", [
+    ("A plate.", "There was a plate."),
+    ("Some food in a restaurant.", "There was some food in a restaurant."),
+    ("Two trains on the street.", "There were two trains on the street."),
+    ("Some apples in a bowl.", "There were some apples in a bowl."),
+    ("A ski on the beach.", "There was a ski on the beach."),  # a word after an article is a noun
+    ("A skateboarder doing a trick in the air.", "There was a skateboarder doing a trick in the air."),
+    ("The grass.", "The grass."),  # "There was the grass." is worse
+    ("A man in a blue shirt stands on the street.", "A man in a blue shirt stands on the street."),
+    ("An animal skis down a mountain.", "An animal skis down a mountain."),
+    ("A dog is running in a building.", "A dog is running in a building."),
+])
+def test_a_caption_without_a_verb_opens_the_story_as_a_sentence(caption, opening):
+    from mmstory.prompts import story_opening
+
+    assert story_opening(caption, None, None) == opening
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_story_opens_with_the_first_caption_when_the_config_says_so(tiny_teller, stream):
     tiny_teller.model.generation_config.open_with_caption = True
@@ -376,8 +394,10 @@ def test_a_story_opens_with_the_first_caption_when_the_config_says_so(tiny_telle
         assert "".join(chunks) == result.story
     else:
         result = tiny_teller.generate_story(photos, seed=3, length=30, max_new_tokens=24, num_candidates=2)
-    opening = result.captions[0].strip().rstrip(".")
-    assert opening, "the tiny model wrote an empty caption: pick another photo"
+    from mmstory.prompts import story_opening
+
+    opening = story_opening(result.captions[0], None, None).rstrip(".")  # "There was <a caption without a verb>"
+    assert result.captions[0].strip(), "the tiny model wrote an empty caption: pick another photo"
     assert result.story.lower().startswith(opening.lower()), (result.captions, result.story)
     assert all(c.lower().startswith(opening.lower()) for c in result.candidates)
     tiny_teller.model.generation_config.open_with_caption = False
