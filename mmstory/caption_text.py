@@ -175,12 +175,11 @@ def agree_in_number(caption: str, mass: Iterable[str]) -> str:
     return caption
 
 
-# what a caption's subject does ("sits", "runs", "skis"), as the caption decoder writes it; "-ing" words are verbs
-# but for the nouns below
-_VERB_TEXT = """is are sit sits stand stands run runs jump jumps play plays pose poses look looks ride rides ski
-skis drive drives climb climbs walk walks paddle paddles swim swims lie lies lay lays hold holds wait waits fly flies
-eat eats watch watches"""
-VERBS = frozenset(_VERB_TEXT.split())
+# what a caption's subject does ("sits", "runs", "skis"), as the caption decoder writes it, beside `BE`; "-ing" words
+# are verbs but for the nouns below
+_VERB_TEXT = """sit stand run runs jump jumps play plays pose poses look looks ride rides ski skis drive drives climb
+climbs walk walks paddle paddles swim swims lie lies lay lays hold holds wait waits fly flies eat eats watch watches"""
+VERBS = BE | frozenset(_VERB_TEXT.split())
 _ING_NOUN_TEXT = """building buildings railing railings ceiling clothing painting paintings wedding evening
 morning king ring rings thing things something string swing wing wings"""
 ING_NOUNS = frozenset(_ING_NOUN_TEXT.split())
