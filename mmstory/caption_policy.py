@@ -5,8 +5,9 @@ The steps, each recorded in the trace it returns:
 1. vocabulary: the classifier's probabilities pooled over the classes that share a word (`mmstory.imagenet_words`);
    every ImageNet word, in the decoder's open vocabulary, gets the classifier's log-odds as a logit bias;
 2. rerank: the beams by log-probability + `caption_rerank` x agreement;
-3. check: the most specific word at least `caption_class_check` sure, when the caption does not name it and the
-   classifier does not support the caption's subject (a person or an animal): the caption is written again from
+3. check: the most specific word at least `caption_class_check` sure, when the caption does not name it (nor a more
+   general word for it: "A bird" for an egret), the classifier does not support the caption's subject (a person or
+   an animal) and the caption's agreement is under `caption_check_agreement`: the caption is written again from
    "A <word>" (the word fills the subject's slot and the decoder goes on, as in Neural Baby Talk); else a word at
    least `caption_concepts` sure that the caption does not name is required (constrained beam search);
    an animal word at least `caption_animal_rival` sure and surer than the caption's own animal subject takes
@@ -128,10 +129,19 @@ class CaptionPolicy:
             word, p = checked
             if names(caption, word):
                 return False
+            if self._covers(group, word):
+                plan.trace.append(f"check: '{word.text}' ({p:.2f}) is a kind of the caption's {group}")
+                return False
             animal = set(word.classes) <= set(ANIMAL_CLASSES)
             pet = set(word.classes) <= set(DOG_CLASSES) or set(word.classes) <= set(HOUSE_CAT_CLASSES)
             keep_subject = group is None or (group == "person" and (pet or self.evidence.supported(plan, group))) or (
                 not animal and group != "person" and self.evidence.supported(plan, group, p))
+            trusted = (self.config.caption_check_agreement is not None
+                       and agreement >= self.config.caption_check_agreement)
+            if not keep_subject and trusted:  # the heads agree with the caption: it stays, the word is not forced
+                plan.trace.append(f"check: '{word.text}' ({p:.2f}) left out: the caption's agreement is "
+                                  f"{agreement:.2f}")
+                return False
             if not keep_subject and self._start_with(plan, word, f"check: '{word.text}' ({p:.2f}), not the "
                                                                  f"caption's {group}", rejected=group):
                 return True
@@ -158,6 +168,12 @@ class CaptionPolicy:
         return self._start_with(plan, found[0], f"hedge: nothing vouches for the caption's {group} (agreement "
                                                 f"{agreement:.2f}); '{found[0].text}' is {found[1]:.2f} sure",
                                 rejected=group)
+
+    def _covers(self, group: str | None, word: Word) -> bool:
+        """The caption's subject is a more general word for `word` ("A bird" for an egret): less specific, not wrong."""
+        if group in (None, "animal") or group not in self.table.index:
+            return False
+        return set(word.classes) <= set(self.table.words[self.table.index[group]].classes)
 
     def _animal_rival(self, plan: CaptionPlan, caption: str, group: str | None) -> tuple[Word, float, float] | None:
         """The animal the classifier is surer of than of the caption's own animal subject: (word, its confidence,

@@ -49,6 +49,7 @@ def mmstory_small_generation() -> GenerationConfig:
         # dogs where the classifier sees a zebra, an airliner or a plate of food
         caption_concepts=0.3,
         caption_class_check=0.3,
+        caption_check_agreement=0.0,
         # an animal word >= 15% sure and surer than the caption's own animal takes its place ("A zebra", not "A black
         # and white dog"; 0.1-0.2 scored alike on the tuning half)
         caption_animal_rival=0.15,

@@ -13,7 +13,7 @@ from mmstory.imagenet_words import imagenet_words, plural
 
 ZEBRA, ORANGE, BANANA, LEMON, CHEETAH, GOLDEN_RETRIEVER, TABBY, ESPRESSO, JERSEY = (340, 950, 954, 951, 293, 207,
                                                                                      281, 967, 610)
-LUMBERMILL, VALLEY, SORREL, CHAIR = 634, 979, 339, 423
+LUMBERMILL, VALLEY, SORREL, CHAIR, EGRET = 634, 979, 339, 423, 132
 
 
 def probs_of(**classes: float) -> torch.Tensor:
@@ -63,6 +63,28 @@ def test_a_subject_the_classifier_contradicts_gives_way(caption, probs, expected
     opening, word = expected_start.split(" ", 1)
     assert plan.prefix == (len(opening), rules.forms[word][0]) and plan.required is None
     assert "check" in plan.trace[0]
+
+
+def test_a_caption_the_heads_agree_with_keeps_its_subject_and_the_word_is_not_forced():
+    rules = policy(caption_check_agreement=0.0)
+    caption = "A black and white dog is in the grass."
+    plan = rules.plan(probs_of(zebra=0.8)[None])[0]
+    assert not rules.revise(plan, caption, agreement=0.05)
+    assert plan.prefix == () and plan.required is None and "left out" in plan.trace[0]
+    plan = rules.plan(probs_of(zebra=0.8)[None])[0]
+    assert rules.revise(plan, caption, agreement=-0.05) and plan.opening == "A zebra"  # the heads disagree
+    plan = policy().plan(probs_of(zebra=0.8)[None])[0]
+    assert policy().revise(plan, caption, agreement=0.05)  # None: the check never asks the heads
+
+
+def test_a_more_general_subject_is_not_replaced_by_a_specific_one():
+    rules = policy()
+    plan = rules.plan(probs_of(egret=0.8)[None])[0]
+    assert not rules.revise(plan, "A white bird is standing in the water.", agreement=-0.2)
+    assert plan.prefix == () and plan.required is None and plan.trace == [
+        "check: 'egret' (0.80) is a kind of the caption's bird"]
+    plan = rules.plan(probs_of(egret=0.8)[None])[0]
+    assert rules.revise(plan, "A white dog is standing in the water.", agreement=-0.2) and plan.opening == "An egret"
 
 
 def test_a_rewritten_caption_may_not_bring_back_the_subject_the_classifier_ruled_out():
