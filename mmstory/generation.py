@@ -8,7 +8,6 @@ they agree with the images under the model's own contrastive head.
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
@@ -46,11 +45,10 @@ from mmstory.prompts import (  # noqa: F401 - re-exported: the prompt and its ch
 )
 from mmstory.safety import ContentFilter
 from mmstory.seeing import Seen, see, writer_prompt
-from mmstory.story_beats import reaches_ending, story_shape
+from mmstory.story_beats import story_shape
+from mmstory.story_picking import WriterLikelihood, pick_candidate
+from mmstory.story_text import ENDS_SENTENCE, _emittable, finish_story
 from mmstory.text import (
-    content_word_recall,
-    hallucinated_mentions,
-    object_mentions,
     split_sentences,
 )
 
@@ -487,158 +485,6 @@ def _streamed(decode, gen_kwargs: dict, tokenizer, budget: int, cancel: threadin
     return ["".join(pieces)], emitted
 
 
-def caption_coverage(story: str, captions: Sequence[str]) -> float:
-    """Share of the captions (one per picture) that the story shares at least one content word with."""
-    recalls = [content_word_recall(story, [caption], min_captions=1) for caption in captions]
-    scored = [r for r in recalls if r is not None]
-    return sum(r > 0 for r in scored) / len(scored) if scored else 0.0
-
-
-def unseen_object_share(story: str, seen: Sequence[str]) -> float:
-    """Share of the story's object words (people, animals, things, places) that no caption or class name names."""
-    mentions = object_mentions(story)
-    return len(hallucinated_mentions(story, seen)) / len(mentions) if mentions else 0.0
-
-
-def pick_candidate(candidates: Sequence[str], captions: Sequence[str], hints: Sequence[Sequence[str]],
-                   agreement: Sequence[float], blocked: Sequence[bool], budget: int,
-                   likelihood: Sequence[float] | None = None, likelihood_weight: float = 0.0) -> int:
-    """The index of the story to keep.
-
-    Among the candidates the content filter passes (all of them, when none does), those that meet the length request,
-    then those that reach an ending beat (a story cut off after its turn has no end), then those that speak of the
-    most pictures (a content word of each picture's caption), then the best balance of image agreement, things the
-    pictures show (half the share of the captions' content words the story uses) and things they do not (objects
-    neither a caption nor the classifier named, counted again in the last third, where a small writer drifts), plus
-    `likelihood_weight` x the candidate's mean token log-probability under the writer
-    where given. In an album the mean agreement alone lets a story about one picture win.
-    """
-    seen = list(captions) + [word for words in hints for word in words]
-
-    def key(i: int) -> tuple:
-        story = candidates[i]
-        named = content_word_recall(story, captions, min_captions=1) or 0.0
-        sentences = split_sentences(story)
-        last_third = " ".join(sentences[len(sentences) - max(1, len(sentences) // 3):])
-        balance = (agreement[i] + named / 2 - unseen_object_share(story, seen)
-                   - unseen_object_share(last_third, seen))
-        if likelihood:
-            balance += likelihood_weight * likelihood[i]
-        return (not blocked[i], meets_budget(story, budget), reaches_ending(story), caption_coverage(story, captions),
-                balance)
-
-    return max(range(len(candidates)), key=key)
-
-
-def meets_budget(story: str, budget: int) -> bool:
-    """Within the tolerance a reader would accept for "about N words": 70% to 120% of the budget."""
-    return 0.7 * budget <= len(story.split()) <= 1.2 * budget
-
-
-_ENDS_SENTENCE = re.compile(r"[.!?][\"'”’)\]]*$")
-_LINE_BREAK = "\u00b6"  # a poem's line break while finish_story cuts the text into sentences
-
-
-def finish_story(text: str, budget: int, keep_lines: bool = False) -> str:
-    """Clean the raw generation, drop sentences said a second time, and cut it to whole sentences within ~115% of
-    the word budget.
-
-    When whole sentences would leave the story well short (one long run-on sentence crossing the limit), the next
-    sentence is cut at its last clause boundary (comma, semicolon, colon) that fits, and closed with a period.
-    `keep_lines`: a poem's line breaks stay (each rides on its line's first word, so it counts no word of its own).
-    """
-    text = re.sub(r"\s+\n", "\n", text.replace("\r", "")).strip()
-    text = re.sub(r"^(title:.*\n|#+.*\n)", "", text, flags=re.IGNORECASE).strip()
-    paragraphs = text.split("\n")
-    for i, paragraph in enumerate(paragraphs[1:], start=1):  # the chat model's note to the user after the story
-        if _NOTE_TO_USER.search(paragraph):
-            text = "\n".join(paragraphs[:i]).strip()
-            break
-    echo = _REQUEST_ECHO.search(text)
-    if echo:
-        text = text[: echo.start()].strip()
-    if keep_lines:
-        text = re.sub(r"\s*\n\s*", " " + _LINE_BREAK, text)
-    limit = budget * 1.15
-    kept, words = [], 0
-    sentences = split_sentences(text, keep_closers=True)  # a closing quote stays: "Help!" cried the fox.
-    seen = set()
-    for sentence in sentences:
-        said = " ".join(sentence.lower().split())
-        if said in seen or said.startswith("also seen:"):  # a sentence said again (the opening, which the penalties
-            continue  # do not see), or the request's "Also seen: microwave." echoed
-        seen.add(said)
-        n = len(sentence.split())
-        if kept and words + n > limit:
-            if words < budget * 0.7:
-                clause = _clause_within(sentence, int(limit - words))
-                if clause:
-                    kept.append(clause)
-            break
-        kept.append(sentence)
-        words += n
-    story = " ".join(kept).strip()
-    if story and not _ENDS_SENTENCE.search(story):
-        cut = max(story.rfind(ch) for ch in ".!?")
-        story = story[: cut + 1] if cut > len(story) // 2 else story.rstrip(" \"'“”‘’,;:-") + "."
-    return story.replace(" " + _LINE_BREAK, "\n").replace(_LINE_BREAK, "") if keep_lines else story
-
-
-# the writer going on to a photo of its own, as the request does, or to a chat turn of its own
-_REQUEST_ECHO = re.compile(r"(^|\s|(?<=[.!?\"”]))((?i:photo|scene|picture) \d+:|Photos?:|(user|assistant|system)\s*\n)")
-# what an instruction-tuned writer appends after the story, addressed to the user rather than the reader
-_NOTE_TO_USER = re.compile(r"\b(would you like|let me know|me to write|feel free to|i hope you|hope you enjoy(ed)?|"
-                           r"here is (your|the) story|here's (your|the) story|paste)\b", re.IGNORECASE)
-
-
-def _clause_within(sentence: str, max_words: int) -> str | None:
-    """The longest prefix of `sentence` ending at a clause boundary with at most `max_words` words, closed with '.'."""
-    best = None
-    for match in re.finditer(r"[,;:](?=\s)", sentence):
-        prefix = sentence[: match.start()].rstrip()
-        if len(prefix.split()) > max_words:
-            break
-        best = prefix
-    return best + "." if best and len(best.split()) >= 4 else None
-
-
-def _emittable(text: str, budget: int, keep_lines: bool = False) -> str:
-    """The part of a growing stream that is final: whole sentences, within the budget's hard limit."""
-    finished = finish_story(text, budget, keep_lines)
-    last_end = max(text.rfind(". "), text.rfind("! "), text.rfind("? "), text.rfind(".\n"))
-    if last_end < 0:
-        return ""
-    settled = finish_story(text[: last_end + 1], budget, keep_lines)
-    return settled if finished.startswith(settled) else ""
-
-
-class WriterLikelihood:
-    """A logits processor that adds up each row's log-probability of the tokens it writes (under the scores it is
-    given: the writer's, after penalties and before temperature and top-p) until the row's end of text."""
-
-    def __init__(self, eos_token_id: int | Sequence[int]):
-        self.eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        self.total = self.count = self.alive = self._last = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._last is None:
-            self.total, self.count = torch.zeros(scores.shape[0]), torch.zeros(scores.shape[0])
-            self.alive = torch.ones(scores.shape[0], dtype=torch.bool)
-        elif input_ids.shape[1]:
-            chosen = input_ids[:, -1].cpu()
-            logprob = self._last.gather(1, chosen[:, None])[:, 0]
-            counted = self.alive & torch.isfinite(logprob)
-            self.total += torch.where(counted, logprob, 0.0)
-            self.count += counted
-            self.alive &= ~torch.isin(chosen, self.eos)
-        self._last = scores.detach().float().log_softmax(-1).cpu()
-        return scores
-
-    def mean(self) -> list[float]:
-        """Each row's mean log-probability per counted token."""
-        return [] if self.total is None else (self.total / self.count.clamp(min=1)).tolist()
-
-
 class WordBudget(StoppingCriteria):
     """Stop a sequence once it has met its word budget at a sentence end, or run past 130% of it (then trimmed)."""
 
@@ -651,7 +497,7 @@ class WordBudget(StoppingCriteria):
         for text in texts:
             words = len(text.split())
             stripped = text.rstrip()
-            at_end = bool(_ENDS_SENTENCE.search(stripped)) and text.endswith(stripped)
+            at_end = bool(ENDS_SENTENCE.search(stripped)) and text.endswith(stripped)
             done.append(words >= self.budget * 1.3 or (words >= self.budget * 0.95 and at_end))
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 

@@ -21,9 +21,8 @@ import torch
 from transformers import LogitsProcessor
 
 from mmstory.imagenet_words import imagenet_words
+from mmstory.story_text import ENDS_SENTENCE
 from mmstory.text import CLOTHING_GROUPS, CREATURE_GROUPS, FOOD_GROUPS, OBJECT_FORMS, THING_GROUPS, words
-
-_ENDS_SENTENCE = re.compile(r"[.!?][\"'”’)\]]*$")
 
 
 @dataclass(frozen=True)
@@ -205,7 +204,7 @@ class BeatProcessor(LogitsProcessor):
         if not text.strip():
             return at <= 0
         closed = text.count('"') % 2 == 0 and text.count("“") <= text.count("”")  # not inside what someone says
-        return closed and len(text.split()) >= at and bool(_ENDS_SENTENCE.search(text.rstrip()))
+        return closed and len(text.split()) >= at and bool(ENDS_SENTENCE.search(text.rstrip()))
 
 
 def _find(ids: list[int], part: list[int], start: int) -> int:

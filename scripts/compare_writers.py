@@ -25,9 +25,10 @@ from mmstory.data import open_image
 from mmstory.decoding import FastDecoder
 from mmstory.eval.evaluate import load_eval_records, try_load_judge
 from mmstory.eval.story_benchmark import DEFAULT_DATA, markdown_table, score_variant
-from mmstory.generation import TOKENS_PER_WORD, Decoding, StoryTeller, WordBudget, build_instruction, finish_story
+from mmstory.generation import TOKENS_PER_WORD, Decoding, StoryTeller, WordBudget, build_instruction
 from mmstory.model import StoryModel
 from mmstory.specs import PACKAGED, load_decoder
+from mmstory.story_text import finish_story
 
 
 def file_mb(path: Path) -> float:

@@ -14,16 +14,14 @@ from mmstory.generation import (
     StoryInputError,
     StoryTeller,
     WordBudget,
-    WriterLikelihood,
     build_instruction,
-    caption_coverage,
-    finish_story,
-    pick_candidate,
     split_sentences,
     word_budget,
 )
 from mmstory.safety import ContentFilter
 from mmstory.story_beats import reaches_ending
+from mmstory.story_picking import WriterLikelihood, caption_coverage, pick_candidate
+from mmstory.story_text import finish_story
 from mmstory.text import FEMALE_WORDS, MALE_WORDS, names_person, sexes_named
 from tests.conftest import make_photo
 

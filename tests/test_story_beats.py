@@ -8,7 +8,6 @@ from conftest import make_photo
 from transformers import LogitsProcessorList
 
 from mmstory.decoding import FastDecoder
-from mmstory.generation import finish_story
 from mmstory.serve.batcher import Batcher
 from mmstory.story_beats import (
     ENDING,
@@ -20,6 +19,7 @@ from mmstory.story_beats import (
     plan_beats,
     subject_words,
 )
+from mmstory.story_text import finish_story
 from mmstory.tiny import tiny_decoder
 
 
