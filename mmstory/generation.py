@@ -47,7 +47,7 @@ from mmstory.safety import ContentFilter
 from mmstory.seeing import Seen, see, writer_prompt
 from mmstory.story_beats import story_shape
 from mmstory.story_picking import WriterLikelihood, pick_candidate
-from mmstory.story_text import ENDS_SENTENCE, _emittable, finish_story
+from mmstory.story_text import ENDS_SENTENCE, finish_story, settled_text
 from mmstory.text import (
     split_sentences,
 )
@@ -473,7 +473,7 @@ def _streamed(decode, gen_kwargs: dict, tokenizer, budget: int, cancel: threadin
             if "first_token_s" not in timings and piece:
                 timings["first_token_s"] = time.perf_counter() - start
             pieces.append(piece)
-            safe = _emittable("".join(pieces), budget, lines)
+            safe = settled_text("".join(pieces), budget, lines)
             if len(safe) > len(emitted):
                 chunk, emitted = safe[len(emitted):], safe
                 yield chunk

@@ -76,7 +76,7 @@ def _clause_within(sentence: str, max_words: int) -> str | None:
     return best + "." if best and len(best.split()) >= 4 else None
 
 
-def _emittable(text: str, budget: int, keep_lines: bool = False) -> str:
+def settled_text(text: str, budget: int, keep_lines: bool = False) -> str:
     """The part of a growing stream that is final: whole sentences, within the budget's hard limit."""
     finished = finish_story(text, budget, keep_lines)
     last_end = max(text.rfind(". "), text.rfind("! "), text.rfind("? "), text.rfind(".\n"))

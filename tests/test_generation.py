@@ -226,7 +226,7 @@ def test_abandoned_stream_stops_decoding_before_releasing_the_model(tiny_teller,
 
     from mmstory import generation
 
-    monkeypatch.setattr(generation, "_emittable", lambda text, budget, *shape: text)  # emit every piece at once
+    monkeypatch.setattr(generation, "settled_text", lambda text, budget, *shape: text)  # emit every piece at once
     stream = tiny_teller.stream_result(make_photo(7), seed=0, length=400, max_new_tokens=2000)
     first = next(stream)
     assert isinstance(first, str)  # decoding is under way
