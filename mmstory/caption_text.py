@@ -189,14 +189,14 @@ NUMBERS = frozenset({"two", "three", "four", "five", "six", "seven", "eight", "n
 def is_fragment(caption: str) -> bool:
     """"A plate on the lap." has no verb: a caption, not yet a story's first sentence. A word right after an article
     is a noun ("A ski on the beach.")."""
-    tokens = [t.strip(".,").lower() for t in caption.split()]
+    tokens = _lowered(caption)
     return not any((t in VERBS and i > 1 and tokens[i - 1] not in ("a", "an", "the"))
                    or (t.endswith("ing") and len(t) > 5 and t not in ING_NOUNS) for i, t in enumerate(tokens))
 
 
 def plural_subject(caption: str) -> bool:
     """"Two trains on the street", "Some apples": the fragment's subject is more than one."""
-    tokens = [t.strip(".,").lower() for t in caption.split()]
+    tokens = _lowered(caption)
     if not tokens or tokens[0] in ("a", "an", "one"):
         return False
     if tokens[0] in NUMBERS:
@@ -204,3 +204,8 @@ def plural_subject(caption: str) -> bool:
     head = next((t for t in tokens[1:] if t in PREPOSITIONS or t == "of"), None)
     nouns = tokens[1: tokens.index(head)] if head else tokens[1:]
     return bool(nouns) and nouns[-1].endswith("s") and not nouns[-1].endswith("ss")
+
+
+def _lowered(caption: str) -> list[str]:
+    """The caption's words as written, lower-cased, without the commas and the final period."""
+    return [t.strip(".,").lower() for t in caption.split()]
