@@ -4,7 +4,9 @@ agreement with the image under the contrastive heads, and the ImageNet classifie
 The steps, each recorded in the trace it returns:
 1. vocabulary: the classifier's probabilities pooled over the classes that share a word (`mmstory.imagenet_words`);
    every ImageNet word, in the decoder's open vocabulary, gets the classifier's log-odds as a logit bias;
-2. rerank: the beams by log-probability + `caption_rerank` x agreement;
+2. rerank: the beams by log-probability + `caption_rerank` x agreement; at the end (`choose`), + `caption_fluency` x
+   the story writer's length-normalised log-probability of the beam, among the beams that name the same kind of
+   subject and nothing else: the English the caption decoder's small data did not teach it;
 3. check: the most specific word at least `caption_class_check` sure, when the caption does not name it (nor a more
    general word for it: "A bird" for an egret), the classifier does not support the caption's subject (a person or
    an animal) and the caption's agreement is under `caption_check_agreement`: the caption is written again from
@@ -33,10 +35,10 @@ from dataclasses import dataclass, field
 import torch
 
 from mmstory.caption_evidence import ANIMAL_CLASSES, DOG_CLASSES, HOUSE_CAT_CLASSES, Evidence, kind, names
-from mmstory.caption_text import agree_in_number, article, caption_subject, place, subject_group, tidy, trim
+from mmstory.caption_text import agree_in_number, article, caption_subject, place, says_twice, subject_group, tidy, trim
 from mmstory.config import GenerationConfig
 from mmstory.imagenet_words import ImageNetWords, Word
-from mmstory.text import names_person, words
+from mmstory.text import names_person, object_mentions, words
 
 # step 7: the things at least this sure beside a place-only caption go to the story writer ("A room." + chair), so
 # that two rooms are not one story
@@ -107,17 +109,30 @@ class CaptionPolicy:
         return bias
 
     # --- 2. rerank -------------------------------------------------------------------------------------------------
-    def rerank(self, beams: list[tuple[float, str]], agreement: list[float], plan: CaptionPlan | None = None) -> int:
-        """The index of the beam with the best log-probability + `caption_rerank` x agreement; with a plan, a beam
-        whose subject is the animal the classifier is sure of comes first ("A cat is sitting on a wall." over "A
-        person is sitting on the top of a cat.")."""
+    def rerank(self, beams: list[tuple[float, str]], agreement: list[float], plan: CaptionPlan | None = None,
+               fluency: list[float] | None = None) -> int:
+        """The index of the beam with the best log-probability + `caption_rerank` x agreement (then, `fluency` given,
+        + `caption_fluency` x it among the beams that say the same things); with a plan, a beam whose subject is the
+        animal the classifier is sure of comes first ("A cat is sitting on a wall." over "A person is sitting on the
+        top of a cat.")."""
         weight = self.config.caption_rerank
+        fluent = [0.0] * len(beams) if fluency is None else [self.config.caption_fluency * f for f in fluency]
         sure_kind = None
         found = None if plan is None else self._sure(plan, self.config.caption_class_check)
         if found is not None and set(found[0].classes) <= set(ANIMAL_CLASSES):
             sure_kind = kind(found[0])
         first = [sure_kind is not None and subject_group(text) in sure_kind for _, text in beams]
-        return max(range(len(beams)), key=lambda j: (first[j], beams[j][0] + weight * agreement[j]))
+        best = max(range(len(beams)), key=lambda j: (first[j], beams[j][0] + weight * agreement[j]))
+        if fluency is None:
+            return best
+        # the writer's English picks the wording, not what is named: the kind of subject and the objects stay the
+        # picture's and the decoder's call; and a beam that says a thing twice is out, however likely the writer
+        # finds it
+        group, named = subject_group(beams[best][1]), set(object_mentions(beams[best][1]))
+        same = [j for j in range(len(beams)) if j == best or (
+            first[j] == first[best] and subject_group(beams[j][1]) == group
+            and set(object_mentions(beams[j][1])) <= named and not says_twice(beams[j][1]))]
+        return max(same, key=lambda j: beams[j][0] + weight * agreement[j] + fluent[j])
 
     # --- 3-4. check and hedge: what the second beam search must do -------------------------------------------------
     def revise(self, plan: CaptionPlan, caption: str, agreement: float) -> bool:
@@ -216,14 +231,17 @@ class CaptionPolicy:
         return bias
 
     def choose(self, plan: CaptionPlan | None, beams: list[tuple[float, str]], agreement: list[float],
-               first_choice: str | None = None) -> CaptionChoice:
+               first_choice: str | None = None, fluency: list[float] | None = None) -> CaptionChoice:
         """The final caption among `beams` (from the second search when there was one), how sure it is, the trace."""
-        best = self.rerank(beams, agreement, plan)
+        best = self.rerank(beams, agreement, plan, fluency)
         caption = beams[best][1] if plan is None or not plan.prefix else agree_in_number(beams[best][1], self.MASS)
         caption = tidy(caption, self.table.singular)
         if plan is None:
             return CaptionChoice(caption, 0.0, False, agreement[best])
         trace = list(plan.trace)
+        plain = self.rerank(beams, agreement, plan) if fluency is not None else best
+        if plain != best:
+            trace.append(f"fluency: '{beams[best][1]}' over '{beams[plain][1]}'")
         if first_choice is not None and first_choice != caption:
             trace.append(f"'{first_choice}' -> '{caption}'")
         caption = self._trim(plan, caption, trace)

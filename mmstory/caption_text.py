@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, words
+from mmstory.text import CREATURE_GROUPS, OBJECT_FORMS, STOPWORDS, words
 
 # the words that open a prepositional phrase ("of" continues one: "in front of a boat", "on the edge of a tree")
 PREPOSITIONS = frozenset({
@@ -103,6 +103,10 @@ def trim(caption: str, keep: int, unseen: Callable[[str], bool], thing: bool = F
 # prepositions that open no place ("with a ball", "while running"); and the words between a preposition and its
 # place ("in front of a fountain", "on the top of a wall", "next to a tree")
 NOT_PLACES = frozenset({"with", "while", "from", "past", "between", "among"})
+# "in the air" is where a jump goes, not a place a caption (or a story) can be about
+NOT_A_PLACE = frozenset({"air", "mid-air", "midair"})
+COLOURS = frozenset({"white", "black", "brown", "red", "blue", "green", "yellow", "pink", "orange", "purple", "grey",
+                     "gray", "tan", "golden", "silver"})
 PLACE_LEADS = frozenset({"front", "top", "edge", "side", "middle", "the"})
 
 
@@ -120,9 +124,19 @@ def place(caption: str, subject: int) -> str | None:
                 rest = rest[lowered.index(lead) + 1:]
                 break
         text = " ".join(rest).rstrip(",;:")
+        if text and text.lower().split()[-1] in NOT_A_PLACE:
+            continue
         if text:
             return text[0].upper() + text[1:] + "."
     return None
+
+
+def says_twice(caption: str) -> bool:
+    """The caption names something twice ("A shuttle into the air in the air.", "on a snow covered in the snow"):
+    a language model finds a repeat likely, a reader finds it broken. Colours may repeat ("a white shirt ... a
+    white wall")."""
+    said = [w for w in words(caption) if w not in STOPWORDS and w not in COLOURS]
+    return len(said) != len(set(said))
 
 
 def tidy(caption: str, singular: dict[str, str]) -> str:

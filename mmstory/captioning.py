@@ -183,7 +183,32 @@ class CaptioningMixin:
                 redone = search(again)
                 for i, b, a in zip(again, redone, agreements(again, redone)):
                     beams[i], scores[i] = b, a
-        return [policy.choose(None if plans is None else plans[i], beams[i], scores[i], first[i]) for i in everyone]
+        # the writer weighs in last, on the wording of what the policy settled (not on what it decides)
+        fluent: list[list[float] | None] = [None] * len(everyone)
+        if policy.config.caption_fluency > 0:
+            flat, start = self.caption_fluency([t for b in beams for _, t in b]), 0
+            for i, b in enumerate(beams):
+                fluent[i], start = flat[start: start + len(b)], start + len(b)
+        return [policy.choose(None if plans is None else plans[i], beams[i], scores[i], first[i], fluent[i])
+                for i in everyone]
+
+    @torch.no_grad()
+    def caption_fluency(self, captions: list[str]) -> list[float]:
+        """Each caption's log-probability under the story writer (plain text after its beginning-of-text token),
+        divided by the square root of its token count: the caption decoder learnt its English from 30,000 captions,
+        the writer from far more. A per-token mean would reward padding a caption with likely words ("... in the air
+        on a track"), a plain sum the shortest caption."""
+        if not captions:
+            return []
+        start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        rows = [[start, *self.tokenizer(c, add_special_tokens=False).input_ids] for c in captions]
+        width = max(map(len, rows))
+        device = self.writer.get_input_embeddings().weight.device
+        ids = torch.tensor([r + [start] * (width - len(r)) for r in rows], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+        logprobs = self.writer(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        taken = logprobs.gather(2, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+        return (taken.sum(1) / mask[:, 1:].sum(1).clamp(min=1).sqrt()).tolist()
 
     def _writer_captions(self, image_tokens: torch.Tensor, image_pooled: torch.Tensor | None, max_new_tokens: int,
                          num_beams: int, repetition_penalty: float, length_penalty: float) -> list[str]:

@@ -130,6 +130,11 @@ class GenerationConfig:
     captioner: str = "writer"  # which path writes captions: "writer" (the LM through the bridge) or "caption_decoder"
     caption_beams: int = 3  # the beams captions are decoded with unless a caller says otherwise
     caption_rerank: float = 0.0  # beam-search captions reranked by log-prob + this x image-text cosine (CoCa head)
+    # > 0: the final rerank also adds this x the story writer's log-probability of each beam (over the square root of
+    # its tokens), among beams that name the same kind of subject and no other objects: of two wordings the picture
+    # agrees with alike, the one English would say wins ("A sink is sitting on a wall." over "A sink in the air on a
+    # wall.")
+    caption_fluency: float = 0.0
     # > 0: when the vision backbone's ImageNet classifier is at least this sure of a class whose name ends in a
     # common caption word ('Egyptian cat' -> cat), beam search must write that word (constrained beam search)
     caption_concepts: float = 0.0

@@ -7,7 +7,7 @@ import torch
 from mmstory import caption_search
 from mmstory.caption_decoder import CaptionDecoder
 from mmstory.caption_policy import CaptionPolicy
-from mmstory.caption_text import caption_subject, place, trim
+from mmstory.caption_text import caption_subject, place, says_twice, trim
 from mmstory.config import GenerationConfig
 from mmstory.imagenet_words import imagenet_words, plural
 
@@ -313,6 +313,8 @@ def test_a_forced_caption_loses_the_things_the_classifier_does_not_see():
     ("A dog is walking through the grass.", 1, "The grass."),
     ("A dog is playing with a ball.", 1, None),  # "with" opens no place
     ("A dog runs.", 1, None),
+    ("A brown dog is jumping in the air.", 2, None),  # the air is where a jump goes, not a place
+    ("A dog is jumping into the air on the beach.", 1, "The beach."),
 ])
 def test_place_is_the_first_place_after_the_subject(caption, subject, expected):
     assert place(caption, subject) == expected
@@ -339,3 +341,28 @@ def test_an_unsure_caption_with_an_animal_nothing_supports_names_only_its_place(
     off = policy(caption_hedge=0.2, caption_hedge_agreement=0.0, caption_animal_support=0.15)
     assert off.choose(off.plan(probs[None])[0], [(-1.0, "A brown dog is sitting in a room.")], [-0.2]).caption == (
         "A brown dog is sitting in a room.")
+
+
+def test_the_writers_english_picks_the_wording_but_not_what_is_named():
+    rules = policy(caption_rerank=10.0, caption_fluency=4.0)
+    beams = [(-5.0, "A surfer is surfing on the surf."), (-5.5, "A surfer is riding a wave."),
+             (-5.6, "A dog is riding a wave."), (-5.4, "A surfer is riding a wave on a surfboard."),
+             (-5.3, "A surfer is riding a wave on a wave.")]
+    agreement = [0.1, 0.1, 0.1, 0.1, 0.1]
+    assert rules.rerank(beams, agreement) == 0  # without the writer: the decoder's choice
+    fluency = [-4.0, -2.0, -1.0, -1.5, -1.2]  # the dog, the surfboard and the repeat the writer finds likelier still
+    assert rules.rerank(beams, agreement, fluency=fluency) == 1
+    assert rules.choose(None, beams, agreement, fluency=fluency).caption == "A surfer is riding a wave."
+    traced = rules.choose(rules.plan(probs_of(jersey=0.5)[None])[0], beams, agreement, fluency=fluency)
+    assert traced.caption == "A surfer is riding a wave." and traced.trace == [
+        "fluency: 'A surfer is riding a wave.' over 'A surfer is surfing on the surf.'"]
+    off = policy(caption_rerank=10.0)  # caption_fluency 0: the scores change nothing
+    assert off.rerank(beams, agreement, fluency=fluency) == 0
+    assert rules.rerank(beams, [0.1, 0.1, 0.1, 0.1, 0.5], fluency=fluency) == 4  # the heads' own choice stays
+
+
+def test_says_twice():
+    assert says_twice("A shuttle is jumping into the air in the air.")
+    assert says_twice("A man is sitting on a snow covered in the snow.")
+    assert not says_twice("A man in a white shirt is standing by a white wall.")  # colours may repeat
+    assert not says_twice("A dog is running on the grass.")

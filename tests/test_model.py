@@ -387,3 +387,19 @@ def test_caption_decoder_reads_the_backbone_s_imagenet_classes_as_tag_words(tmp_
     model.save_pretrained(tmp_path / "m")
     loaded = StoryModel.from_pretrained(tmp_path / "m")
     assert loaded.generate_captions(pixels, max_new_tokens=5, captioner="caption_decoder", num_beams=2) == captions
+
+
+def test_caption_fluency_is_the_writers_length_normalised_log_probability(tiny_model):
+    tiny_model.eval()
+    texts = ["a dog runs", "two people sit on a very long bench by the sea"]
+    with torch.no_grad():
+        batched = tiny_model.caption_fluency(texts)
+        alone = [tiny_model.caption_fluency([text])[0] for text in texts]
+        tok = tiny_model.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        ids = torch.tensor([[start, *tok(texts[0], add_special_tokens=False).input_ids]])
+        logprobs = tiny_model.writer(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        manual = logprobs.gather(1, ids[0, 1:, None]).sum().item() / (ids.shape[1] - 1) ** 0.5
+    assert batched == pytest.approx(alone, abs=1e-4)  # the padding of the shorter caption changes nothing
+    assert batched[0] == pytest.approx(manual, abs=1e-4) and all(f < 0 for f in batched)
+    assert tiny_model.caption_fluency([]) == []
