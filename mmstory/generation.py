@@ -24,7 +24,7 @@ from mmstory.captioning import CAPTION_REPETITION_PENALTY
 from mmstory.components import similarity
 from mmstory.decoding import QUANTIZE, FastDecoder
 from mmstory.devices import DeviceLike, resolve_device
-from mmstory.images import ImageInput, ImageProcessor, load_image
+from mmstory.images import ImageInput, ImageProcessor, load_image, picture_seed
 from mmstory.limits import DECODING_LIMITS
 from mmstory.locks import FairLock
 from mmstory.model import StoryModel
@@ -70,7 +70,7 @@ class Decoding:
     no_repeat_ngram_size: int = 4
     num_beams: int = 1
     num_candidates: int = 6  # more to choose from: fewer unseen objects in the one kept
-    seed: int | None = 0
+    seed: int | None = 0  # mixed with the pictures' pixels: the same photos and seed give the same story
     max_new_tokens: int | None = None  # default: from the word budget
     do_sample: bool = True
 
@@ -341,6 +341,7 @@ class StoryTeller:
                                     dark=tone_text == TONES["negative"] or kind in DARK_STYLES)
             if avoided.tokens:
                 gen_kwargs["suppress_tokens"] = avoided.tokens
+            seed = None if settings.seed is None else picture_seed(settings.seed, pil_images)
             shaped = self.model.generation_config.story_beats and not previous and (not kind or kind in STYLES)
             lines = shaped and kind == "poem"
             weight = self.model.generation_config.story_pick_likelihood
@@ -350,11 +351,11 @@ class StoryTeller:
             processors = [p for p in (banned, likelihood) if p is not None]
             if shaped:
                 processors += story_shape(self.model.tokenizer, captions[0], style, tone, audience, budget, opening,
-                                          rows, settings.seed or 0)
+                                          rows, seed or 0)
             if processors:
                 gen_kwargs["logits_processor"] = LogitsProcessorList(processors)
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
+            if seed is not None:
+                torch.manual_seed(seed)
             decode = self._decoder()
             t = time.perf_counter()
             with self._writing():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmstory.images import MAX_PIXELS, ImageError, load_image, load_images
+from mmstory.images import MAX_PIXELS, ImageError, load_image, load_images, picture_seed
 
 
 def gradient(width: int, height: int) -> Image.Image:
@@ -86,3 +86,11 @@ def test_a_bomb_is_refused_with_the_callers_limit_not_pillows(limit):
     assert message == f"image 1: image too large (400,000,000 pixels; the limit is {limit:,})"
     assert "178956970" not in message and "89478485" not in message
 
+
+
+def test_picture_seed_mixes_the_seed_with_the_pixels():
+    red, blue = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (64, 48), "blue")
+    assert picture_seed(0, [red]) == picture_seed(0, [red.copy()])  # the same photo and seed: the same story
+    assert len({picture_seed(0, [red]), picture_seed(0, [blue]), picture_seed(1, [red]),
+                picture_seed(0, [red, blue]), picture_seed(0, [blue, red])}) == 5
+    assert 0 <= picture_seed(2**40, [red]) < 2**31
