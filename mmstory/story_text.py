@@ -55,6 +55,7 @@ def finish_story(text: str, budget: int, keep_lines: bool = False) -> str:
     if story and not ENDS_SENTENCE.search(story):
         cut = max(story.rfind(ch) for ch in ".!?")
         story = story[: cut + 1] if cut > len(story) // 2 else story.rstrip(" \"'“”‘’,;:-") + "."
+    story = _close_quotation(story)
     return story.replace(" " + LINE_BREAK, "\n").replace(LINE_BREAK, "") if keep_lines else story
 
 
@@ -63,6 +64,16 @@ _REQUEST_ECHO = re.compile(r"(^|\s|(?<=[.!?\"”]))((?i:photo|scene|picture) \d+
 # what an instruction-tuned writer appends after the story, addressed to the user rather than the reader
 _NOTE_TO_USER = re.compile(r"\b(would you like|let me know|me to write|feel free to|i hope you|hope you enjoy(ed)?|"
                            r"here is (your|the) story|here's (your|the) story|paste)\b", re.IGNORECASE)
+
+
+def _close_quotation(story: str) -> str:
+    """A story the word budget stopped inside a quotation ('The boy said: "I am very hungry.') gets its closing mark:
+    the speech is over, and an open quote reads as a story cut off mid-word."""
+    if story.count('"') % 2 and story.rfind('"') < len(story) - 1:
+        return story + '"'
+    if story.count("“") > story.count("”"):
+        return story + "”"
+    return story
 
 
 def _clause_within(sentence: str, max_words: int) -> str | None:

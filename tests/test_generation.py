@@ -428,6 +428,13 @@ def test_finish_story_keeps_closing_quotes():
     assert finish_story(text, 14) == 'He says: "I am glad to see you." The man replies: "It is late."'
 
 
+def test_finish_story_closes_a_quotation_the_budget_cut_off():
+    text = 'The boy asked: "Do you have any food?" The man said: "Yes. I am very hungry. Come in and eat with us."'
+    assert finish_story(text, 12) == 'The boy asked: "Do you have any food?" The man said: "Yes."'
+    assert finish_story(text, 80) == text  # closed already: nothing added
+    assert finish_story("She said: “Good night. Sleep well now, little one.”", 5) == "She said: “Good night.”"
+
+
 def test_finish_story_drops_a_sentence_said_twice():
     text = "A cat sits on a wall. A cat sits on a wall. It watches the birds. It watches  the birds. Then it sleeps."
     assert finish_story(text, 80) == "A cat sits on a wall. It watches the birds. Then it sleeps."
