@@ -144,6 +144,7 @@ class ImageNetWords:
                       if entry.strip())}
         self.class_word = [overrides.get(i, "dog" if i in DOG_BREEDS else name.split()[-1].lower())
                            for i, name in enumerate(class_names)]
+        self.word_of_class = {name.lower(): word for name, word in zip(class_names, self.class_word)}
         members: dict[str, set[int]] = {}
         for i, word in enumerate(self.class_word):
             members.setdefault(word, set()).add(i)

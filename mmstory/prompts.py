@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mmstory.caption_text import is_fragment, plural_subject
-from mmstory.text import OBJECT_FORMS, object_mentions
+from mmstory.imagenet_words import imagenet_words, plural
+from mmstory.text import OBJECT_FORMS, object_mentions, words
 
 IMAGE_PLACEHOLDER = "<image>"  # where a picture's visual prefix goes in a prompt
 STYLES = {
@@ -95,10 +96,15 @@ def story_opening(caption: str, style: str | None, previous: str | None) -> str:
 
 
 def _named_by(caption: str, hint: str) -> bool:
-    """The caption already names the kind of thing the class is ("egyptian cat" beside "A black and white cat ..."):
-    then the hint would only give the writer a second cat to write about."""
+    """The caption already names the kind of thing the class is ("egyptian cat" beside "A black and white cat ...",
+    "granny smith" beside "An apple on the grass."): then the hint would only give the writer a second cat to write
+    about, or make a character of an apple's variety ("The granny smith was very happy.")."""
     head = hint.lower().split()[-1]
-    return head in OBJECT_FORMS and OBJECT_FORMS[head] in object_mentions(caption)
+    if head in OBJECT_FORMS and OBJECT_FORMS[head] in object_mentions(caption):
+        return True
+    word = imagenet_words().word_of_class.get(hint.lower())
+    said = f" {' '.join(words(caption))} "
+    return word is not None and (f" {word} " in said or f" {plural(word)} " in said)
 
 
 def _sentence(caption: str) -> str:

@@ -80,6 +80,15 @@ def test_the_request_is_the_one_the_teller_builds():
     same = build_instruction(["A cat on a sofa"], None, None, None, None, 80, None, with_images=False,
                              hints=[["tabby cat", "espresso"]])
     assert same == text
+    # nor is a class whose caption word the caption says: its variety would become a character ("The granny smith
+    # was very happy."), its own word a second one
+    for caption, hint in (("An apple on the grass", "granny smith"), ("A cheetah in the grass", "cheetah"),
+                          ("Two airplanes on a runway", "airliner")):
+        line = build_instruction([caption], None, None, None, None, 80, None, with_images=False, hints=[[hint]])
+        assert "Also seen" not in line, line
+    kept = build_instruction(["A man on a bench"], None, None, None, None, 80, None, with_images=False,
+                             hints=[["granny smith"]])
+    assert kept.endswith("Also seen: granny smith.")
 
 
 def test_writer_training_learns_and_resumes_exactly(tiny_dir, story_files, tmp_path):
