@@ -15,12 +15,17 @@ LINE_BREAK = "\u00b6"  # a poem's line break while finish_story cuts the text in
 
 def finish_story(text: str, budget: int, keep_lines: bool = False) -> str:
     """Clean the raw generation, drop sentences said a second time, and cut it to whole sentences within ~115% of
-    the word budget.
+    the word budget; a quotation the cut leaves open is closed.
 
     When whole sentences would leave the story well short (one long run-on sentence crossing the limit), the next
     sentence is cut at its last clause boundary (comma, semicolon, colon) that fits, and closed with a period.
     `keep_lines`: a poem's line breaks stay (each rides on its line's first word, so it counts no word of its own).
     """
+    return _close_quotation(_cut(text, budget, keep_lines))
+
+
+def _cut(text: str, budget: int, keep_lines: bool) -> str:
+    """`finish_story` without closing a quotation: a stream's settled part is not the end, and its speech may go on."""
     text = re.sub(r"\s+\n", "\n", text.replace("\r", "")).strip()
     text = re.sub(r"^(title:.*\n|#+.*\n)", "", text, flags=re.IGNORECASE).strip()
     paragraphs = text.split("\n")
@@ -55,7 +60,6 @@ def finish_story(text: str, budget: int, keep_lines: bool = False) -> str:
     if story and not ENDS_SENTENCE.search(story):
         cut = max(story.rfind(ch) for ch in ".!?")
         story = story[: cut + 1] if cut > len(story) // 2 else story.rstrip(" \"'“”‘’,;:-") + "."
-    story = _close_quotation(story)
     return story.replace(" " + LINE_BREAK, "\n").replace(LINE_BREAK, "") if keep_lines else story
 
 
@@ -89,9 +93,9 @@ def _clause_within(sentence: str, max_words: int) -> str | None:
 
 def settled_text(text: str, budget: int, keep_lines: bool = False) -> str:
     """The part of a growing stream that is final: whole sentences, within the budget's hard limit."""
-    finished = finish_story(text, budget, keep_lines)
+    finished = _cut(text, budget, keep_lines)
     last_end = max(text.rfind(". "), text.rfind("! "), text.rfind("? "), text.rfind(".\n"))
     if last_end < 0:
         return ""
-    settled = finish_story(text[: last_end + 1], budget, keep_lines)
+    settled = _cut(text[: last_end + 1], budget, keep_lines)
     return settled if finished.startswith(settled) else ""

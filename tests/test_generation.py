@@ -21,7 +21,7 @@ from mmstory.generation import (
 from mmstory.safety import ContentFilter
 from mmstory.story_beats import reaches_ending
 from mmstory.story_picking import WriterLikelihood, caption_coverage, pick_candidate
-from mmstory.story_text import finish_story
+from mmstory.story_text import finish_story, settled_text
 from mmstory.text import FEMALE_WORDS, MALE_WORDS, names_person, sexes_named
 from tests.conftest import make_photo
 
@@ -433,6 +433,12 @@ def test_finish_story_closes_a_quotation_the_budget_cut_off():
     assert finish_story(text, 12) == 'The boy asked: "Do you have any food?" The man said: "Yes."'
     assert finish_story(text, 80) == text  # closed already: nothing added
     assert finish_story("She said: “Good night. Sleep well now, little one.”", 5) == "She said: “Good night.”"
+
+
+def test_a_streams_settled_part_leaves_a_quotation_open_until_the_end():
+    full = 'He said: "I am here. And then we went home." She smiled at him.'
+    settled = settled_text('He said: "I am here. And then', 80)
+    assert settled == 'He said: "I am here.' and finish_story(full, 80).startswith(settled)
 
 
 def test_finish_story_drops_a_sentence_said_twice():
