@@ -46,7 +46,7 @@ from mmstory.prompts import (  # noqa: F401 - re-exported: the prompt and its ch
 from mmstory.safety import ContentFilter
 from mmstory.seeing import Seen, see, writer_prompt
 from mmstory.story_beats import story_shape
-from mmstory.story_picking import WriterLikelihood, pick_candidate
+from mmstory.story_picking import WriterLikelihood, pick_candidate, text_agreements
 from mmstory.story_text import ENDS_SENTENCE, finish_story, settled_text
 from mmstory.text import (
     split_sentences,
@@ -324,18 +324,8 @@ class StoryTeller:
             stopper = WordBudget(self.model.tokenizer, to_write)  # generate() passes only new tokens
             cancel = threading.Event()  # set when a streaming consumer goes away mid-story
             rows = settings.num_candidates if settings.num_beams == 1 else 1  # beam search returns its candidates
-            gen_kwargs = dict(
-                inputs_embeds=embeds.expand(rows, -1, -1),
-                attention_mask=torch.ones(rows, embeds.shape[1], dtype=torch.long, device=embeds.device),
-                max_new_tokens=max_new, min_new_tokens=max(0, min_new),
-                do_sample=settings.do_sample and settings.num_beams == 1,
-                temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                repetition_penalty=settings.repetition_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
-                num_beams=settings.num_beams,
-                num_return_sequences=settings.num_candidates if settings.num_beams > 1 else 1,
-                pad_token_id=self.model.tokenizer.pad_token_id,
-                stopping_criteria=StoppingCriteriaList([stopper, Cancelled(cancel)]),
-            )
+            gen_kwargs = sampling_kwargs(settings, embeds, rows, max_new, min_new, self.model.tokenizer.pad_token_id,
+                                         StoppingCriteriaList([stopper, Cancelled(cancel)]))
             kind = (style or "").strip().lower()
             avoided = avoided_words(self.model.tokenizer, self.model.generation_config, seen.choices, prompt, previous,
                                     dark=tone_text == TONES["negative"] or kind in DARK_STYLES)
@@ -371,7 +361,7 @@ class StoryTeller:
             candidates = [finish_story(text, budget, keep_lines=lines) for text in texts]
             t = time.perf_counter()
             image_embeds = self.model.image_embedding(seen.pooled)
-            scores = self._agreements(candidates, image_embeds)
+            scores = text_agreements(self.model, candidates, image_embeds)
             timings["rerank_s"] = time.perf_counter() - t
         verdicts = [self.filter.check(c) for c in candidates]
         fluency = likelihood.mean() if likelihood is not None else None
@@ -384,7 +374,7 @@ class StoryTeller:
         notice = None
         if verdict.blocked:
             story, notice = self.filter.redact(story), verdict.message
-        sentences = self._sentence_scores(story, image_embeds)
+        sentences = sentence_scores(self.model, story, image_embeds)
         timings["total_s"] = time.perf_counter() - start
         yield StoryResult(
             story=story, captions=captions, caption_details=[c.to_dict() for c in seen.choices], sentences=sentences,
@@ -394,30 +384,9 @@ class StoryTeller:
             timings=timings, candidates=candidates, filtered=verdict.blocked, notice=notice,
         )
 
-    @torch.no_grad()
-    def _agreements(self, texts: Sequence[str], image_embeds: torch.Tensor) -> list[float]:
-        """Mean cosine agreement of each text with the images (-1 for an empty one), the texts encoded in one
-        batch (the reranking's hot path)."""
-        written = [i for i, text in enumerate(texts) if text.strip()]
-        scores = [-1.0] * len(texts)
-        if written:
-            embeds = self.model.text_embedding([texts[i] for i in written])
-            for i, row in zip(written, similarity(image_embeds, embeds).mean(dim=0).tolist()):
-                scores[i] = row
-        return scores
-
     def _agreement(self, text: str, image_embeds: torch.Tensor) -> float:
         """Mean cosine agreement of the text with the images (the reranking score)."""
-        return self._agreements([text], image_embeds)[0]
-
-    @torch.no_grad()
-    def _sentence_scores(self, story: str, image_embeds: torch.Tensor) -> list[SentenceScore]:
-        sentences = split_sentences(story, keep_closers=True)
-        if not sentences:
-            return []
-        sims = similarity(self.model.text_embedding(sentences), image_embeds)  # [S, I]
-        best, index = sims.max(dim=1)
-        return [SentenceScore(s, round(float(b), 4), int(i)) for s, b, i in zip(sentences, best, index)]
+        return text_agreements(self.model, [text], image_embeds)[0]
 
     def grounding(self, text: str, images: ImageInput | Sequence[ImageInput]) -> float:
         """Image-text agreement of any text with the given images under the contrastive head."""
@@ -435,6 +404,33 @@ class StoryTeller:
             seen = self._see(pil_images)
             return answer_question(self.model, seen, question, self._decode, self.filter,
                                    max_new_tokens=max_new_tokens, seed=seed, start=start)
+
+
+@torch.no_grad()
+def sentence_scores(model: StoryModel, story: str, image_embeds: torch.Tensor) -> list[SentenceScore]:
+    """Each sentence with the picture it agrees with best (the demo shows which sentence tells which picture)."""
+    sentences = split_sentences(story, keep_closers=True)
+    if not sentences:
+        return []
+    sims = similarity(model.text_embedding(sentences), image_embeds)  # [S, I]
+    best, index = sims.max(dim=1)
+    return [SentenceScore(s, round(float(b), 4), int(i)) for s, b, i in zip(sentences, best, index)]
+
+
+def sampling_kwargs(settings: Decoding, embeds: torch.Tensor, rows: int, max_new: int, min_new: int,
+                    pad_token_id: int | None, stopping: StoppingCriteriaList) -> dict:
+    """`generate` keywords for `rows` candidates from one prompt (beam search returns its candidates itself)."""
+    return dict(
+        inputs_embeds=embeds.expand(rows, -1, -1),
+        attention_mask=torch.ones(rows, embeds.shape[1], dtype=torch.long, device=embeds.device),
+        max_new_tokens=max_new, min_new_tokens=max(0, min_new),
+        do_sample=settings.do_sample and settings.num_beams == 1,
+        temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+        repetition_penalty=settings.repetition_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        num_beams=settings.num_beams,
+        num_return_sequences=settings.num_candidates if settings.num_beams > 1 else 1,
+        pad_token_id=pad_token_id, stopping_criteria=stopping,
+    )
 
 
 def token_limits(max_new_tokens: int | None, budget: int, opening: str, prompt_len: int, context: int

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mmstory.components import similarity
 from mmstory.story_beats import reaches_ending
 from mmstory.text import content_word_recall, hallucinated_mentions, object_mentions, split_sentences
 
@@ -53,6 +54,19 @@ def pick_candidate(candidates: Sequence[str], captions: Sequence[str], hints: Se
                 balance)
 
     return max(range(len(candidates)), key=key)
+
+
+@torch.no_grad()
+def text_agreements(model, texts: Sequence[str], image_embeds: torch.Tensor) -> list[float]:
+    """Mean cosine agreement of each text with the images under the model's contrastive heads (-1 for an empty
+    one), the texts encoded in one batch (the picker's hot path)."""
+    written = [i for i, text in enumerate(texts) if text.strip()]
+    scores = [-1.0] * len(texts)
+    if written:
+        embeds = model.text_embedding([texts[i] for i in written])
+        for i, row in zip(written, similarity(image_embeds, embeds).mean(dim=0).tolist()):
+            scores[i] = row
+    return scores
 
 
 def meets_budget(story: str, budget: int) -> bool:
