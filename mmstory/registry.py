@@ -31,7 +31,8 @@ AVOIDED_PHOTO_WORDS = ("photo", "photos", "picture", "pictures", "pic", "pics", 
 GRIM_WORDS = ("blood", "bled", "bleed", "bleeding", "bloody", "kill", "killed", "kills", "killing", "die", "died",
               "dies", "dying", "dead", "death", "murder", "murdered", "corpse", "knife", "spear", "gun", "stab",
               "stabbed", "drown", "drowned", "drowning", "drowns", "torture", "tortured", "hang", "hanged", "devour",
-              "devoured", "corpses", "coffin", "funeral", "cancer", "injured", "wounded")
+              "devoured", "corpses", "coffin", "funeral", "cancer", "injured", "wounded",
+              "alive")  # "didn't get out of the water alive": in these stories the word is only ever death
 
 
 def mmstory_small_generation() -> GenerationConfig:
