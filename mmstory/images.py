@@ -70,7 +70,8 @@ def picture_seed(seed: int, pictures: Sequence[Image.Image]) -> int:
     own, and the same photos with the same seed the same story."""
     digest = hashlib.blake2b(str(seed).encode(), digest_size=8)
     for picture in pictures:
-        digest.update(picture.convert("RGB").resize((32, 32)).tobytes())
+        rgb = picture if picture.mode == "RGB" else picture.convert("RGB")  # no full-size copy of an RGB photo
+        digest.update(rgb.resize((32, 32)).tobytes())
     return int.from_bytes(digest.digest(), "little") % 2**31
 
 
